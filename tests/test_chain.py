@@ -1,0 +1,89 @@
+"""The chain over real gloo processes: exact delivery, and the reference prefill
+run by N processes equals the one-process prefill."""
+import pytest
+import torch
+
+from tests.dist_utils import run_ranks
+from vllm_kvrunahead.comm import ChainComm, ChainTimeout
+from vllm_kvrunahead.partition import partition
+from vllm_kvrunahead.reference import TinyConfig, TinyLlama
+
+
+def _relay(rank, world, layers):
+    """Each rank receives layer tensors from rank-1, appends its own rows, sends on."""
+    comm = ChainComm(rank - 1 if rank else None, rank + 1 if rank < world - 1 else None)
+    got = []
+    for layer in range(layers):
+        own = torch.full((2, 3), float(rank * 100 + layer)) + torch.arange(6.0).view(2, 3) / 7
+        if rank:
+            buf = torch.empty(rank * 2, 3)
+            comm.wait_recv(comm.post_recv(buf))
+            got.append(buf)
+            own = torch.cat([buf, own])
+        if comm.next_rank is not None:
+            comm.post_send(own)
+    comm.wait_sends()
+    return got, comm.bytes_sent, comm.bytes_received
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_chain_delivers_exact_tensors(world):
+    layers = 3
+    results = run_ranks(_relay, world, layers)
+    for rank, (got, sent, received) in enumerate(results):
+        assert len(got) == (layers if rank else 0)
+        for layer, buf in enumerate(got):
+            expect = torch.cat([
+                torch.full((2, 3), float(r * 100 + layer)) + torch.arange(6.0).view(2, 3) / 7
+                for r in range(rank)])
+            assert torch.equal(buf, expect)  # bit-exact
+        assert received == layers * rank * 2 * 3 * 4
+        assert sent == (layers * (rank + 1) * 2 * 3 * 4 if rank < world - 1 else 0)
+
+
+def _chain_prefill(rank, world, n, method):
+    torch.manual_seed(0)
+    model = TinyLlama(TinyConfig(), seed=1)
+    tokens = torch.randint(0, model.cfg.vocab, (n,), generator=torch.Generator().manual_seed(2))
+    seg = partition(n, world, method)[rank]
+    comm = ChainComm(rank - 1 if rank else None, rank + 1 if rank < world - 1 else None)
+    logits, kv = model.prefill_segment(tokens, seg, comm)
+    return seg, logits, kv
+
+
+@pytest.mark.parametrize("world, n, method", [
+    (2, 37, "even"), (3, 101, "balanced"), (4, 203, "balanced"), (4, 7, "even"), (8, 61, "balanced")])
+def test_reference_chain_prefill_matches_one_process(world, n, method):
+    assert n % world != 0
+    results = run_ranks(_chain_prefill, world, n, method)
+    model = TinyLlama(TinyConfig(), seed=1)
+    tokens = torch.randint(0, model.cfg.vocab, (n,), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_kv = model.prefill(tokens)
+    seg, logits, kv = results[-1]  # the head: last segment, whole KV
+    assert seg.end == n and seg.start > 0
+    # fp32; same math on fewer rows: tolerance atol=rtol=1e-5
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert torch.argmax(logits) == torch.argmax(ref_logits)
+    for layer in range(model.cfg.layers):
+        torch.testing.assert_close(kv[layer], ref_kv[layer], atol=1e-5, rtol=1e-5)
+    for seg_k, _, kv_k in results[:-1]:  # every worker holds the KV prefix it computed or got
+        for layer in range(model.cfg.layers):
+            torch.testing.assert_close(kv_k[layer], ref_kv[layer][:, : seg_k.end], atol=1e-5, rtol=1e-5)
+
+
+def _stalled_peer(rank, world):
+    comm = ChainComm(rank - 1 if rank else None, None, timeout_s=2.0)
+    if rank == 0:
+        import time
+        time.sleep(4)  # never sends: rank 1 must give up, not hang
+        return "slept"
+    try:
+        comm.wait_recv(comm.post_recv(torch.empty(4)))
+    except ChainTimeout as e:
+        return str(e)
+    return "no error"
+
+
+def test_receive_from_stalled_peer_times_out():
+    _, msg = run_ranks(_stalled_peer, 2)
+    assert "no KV from chain rank 0 within 2.0 s" in msg

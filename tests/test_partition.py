@@ -1,0 +1,107 @@
+import pytest
+
+from vllm_kvrunahead.partition import (
+    CostModel,
+    Segment,
+    balanced_split,
+    even_split,
+    from_fractions,
+    partition,
+    predicted_ttft,
+    worker_costs,
+)
+
+LENGTHS = [1, 2, 3, 7, 8, 100, 1023, 4096, 32_768, 131_071, 1_000_000]
+
+
+def assert_cover(segs, n, k):
+    assert len(segs) == k
+    assert segs[0].start == 0 and segs[-1].end == n
+    for i, s in enumerate(segs):
+        assert s.index == i and s.length >= 1
+    for a, b in zip(segs, segs[1:]):
+        assert a.end == b.start  # contiguous, disjoint, ordered
+
+
+@pytest.mark.parametrize("method", ["even", "balanced"])
+@pytest.mark.parametrize("n_workers", range(1, 9))
+@pytest.mark.parametrize("n", LENGTHS)
+def test_segments_cover_prompt_exactly(method, n_workers, n):
+    if n_workers > n:
+        with pytest.raises(ValueError, match="at most"):
+            partition(n, n_workers, method)
+        segs = partition(n, n_workers, method, clamp=True)  # short prompt: fewer workers
+        assert_cover(segs, n, n)
+    else:
+        assert_cover(partition(n, n_workers, method), n, n_workers)
+
+
+def test_even_split_lengths_differ_by_at_most_one():
+    segs = even_split(1003, 4)
+    assert [s.length for s in segs] == [251, 251, 251, 250]
+
+
+@pytest.mark.parametrize("n_workers", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [4096, 32_768, 131_072, 1_000_000])
+def test_balanced_earlier_segments_longer_and_costs_equal(n_workers, n):
+    cost = CostModel()
+    segs = balanced_split(n, n_workers, cost)
+    lengths = [s.length for s in segs]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+    c = worker_costs(segs, cost)
+    assert (max(c) - min(c)) / max(c) < 0.03, c
+    even = even_split(n, n_workers)
+    assert predicted_ttft(segs, cost) < predicted_ttft(even, cost)
+
+
+def test_balanced_follows_the_cost_model():
+    # attention-free model: every token costs the same, so balanced == even.
+    flat = CostModel(num_layers=4, linear=1.0, attn=0.0, xfer=0.0)
+    assert [s.length for s in balanced_split(1000, 4, flat)] == [250, 250, 250, 250]
+    # attention-heavy: the first segment is much longer than the last.
+    heavy = CostModel(num_layers=4, linear=0.0, attn=1.0, xfer=0.0)
+    segs = balanced_split(100_000, 2, heavy)
+    assert segs[0].length / segs[1].length == pytest.approx(2.414, rel=0.01)  # 1 + sqrt(2)
+
+
+def test_from_shape_gives_positive_constants():
+    c = CostModel.from_shape(num_layers=32, hidden_size=4096, intermediate_size=14336,
+                             num_heads=32, num_kv_heads=8, head_dim=128)
+    assert c.linear > 0 and c.attn > 0 and c.xfer > 0 and c.num_layers == 32
+
+
+def test_from_fractions_keeps_one_token_each():
+    assert [s.length for s in from_fractions(10, [0.98, 0.01, 0.01])] == [8, 1, 1]
+    assert_cover(from_fractions(12345, [0.5, 0.3, 0.2]), 12345, 3)
+
+
+@pytest.mark.parametrize("n_workers", [0, -1, 1.5, True])
+def test_bad_worker_count(n_workers):
+    with pytest.raises(ValueError, match="number of workers must be an integer >= 1"):
+        partition(100, n_workers)
+
+
+def test_bad_prompt_length():
+    with pytest.raises(ValueError, match="prompt length must be an integer >= 1"):
+        partition(0, 2)
+
+
+def test_more_workers_than_tokens():
+    with pytest.raises(ValueError, match="cannot split 3 prompt tokens over 4 workers"):
+        partition(3, 4)
+
+
+def test_unknown_partition_name():
+    with pytest.raises(ValueError, match="unknown partition 'fastest'; choose one of even, balanced"):
+        partition(100, 2, "fastest")
+
+
+def test_bad_cost_model():
+    with pytest.raises(ValueError, match="CostModel.attn must be >= 0"):
+        balanced_split(100, 2, CostModel(attn=-1.0))
+
+
+def test_segment_is_frozen():
+    s = Segment(0, 0, 4)
+    with pytest.raises(Exception):
+        s.start = 1  # type: ignore[misc]

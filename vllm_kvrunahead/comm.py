@@ -1,0 +1,96 @@
+"""All point-to-point traffic of the KV chain lives here (post, compute, wait).
+
+Like ring-flash-attention's RingComm: the caller posts a receive for the next
+layer's prefix KV, computes the current layer, then waits. Sends are posted
+as soon as a layer's KV is final and only waited for at the end of the step,
+so transfer overlaps compute. Works over any torch.distributed group: gloo on
+CPU, NCCL on GPU (NCCL runs P2P on its own stream; ``Work.wait()`` then only
+makes the current stream wait, no host sync).
+
+Nothing else in the package calls torch.distributed send/recv.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class ChainTimeout(RuntimeError):
+    """A chain peer did not deliver in time (dead, stalled or out of step)."""
+
+
+class ChainComm:
+    """Point-to-point link of one chain worker to its predecessor and successor.
+
+    prev_rank / next_rank are global ranks (None at the ends of the chain).
+    timeout_s bounds every receive on CPU backends (gloo); NCCL's own
+    watchdog bounds GPU receives.
+    """
+
+    def __init__(
+        self,
+        prev_rank: int | None,
+        next_rank: int | None,
+        group: dist.ProcessGroup | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.prev_rank = prev_rank
+        self.next_rank = next_rank
+        self.group = group
+        self.timeout_s = timeout_s
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.recv_wait_s = 0.0
+
+    def post_recv(self, buf: torch.Tensor) -> dist.Work:
+        """Start receiving ``buf`` (its shape and dtype are the contract) from prev."""
+        if self.prev_rank is None:
+            raise RuntimeError("chain head-of-line worker has no predecessor to receive from")
+        self.bytes_received += buf.numel() * buf.element_size()
+        return dist.irecv(buf, src=self.prev_rank, group=self.group)
+
+    def wait_recv(self, work: dist.Work) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.timeout_s is not None and not _is_nccl(self.group):
+                ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
+            else:
+                ok = work.wait()
+        except RuntimeError as e:  # gloo raises on timeout / peer loss
+            raise ChainTimeout(
+                f"KV-Runahead: no KV from chain rank {self.prev_rank} within "
+                f"{self.timeout_s} s ({e}); the peer died or stalled"
+            ) from e
+        if ok is False:
+            raise ChainTimeout(
+                f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s"
+            )
+        self.recv_wait_s += time.perf_counter() - t0
+
+    def post_send(self, tensor: torch.Tensor) -> None:
+        """Start sending ``tensor`` to next; it is kept alive until ``wait_sends``."""
+        if self.next_rank is None:
+            raise RuntimeError("the last chain worker has no successor to send to")
+        tensor = tensor.contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._sends.append((dist.isend(tensor, dst=self.next_rank, group=self.group), tensor))
+
+    def wait_sends(self) -> None:
+        sends, self._sends = self._sends, []
+        for work, _ in sends:
+            work.wait()
+
+    @property
+    def pending_sends(self) -> int:
+        return len(self._sends)
+
+
+def _is_nccl(group: dist.ProcessGroup | None) -> bool:
+    try:
+        return dist.get_backend(group) == "nccl"
+    except Exception:  # noqa: BLE001 - not initialized / unknown group
+        return False

@@ -1,0 +1,247 @@
+"""Where to cut a prompt: segment bounds for N chained workers (pure; no torch).
+
+KV-Runahead gives worker k a contiguous segment [start_k, end_k) of the prompt.
+Worker k attends over the prefix [0, start_k) it receives from worker k-1,
+so later segments cost more per token; context-level load balancing therefore
+makes earlier segments longer::
+
+    tokens  0 ............................................................ n
+            |<------ seg 0 ------>|<---- seg 1 ---->|<-- seg 2 -->|<-seg 3->|
+    worker         w0   --KV[0,e0)-->   w1  --KV[0,e1)-->  w2 --KV[0,e2)--> head
+                                                                   (samples, decodes)
+
+    layer l of worker k starts once layer l of worker k-1 has sent its KV, so the
+    chain is a pipeline over layers: finish_k(l) = max(finish_k(l-1),
+    finish_{k-1}(l) + xfer_k) + compute_k.
+
+``partition(n, N, "even" | "balanced")`` returns frozen ``Segment`` s covering
+[0, n) exactly, in chain order (the last one is the head's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PARTITION_METHODS = ("even", "balanced")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens [start, end) of one prompt, computed by chain position ``index``."""
+
+    index: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds one worker spends per layer on a segment (constants per layer).
+
+    linear: per own token (QKV/O projections, MLP);
+    attn:   per (own token x attended token) pair (causal: own x (prefix + own/2));
+    xfer:   per prefix token received (KV bytes / link bandwidth).
+    Defaults are for a Llama-3-8B-like layer on an H100 with NVLink; ``from_shape``
+    derives them from a model shape. The tuner fits them from measured TTFT.
+    """
+
+    num_layers: int = 32
+    linear: float = 2 * 218e6 / 600e12
+    attn: float = 4 * 4096 / 400e12
+    xfer: float = 2 * 8 * 128 * 2 / 300e9
+
+    @classmethod
+    def from_shape(
+        cls,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype_bytes: int = 2,
+        matmul_flops: float = 600e12,
+        attn_flops: float = 400e12,
+        link_bytes_per_s: float = 300e9,
+    ) -> "CostModel":
+        q_out = num_heads * head_dim
+        kv_out = 2 * num_kv_heads * head_dim
+        params = hidden_size * (q_out + kv_out) + q_out * hidden_size
+        params += 3 * hidden_size * intermediate_size
+        return cls(
+            num_layers=num_layers,
+            linear=2 * params / matmul_flops,
+            attn=4 * num_heads * head_dim / attn_flops,
+            xfer=kv_out * dtype_bytes / link_bytes_per_s,
+        )
+
+    def validate(self) -> "CostModel":
+        if self.num_layers < 1:
+            raise ValueError(f"CostModel.num_layers must be >= 1, got {self.num_layers}")
+        for name in ("linear", "attn", "xfer"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CostModel.{name} must be >= 0, got {getattr(self, name)}")
+        if self.linear == 0 and self.attn == 0:
+            raise ValueError("CostModel needs linear > 0 or attn > 0")
+        return self
+
+    def layer_compute(self, start: int, end: int) -> float:
+        m = end - start
+        return self.linear * m + self.attn * m * (start + m / 2)
+
+    def layer_xfer(self, start: int) -> float:
+        return self.xfer * start
+
+
+def _check(n: int, n_workers: int) -> None:
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"number of workers must be an integer >= 1, got {n_workers!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"prompt length must be an integer >= 1, got {n!r}")
+    if n_workers > n:
+        raise ValueError(
+            f"cannot split {n} prompt tokens over {n_workers} workers: every worker "
+            f"needs >= 1 token; use at most {n} workers (or pass clamp=True)"
+        )
+
+
+def segments_from_lengths(lengths: list[int]) -> tuple[Segment, ...]:
+    out, start = [], 0
+    for i, m in enumerate(lengths):
+        out.append(Segment(i, start, start + m))
+        start += m
+    return tuple(out)
+
+
+def even_split(n: int, n_workers: int) -> tuple[Segment, ...]:
+    """Equal lengths; the remainder goes to the earliest (cheapest per token) segments."""
+    _check(n, n_workers)
+    q, r = divmod(n, n_workers)
+    return segments_from_lengths([q + (1 if i < r else 0) for i in range(n_workers)])
+
+
+def finish_times(segments: tuple[Segment, ...], cost: CostModel) -> list[float]:
+    """Predicted time each chain worker finishes its last layer (pipeline recurrence)."""
+    cost.validate()
+    prev, out = None, []
+    for seg in segments:
+        prev = _layers_done(seg.start, seg.end, prev, cost)
+        out.append(prev[-1])
+    return out
+
+
+def predicted_ttft(segments: tuple[Segment, ...], cost: CostModel) -> float:
+    return finish_times(segments, cost)[-1]
+
+
+def worker_costs(segments: tuple[Segment, ...], cost: CostModel) -> list[float]:
+    """Per-layer busy time of each worker (compute + receiving its prefix)."""
+    return [cost.layer_compute(s.start, s.end) + cost.layer_xfer(s.start) for s in segments]
+
+
+def _layers_done(start: int, end: int, prev_layers, cost: CostModel) -> list[float]:
+    c, x = cost.layer_compute(start, end), cost.layer_xfer(start)
+    t, out = 0.0, []
+    for layer in range(cost.num_layers):
+        t = (t if prev_layers is None else max(t, prev_layers[layer] + x)) + c
+        out.append(t)
+    return out
+
+
+def _longest_within(start: int, most: int, budget: float, cost: CostModel) -> int:
+    """Longest m in [1, most] with per-layer cost of [start, start+m) <= budget (1 at least)."""
+
+    def c(m: int) -> float:
+        return cost.layer_compute(start, start + m) + cost.layer_xfer(start)
+
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if c(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _equal_cost(n: int, n_workers: int, cost: CostModel) -> list[int]:
+    """Smallest per-worker budget B such that filling workers greedily covers n tokens."""
+
+    def fill(budget: float) -> list[int] | None:
+        lengths, start = [], 0
+        for k in range(n_workers - 1):
+            m = _longest_within(start, n - start - (n_workers - 1 - k), budget, cost)
+            lengths.append(m)
+            start += m
+        last = n - start
+        if cost.layer_compute(start, n) + cost.layer_xfer(start) > budget:
+            return None
+        return lengths + [last]
+
+    even = even_split(n, n_workers)
+    hi = max(worker_costs(even, cost))
+    best = fill(hi)
+    while best is None:  # cost not monotone in start (huge xfer): widen until covered
+        hi *= 2
+        best = fill(hi)
+    lo = 0.0
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        got = fill(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+        if hi - lo <= 1e-9 * hi:
+            break
+    return best
+
+
+def balanced_split(n: int, n_workers: int, cost: CostModel | None = None) -> tuple[Segment, ...]:
+    """Lengths that equalize per-worker per-layer cost (compute + prefix receive).
+
+    Equal per-layer cost keeps the layer pipeline flowing: no worker waits on a
+    slower predecessor, so TTFT ~ (layers + N - 1) x that cost.
+    """
+    _check(n, n_workers)
+    cost = (cost or CostModel()).validate()
+    if n_workers == 1:
+        return (Segment(0, 0, n),)
+    return segments_from_lengths(_equal_cost(n, n_workers, cost))
+
+
+def partition(
+    n: int,
+    n_workers: int,
+    method: str = "balanced",
+    cost: CostModel | None = None,
+    *,
+    clamp: bool = False,
+) -> tuple[Segment, ...]:
+    """Segments in chain order. ``clamp`` uses min(n_workers, n) workers for short prompts."""
+    if method not in PARTITION_METHODS:
+        raise ValueError(f"unknown partition {method!r}; choose one of {', '.join(PARTITION_METHODS)}")
+    if clamp and isinstance(n, int) and isinstance(n_workers, int) and n_workers > n >= 1:
+        n_workers = n
+    if method == "even":
+        return even_split(n, n_workers)
+    return balanced_split(n, n_workers, cost)
+
+
+def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[Segment, ...]:
+    """Segments whose lengths follow ``fractions`` (summing to 1), each >= 1 token."""
+    _check(n, len(fractions))
+    bounds = [0]
+    acc = 0.0
+    for i, f in enumerate(fractions[:-1]):
+        acc += f
+        b = int(round(acc * n))
+        b = max(b, bounds[-1] + 1)                      # >= 1 token for this one
+        b = min(b, n - (len(fractions) - 1 - i))        # >= 1 token for each later one
+        bounds.append(b)
+    bounds.append(n)
+    return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])
