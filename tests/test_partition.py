@@ -105,3 +105,21 @@ def test_segment_is_frozen():
     s = Segment(0, 0, 4)
     with pytest.raises(Exception):
         s.start = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("n_workers", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1025, 4096, 32_768, 100_003])
+@pytest.mark.parametrize("align", [16, 128])
+def test_aligned_boundaries_are_whole_blocks(n_workers, n, align):
+    from vllm_kvrunahead.partition import align_segments
+
+    if n < (n_workers - 1) * align + 1:
+        with pytest.raises(ValueError, match="cannot align"):
+            align_segments(balanced_split(n, n_workers), align)
+        return
+    segs = align_segments(balanced_split(n, n_workers), align)
+    assert_cover(segs, n, n_workers)
+    for s in segs[:-1]:
+        assert s.end % align == 0 and s.length >= align
+    for a, b in zip(segs, balanced_split(n, n_workers)):
+        assert abs(a.end - b.end) <= align  # nearest block boundary: balance barely moves

@@ -245,3 +245,26 @@ def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[
         bounds.append(b)
     bounds.append(n)
     return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])
+
+
+def align_segments(segments: tuple[Segment, ...], align: int) -> tuple[Segment, ...]:
+    """Move inner boundaries to multiples of ``align`` (a KV block), nearest first.
+
+    Whole-block boundaries let the chain move KV as whole paged blocks, whose
+    inner layout is the attention backend's business. Every segment keeps
+    >= ``align`` tokens except the last (>= 1). Needs n >= (N - 1) * align + 1.
+    """
+    if align < 1:
+        raise ValueError(f"alignment must be >= 1, got {align}")
+    n, k = segments[-1].end, len(segments)
+    if n < (k - 1) * align + 1:
+        raise ValueError(f"cannot align {k} segments of a {n}-token prompt to {align}-token blocks")
+    bounds = [0]
+    for i, s in enumerate(segments[:-1]):
+        b = int(round(s.end / align)) * align
+        b = max(b, bounds[-1] + align)                 # >= one block for this segment
+        b = min(b, n - 1 - (k - 2 - i) * align)         # room for the later ones
+        b = (b // align) * align
+        bounds.append(b)
+    bounds.append(n)
+    return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])

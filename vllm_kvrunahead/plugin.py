@@ -1,2 +1,19 @@
-def register() -> None:
-    pass
+"""vLLM general-plugin entry point (setup.cfg: vllm.general_plugins)."""
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> list[str]:
+    """Apply KV-Runahead's patches. Idempotent: vLLM loads plugins in every process,
+    possibly more than once. Fails loudly: an exception here stops vLLM's start."""
+    global _registered
+    from .patches import apply_all
+
+    applied = apply_all()
+    _registered = True
+    return applied
+
+
+def is_registered() -> bool:
+    return _registered

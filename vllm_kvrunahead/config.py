@@ -1,0 +1,69 @@
+"""KV-Runahead settings: one frozen dataclass, one clear error per bad value.
+
+A vLLM user turns KV-Runahead on with two things:
+  --worker-cls vllm_kvrunahead.Worker  --prefill-context-parallel-size N
+and may tune it with --additional-config '{"kv_runahead": {...}}' (keys below).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .partition import PARTITION_METHODS
+
+ADDITIONAL_CONFIG_KEY = "kv_runahead"
+WORKER_CLS_PREFIX = "vllm_kvrunahead"
+PARTITIONS = PARTITION_METHODS + ("table",)
+
+
+@dataclass(frozen=True)
+class KVRunaheadConfig:
+    # Number of chained workers (one GPU each, each with the whole model).
+    num_workers: int = 1
+    # How prompts are cut: even | balanced (cost model) | table (lookup table).
+    partition: str = "balanced"
+    # Prompts with fewer new tokens than this run on the head alone: for short
+    # prompts the chain's per-layer hops cost more than they save.
+    min_tokens: int = 2048
+    # Lookup table JSON for partition="table" (its n_workers must match).
+    table_path: str | None = None
+    # Bound on every chain receive on CPU (gloo); a dead or stalled peer then
+    # fails the step with an error instead of hanging.
+    recv_timeout_s: float = 300.0
+
+    def validate(self) -> "KVRunaheadConfig":
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(
+                f"KV-Runahead: number of workers must be an integer >= 1, got {self.num_workers!r} "
+                "(set --prefill-context-parallel-size N)")
+        if self.partition not in PARTITIONS:
+            raise ValueError(
+                f"KV-Runahead: unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)} "
+                "(--additional-config '{\"kv_runahead\": {\"partition\": ...}}')")
+        if self.partition == "table" and not self.table_path:
+            raise ValueError('KV-Runahead: partition "table" needs "table_path" (a lookup table JSON)')
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"KV-Runahead: min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if not isinstance(self.recv_timeout_s, (int, float)) or self.recv_timeout_s <= 0:
+            raise ValueError(f"KV-Runahead: recv_timeout_s must be > 0, got {self.recv_timeout_s!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, num_workers: int, options: Any) -> "KVRunaheadConfig":
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise ValueError(f'KV-Runahead: additional_config["{ADDITIONAL_CONFIG_KEY}"] must be an object, got {options!r}')
+        known = {f.name for f in fields(cls)} - {"num_workers"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"KV-Runahead: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(num_workers=num_workers, **options).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def is_kvrunahead_worker(worker_cls: Any) -> bool:
+    return isinstance(worker_cls, str) and worker_cls.split(".")[0] == WORKER_CLS_PREFIX

@@ -1,0 +1,109 @@
+"""Turn --prefill-context-parallel-size N into N KV-Runahead workers.
+
+vLLM sizes its worker pool as TP x PP x PCP, so PCP=N is the one existing flag
+that starts N full-model workers. But vLLM's own PCP (MLA-only) then reshapes
+KV blocks in the scheduler, the block tables and the attention backend
+selection. When the worker class is KV-Runahead's, this hook keeps the N
+workers (world_size) and sets PCP back to 1 before the rest of VllmConfig's
+post-init runs, so every other part of vLLM behaves as with one worker; the
+worker count and options travel in additional_config["kv_runahead"].
+It also refuses unsupported combinations with one clear error each.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from ..config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig, is_kvrunahead_worker
+from . import Patch
+
+
+def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
+    pc, mc = vllm_config.parallel_config, vllm_config.model_config
+    n = cfg.num_workers
+    if pc.tensor_parallel_size > 1:
+        raise ValueError("KV-Runahead: --tensor-parallel-size > 1 is not supported (each KV-Runahead "
+                         "worker holds the whole model); use --tensor-parallel-size 1")
+    if pc.pipeline_parallel_size > 1:
+        raise ValueError("KV-Runahead: --pipeline-parallel-size > 1 is not supported; use 1")
+    if pc.data_parallel_size > 1:
+        raise ValueError("KV-Runahead: --data-parallel-size > 1 is not supported; use 1")
+    if pc.decode_context_parallel_size > 1:
+        raise ValueError("KV-Runahead: --decode-context-parallel-size > 1 is not supported; use 1")
+    if pc.distributed_executor_backend == "ray" and os.environ.get("VLLM_USE_RAY_V2_EXECUTOR_BACKEND", "1") == "0":
+        raise ValueError("KV-Runahead with Ray needs vLLM's Ray executor V2; unset "
+                         "VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("KV-Runahead: speculative decoding is not supported; remove --speculative-config")
+    if vllm_config.kv_transfer_config is not None and vllm_config.kv_transfer_config.kv_connector:
+        raise ValueError("KV-Runahead cannot be combined with --kv-transfer-config; remove one of them")
+    if mc is not None:
+        if mc.is_encoder_decoder:
+            raise ValueError(f"KV-Runahead: encoder-decoder models ({mc.model}) are not supported")
+        if mc.use_mla:
+            raise ValueError(f"KV-Runahead: MLA models ({mc.model}) are not supported; vLLM's own "
+                             "--prefill-context-parallel-size serves them without --worker-cls")
+        if mc.runner_type != "generate":
+            raise ValueError(f"KV-Runahead: only generative models are supported, not {mc.runner_type!r}")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() and pc.nnodes == 1:
+        have = current_platform.device_count()
+        if n > have:
+            raise ValueError(f"KV-Runahead: {n} workers need {n} GPUs, only {have} visible; "
+                             f"use --prefill-context-parallel-size {have} or fewer")
+    if cfg.partition == "table":
+        from ..lut import PartitionTable
+
+        t = PartitionTable.load(cfg.table_path)
+        if t.n_workers != n:
+            raise ValueError(f"KV-Runahead: table {cfg.table_path} is for {t.n_workers} workers, not {n}")
+
+
+def convert(vllm_config) -> None:
+    pc = vllm_config.parallel_config
+    if not is_kvrunahead_worker(pc.worker_cls):
+        return
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict) and isinstance(extra.get(ADDITIONAL_CONFIG_KEY), dict) \
+            and "num_workers" in extra[ADDITIONAL_CONFIG_KEY]:
+        return  # converted already (a config copied after post-init)
+    n = pc.prefill_context_parallel_size
+    cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY))
+    if n > 1:
+        check_supported(vllm_config, cfg)
+        pc.prefill_context_parallel_size = 1  # world_size (= N) was computed with it and stays
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
+
+
+def _apply() -> None:
+    from vllm.config import VllmConfig
+
+    orig = VllmConfig.__post_init__
+    if getattr(orig, "_kvrunahead", False):
+        return
+
+    @functools.wraps(orig)
+    def __post_init__(self, *args, **kwargs):
+        convert(self)
+        return orig(self, *args, **kwargs)
+
+    __post_init__._kvrunahead = True  # type: ignore[attr-defined]
+    VllmConfig.__post_init__ = __post_init__
+
+
+PATCH = Patch(
+    name="pcp-flag-starts-kvrunahead-workers",
+    symbol="vllm.config.VllmConfig.__post_init__",
+    why="A plugin cannot change how many workers vLLM starts; --prefill-context-parallel-size is the "
+        "flag that starts N full-model workers, but vLLM's own PCP machinery (MLA-only) must then stay off.",
+    how="Wraps __post_init__: for worker_cls vllm_kvrunahead.*, validates, keeps world_size=N, sets "
+        "PCP back to 1 and stores the worker count in additional_config['kv_runahead'].",
+    upstream="Not upstream. vLLM has no plugin hook for the worker count; a generic "
+             "'world size from worker class' hook or dense-model PCP would make this unnecessary.",
+    remove_when="vLLM's PCP supports dense (non-MLA) models with pluggable KV exchange, or exposes a "
+                "hook for plugins to size the worker pool.",
+    apply=_apply,
+)

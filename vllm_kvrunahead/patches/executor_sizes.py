@@ -1,0 +1,45 @@
+"""Let vLLM's executors start N workers whose PCP was set back to 1.
+
+MultiprocExecutor (and RayExecutorV2, its subclass) assert
+world_size == TP x PP x PCP. After ``config_hook`` the N KV-Runahead workers
+are world_size = N with PCP = 1, so the check is answered with the KV-Runahead
+worker count in PCP's place. Nothing else reads these sizes.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..config import ADDITIONAL_CONFIG_KEY
+from . import Patch
+
+
+def _apply() -> None:
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    orig = MultiprocExecutor._get_parallel_sizes
+    if getattr(orig, "_kvrunahead", False):
+        return
+
+    @functools.wraps(orig)
+    def _get_parallel_sizes(self):
+        tp, pp, pcp = orig(self)
+        kvr = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if isinstance(kvr, dict) and kvr.get("num_workers", 1) > 1:
+            return tp, pp, kvr["num_workers"]
+        return tp, pp, pcp
+
+    _get_parallel_sizes._kvrunahead = True  # type: ignore[attr-defined]
+    MultiprocExecutor._get_parallel_sizes = _get_parallel_sizes
+
+
+PATCH = Patch(
+    name="executor-counts-kvrunahead-workers",
+    symbol="vllm.v1.executor.multiproc_executor.MultiprocExecutor._get_parallel_sizes",
+    why="The mp and Ray (V2) executors assert world_size == TP x PP x PCP; KV-Runahead's N workers "
+        "run with PCP=1 (see pcp-flag-starts-kvrunahead-workers).",
+    how="Wraps _get_parallel_sizes to report the KV-Runahead worker count in PCP's place when "
+        "additional_config['kv_runahead'].num_workers > 1; otherwise unchanged.",
+    upstream="Not upstream; goes away with the config hook.",
+    remove_when="Together with pcp-flag-starts-kvrunahead-workers.",
+    apply=_apply,
+)

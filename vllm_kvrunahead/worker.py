@@ -1,0 +1,160 @@
+"""KV-Runahead's vLLM worker: the platform's worker plus a per-step rewrite.
+
+Every worker receives the same SchedulerOutput. This class plans the step
+(pure ``plan.make_plan``), hands its model runner a rewritten output (its own
+segment of each long new prompt), and binds the chain traffic for the KV
+connector hooks. The head (vLLM's output rank) also runs everything else in
+the step and samples; the other workers run nothing but their segments.
+"""
+from __future__ import annotations
+
+import logging
+
+from vllm.config import KVTransferConfig
+
+from . import vllm_seam
+from .comm import ChainComm
+from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
+from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
+from .lut import PartitionTable
+from .partition import CostModel
+from .plan import StepPlan, make_plan
+
+logger = logging.getLogger("vllm_kvrunahead")
+
+
+def runahead_config(vllm_config) -> KVRunaheadConfig:
+    d = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if not isinstance(d, dict) or "num_workers" not in d:
+        raise RuntimeError(
+            "vllm_kvrunahead.Worker is used but the vllm-kvrunahead plugin did not run in the "
+            "process that built the config; install the package (pip install -e .) and do not "
+            "exclude 'kvrunahead' from VLLM_PLUGINS")
+    return KVRunaheadConfig(**d).validate()
+
+
+def cost_model_for(model_config) -> CostModel:
+    hf = model_config.hf_text_config
+    try:
+        return CostModel.from_shape(
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            intermediate_size=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=model_config.get_total_num_kv_heads(),
+            head_dim=model_config.get_head_size(),
+        )
+    except (AttributeError, TypeError):  # unusual config: the default shape still balances
+        return CostModel()
+
+
+class Worker(vllm_seam.worker_base()):
+    """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N."""
+
+    def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
+        self.kvr = runahead_config(vllm_config)
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method,
+                         is_driver_worker=is_driver_worker)
+        n = self.kvr.num_workers
+        self.head = vllm_seam.head_rank(vllm_config.parallel_config)
+        self.chain_pos = (rank - self.head - 1) % n  # head takes the last segment
+        self.is_head = rank == self.head
+        self.connector: KVRunaheadConnector | None = None
+        self.table = PartitionTable.load(self.kvr.table_path) if self.kvr.partition == "table" else None
+        self._cost = cost_model_for(vllm_config.model_config)
+        self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
+        self._ran = False
+        self.steps_run = 0       # evidence for tests: forward passes this worker ran
+        self.tokens_run = 0      # ... and tokens it computed
+
+    # -- set-up -------------------------------------------------------------
+    def initialize_from_config(self, kv_cache_config) -> None:
+        if self.kvr.num_workers > 1:
+            groups = kv_cache_config.kv_cache_groups
+            if len(groups) != 1:
+                raise ValueError(
+                    f"KV-Runahead supports models with one KV cache group; this one has {len(groups)} "
+                    "(hybrid / sliding-window mixes are not supported)")
+            self.block_size = groups[0].kv_cache_spec.block_size
+            n, pos = self.kvr.num_workers, self.chain_pos
+            rank_of = lambda p: (self.head + 1 + p) % n  # noqa: E731
+            comm = ChainComm(
+                prev_rank=rank_of(pos - 1) if pos > 0 else None,
+                next_rank=rank_of(pos + 1) if pos < n - 1 else None,
+                group=vllm_seam.world_device_group(),
+                timeout_s=self.kvr.recv_timeout_s,
+            )
+            # A worker-local transfer config: the connector base class wants one; the
+            # engine's scheduler never sees it (KV-Runahead plans on the workers).
+            self.vllm_config.kv_transfer_config = KVTransferConfig(
+                kv_connector="KVRunaheadConnector", kv_role="kv_both")
+            self.connector = KVRunaheadConnector(self.vllm_config, vllm_seam.KVConnectorRole.WORKER,
+                                                 kv_cache_config, comm)
+            vllm_seam.install_connector(self.connector)
+            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition=%s, min_tokens=%d)",
+                        self.rank, pos, n, " (head)" if self.is_head else "", self.kvr.partition,
+                        self.kvr.min_tokens)
+        super().initialize_from_config(kv_cache_config)
+
+    # -- per step -------------------------------------------------------------
+    def plan(self, scheduler_output) -> StepPlan:
+        if self.connector is None:
+            return StepPlan(1, ())
+        return make_plan(
+            vllm_seam.request_views(scheduler_output), self.kvr.num_workers,
+            method=self.kvr.partition if self.kvr.partition != "table" else "balanced",
+            min_tokens=self.kvr.min_tokens, block_size=self.block_size,
+            cost=self._cost, table=self.table)
+
+    def _meta(self, plan: StepPlan) -> RunaheadMeta:
+        if not plan:
+            return EMPTY_META
+        return RunaheadMeta(recv_blocks=plan.recv_blocks(self.chain_pos, self.block_size),
+                            send_blocks=plan.send_blocks(self.chain_pos, self.block_size))
+
+    def execute_model(self, scheduler_output):
+        if self.connector is None:  # one worker: plain vLLM
+            return super().execute_model(scheduler_output)
+        plan = self.plan(scheduler_output)
+        meta = self._meta(plan)
+        if self.is_head:
+            so = vllm_seam.for_head(scheduler_output, plan, meta)
+            if so.total_num_scheduled_tokens:
+                self.steps_run += 1
+                self.tokens_run += so.total_num_scheduled_tokens
+            return super().execute_model(so)
+        self._ran = False
+        if not plan:
+            return None
+        so = vllm_seam.for_chain_worker(scheduler_output, plan, self.chain_pos, self._runner_reqs, meta)
+        self._runner_reqs = set(so.num_scheduled_tokens)
+        self.steps_run += 1
+        self.tokens_run += so.total_num_scheduled_tokens
+        out = super().execute_model(so)
+        self._ran = out is None  # the runner waits for sample_tokens to finish the step
+        return None
+
+    def sample_tokens(self, grammar_output):
+        if self.connector is None or self.is_head:
+            return super().sample_tokens(grammar_output)
+        if self._ran:
+            self._ran = False
+            super().sample_tokens(None)  # a partial prefill: the token is discarded
+        return None
+
+    def kvr_stats(self) -> dict:
+        """Per-worker evidence (collective_rpc("kvr_stats")): what this worker computed and moved."""
+        s = self.connector.stats if self.connector else None
+        return {
+            "rank": self.rank, "chain_pos": self.chain_pos, "is_head": self.is_head,
+            "steps_run": self.steps_run, "tokens_run": self.tokens_run,
+            "chain_steps": s.steps if s else 0,
+            "blocks_received": s.blocks_received if s else 0,
+            "blocks_sent": s.blocks_sent if s else 0,
+        }
+
+    def shutdown(self) -> None:
+        if self.connector is not None:
+            vllm_seam.uninstall_connector()
+            self.connector = None
+        super().shutdown()
