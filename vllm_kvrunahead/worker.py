@@ -8,6 +8,7 @@ the step and samples; the other workers run nothing but their segments.
 """
 from __future__ import annotations
 
+import collections
 import logging
 
 from vllm.config import KVTransferConfig
@@ -67,6 +68,7 @@ class Worker(vllm_seam.worker_base()):
         self.steps_run = 0       # evidence for tests: forward passes this worker ran
         self.tokens_run = 0      # ... and tokens it computed
         self.last_segments: list = []  # segments of the last runahead step, per request
+        self.new_requests: collections.deque = collections.deque(maxlen=256)  # (prompt_len, block ids)
 
     # -- set-up -------------------------------------------------------------
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -114,6 +116,8 @@ class Worker(vllm_seam.worker_base()):
                             send_blocks=plan.send_blocks(self.chain_pos, self.block_size))
 
     def execute_model(self, scheduler_output):
+        for nr in scheduler_output.scheduled_new_reqs:
+            self.new_requests.append((len(nr.prompt_token_ids or ()), [list(g) for g in nr.block_ids]))
         if self.connector is None:  # one worker: plain vLLM
             return super().execute_model(scheduler_output)
         plan = self.plan(scheduler_output)
@@ -156,6 +160,10 @@ class Worker(vllm_seam.worker_base()):
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
         }
+
+    def kvr_request_blocks(self) -> list:
+        """(prompt length, block ids per KV group) of recent new requests, oldest first."""
+        return list(self.new_requests)
 
     def shutdown(self) -> None:
         if self.connector is not None:

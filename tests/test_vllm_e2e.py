@@ -1,0 +1,111 @@
+"""KV-Runahead inside vLLM 0.26 on CPU, against plain vLLM with one worker.
+
+Each engine runs once per session in its own process (tests/engine_runner.py);
+tests compare greedy tokens, the head's KV blocks and per-worker accounting.
+"""
+import random
+
+import pytest
+import torch
+
+from tests.models import smollm2, tiny_llama
+
+BS = 128  # KV block size on CPU
+TINY_ENGINE = dict(max_model_len=4096, max_num_batched_tokens=1024, block_size=BS,
+                   enable_prefix_caching=False)
+# 1: shorter than N; 100: shorter than a block; 1027/2500: not divisible by 2 or 3;
+# 2500 > max_num_batched_tokens (chunked prefill: first chunk runs ahead, the rest on the head)
+TINY_LENGTHS = [1, 2, 100, 300, 1000, 1027, 2500]
+
+
+def rand_prompts(lengths, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(n)] for n in lengths]
+
+
+def tiny_spec(workers):
+    return dict(model=tiny_llama(), workers=workers, block_size=BS, max_tokens=8, engine=TINY_ENGINE,
+                kvr={"min_tokens": 0}, alone=rand_prompts(TINY_LENGTHS, 1),
+                batch=rand_prompts(TINY_LENGTHS + [1500, 900], 2), kv_layers=[0, 1])
+
+
+def smol_prompts():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2())
+    text = open(torch.__file__.replace("__init__.py", "functional.py")).read()  # real English-ish text
+    ids = tok.encode(text)
+    doc = ids[:2900]
+    q = tok.encode("\n\nSummarize the code above in one sentence:")
+    other = ids[8000:9500]
+    assert len(doc) == 2900 and len(other) == 1500
+    return [doc + q, ids[5000:5777], other + q, other + tok.encode(" Another question: why?")]
+
+
+def smol_spec(workers):
+    # prefix caching on (vLLM's default): the last prompt shares 1500 tokens with the third,
+    # so it is a prefix-cache hit and runs on the head alone (documented fallback).
+    return dict(model=smollm2(), workers=workers, block_size=BS, max_tokens=10,
+                engine=dict(max_model_len=4096, max_num_batched_tokens=2048, block_size=BS,
+                            enable_prefix_caching=True),
+                kvr={"min_tokens": 512}, alone=smol_prompts(), batch=[], kv_layers=[0, 15, 29])
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(engines):
+    return engines.get("tiny-1", tiny_spec(1))
+
+
+@pytest.fixture(scope="session")
+def smol_ref(engines):
+    return engines.get("smol-1", smol_spec(1))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_tiny_tokens_and_kv_equal_one_worker(engines, tiny_ref, workers):
+    run = engines.get(f"tiny-{workers}", tiny_spec(workers))
+    assert run["alone"] == tiny_ref["alone"]          # greedy tokens, prompts one by one
+    assert run["batch"] == tiny_ref["batch"]          # concurrent: mixed prefill + decode steps
+    for n, kv, ref in zip(TINY_LENGTHS, run["kv"], tiny_ref["kv"]):
+        assert len(kv) == len(ref) == 2
+        for layer, (a, b) in enumerate(zip(kv, ref)):
+            # blocks the first step allocated (a chunked prompt: its first chunk's)
+            assert a.shape == b.shape and a.shape[0] == min(n, 1024) // BS
+            # fp32: the same math on other batch shapes; tolerance 1e-5
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"prompt {n}, layer {layer}")
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_tiny_each_worker_computes_only_its_segment(engines, workers):
+    run = engines.get(f"tiny-{workers}", tiny_spec(workers))
+    stats = sorted(run["stats"], key=lambda s: s["chain_pos"])
+    head, chain = stats[-1], stats[:-1]
+    assert head["is_head"] and head["rank"] == workers - 1  # vLLM's output rank
+    spec = tiny_spec(workers)
+    prompts = spec["alone"] + spec["batch"]
+    decode = sum(spec["max_tokens"] - 1 for _ in prompts)
+    computed = sum(s["tokens_run"] for s in stats)
+    assert computed == sum(map(len, prompts)) + decode  # every token once, on exactly one worker
+    for s in chain:
+        assert s["steps_run"] == s["chain_steps"] > 0    # non-head workers ran runahead steps only
+        assert s["tokens_run"] < head["tokens_run"] + s["tokens_run"]
+        assert s["blocks_sent"] > 0
+    assert head["blocks_received"] > 0 and head["blocks_sent"] == 0
+    assert chain[0]["blocks_received"] == 0              # the first segment has no prefix
+    segs = head["last_segments"][-1]
+    lengths = [e - s for s, e in segs]
+    assert len(segs) == workers and segs[0][0] == 0
+    assert all(e % BS == 0 for _, e in segs[:-1])          # whole KV blocks cross the chain
+    assert lengths[0] >= lengths[-1]                       # balanced: earlier segments longer
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_smollm2_tokens_and_kv_equal_one_worker(engines, smol_ref, workers):
+    run = engines.get(f"smol-{workers}", smol_spec(workers))
+    assert run["alone"] == smol_ref["alone"]
+    for kv, ref in zip(run["kv"], smol_ref["kv"]):
+        for a, b in zip(kv, ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    stats = {s["chain_pos"]: s for s in run["stats"]}
+    # 3 prompts run ahead (the 4th is a prefix-cache hit and runs on the head alone)
+    assert stats[0]["chain_steps"] == 3
