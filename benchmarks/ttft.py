@@ -1,0 +1,176 @@
+"""TTFT benchmark: plain vLLM (1 GPU), tensor parallel, and KV-Runahead (even / balanced partition).
+
+One engine per config, each in its own child process, measuring all prompt lengths:
+  TTFT     = wall time of llm.generate([prompt], max_tokens=1)  (`vllm bench latency --output-len 1`)
+  decode   = 64 / (t(max_tokens=65) - TTFT median)  tokens/s of one request
+Records are merged into OUT/ttft.json as soon as each length is measured (so a run cut short by
+the device's time limit keeps what it got), replacing records with the same key.
+
+  python -m benchmarks.ttft --model llama3-8b --configs 1gpu,tp,kvr-even,kvr-balanced --n-gpus 2 \
+      --lengths 4096,8192,16384,32768,65536 --out $OUT
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+from benchmarks import common, models
+
+KEY = ("device", "model", "prompt_tokens", "config", "n_gpus", "interconnect", "backend")
+GEN_TOKENS = 65   # the decode probe; the engine's max_model_len leaves room for it
+
+
+def merge_records(path, new):
+    """Append `new` to the list in `path`, dropping older records with the same KEY. Atomic."""
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    keys = {tuple(r.get(k) for k in KEY) for r in new}
+    recs = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + list(new)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(recs, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="1gpu,tp,kvr-even,kvr-balanced")
+    ap.add_argument("--n-gpus", type=int, default=2)
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(models.MODELS))
+    ap.add_argument("--interconnect", default="nvlink", choices=["nvlink", "no-p2p"])
+    ap.add_argument("--backend", default="mp", choices=["mp", "ray"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--device-name", default=None, help="default: torch.cuda.get_device_name() or 'cpu'")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="stop starting configs/lengths after this many seconds (0: no limit); set it "
+                         "below the device call's limit so the run ends cleanly with its records")
+    ap.add_argument("--engine-args", default="{}", help='JSON merged into LLM(...), e.g. \'{"enforce_eager": true}\'')
+    ap.add_argument("--models-dir", default="/tmp/kvr_models")
+    # child-only
+    ap.add_argument("--one-config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--vllm-version", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.lengths = sorted(int(x) for x in a.lengths.split(","))
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    return a
+
+
+def base_record(a, config):
+    return dict(device=a.device_name, vllm_version=a.vllm_version, model=a.model, config=config,
+                n_gpus=a.n_gpus, interconnect=a.interconnect, backend=a.backend,
+                model_note=models.note(a.model))
+
+
+# ---------------------------------------------------------------- child: one engine, all lengths
+def run_one(a):
+    from vllm import LLM, SamplingParams
+    cfg = a.one_config
+    out_json = os.path.join(a.out, "ttft.json")
+    vocab = models.vocab_size(a.model)
+    max_len = max(a.lengths) + 128   # room for the 65-token decode probe
+    kw = common.engine_kwargs(cfg, os.path.join(a.models_dir, a.model), max_len, a.n_gpus, a.interconnect,
+                              a.backend, json.loads(a.engine_args))
+    print("ENGINE", json.dumps(kw), flush=True)
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    # What the engine really runs with (a config silently falling back to 1 GPU would show here).
+    pc = llm.llm_engine.vllm_config.parallel_config
+    parallel = dict(world=pc.world_size, tp=pc.tensor_parallel_size, pcp=pc.prefill_context_parallel_size,
+                    worker_cls=str(pc.worker_cls))
+    print(f"RESULT {cfg}: engine start {start_s:.1f} s", flush=True)
+
+    def gen(length, tag, max_tokens=1):
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        t = time.perf_counter()
+        o = llm.generate([common.prompt(length, vocab, tag)], sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        n = len(o[0].outputs[0].token_ids)
+        if n != max_tokens:
+            raise RuntimeError(f"asked {max_tokens} tokens, got {n}")
+        return dt
+
+    for n in a.lengths:
+        rec = dict(base_record(a, cfg), prompt_tokens=n, dtype=kw["dtype"], parallel=parallel,
+                   engine_start_s=round(start_s, 1))
+        if a.deadline and time.time() > a.deadline:
+            rec["error"] = "skipped: time budget"
+        else:
+            try:
+                gen(n, 10_000)                                   # warm-up, excluded
+                ts = [gen(n, r) for r in range(a.repeats)]       # a new prompt each repeat: nothing to cache
+                med = statistics.median(ts)
+                t65 = gen(n, 20_000, GEN_TOKENS)
+                rec.update(ttft_s_median=med, ttft_s_all=ts, t_gen65_s=t65,
+                           decode_tok_s=(GEN_TOKENS - 1) / (t65 - med) if t65 > med else None)
+            except Exception as e:  # noqa: BLE001 - OOM or plugin error: record it, try the next length
+                rec["error"] = f"{type(e).__name__}: {e}"[:500]
+        merge_records(out_json, [rec])
+        print("RESULT " + json.dumps(rec), flush=True)
+    common.shutdown(llm)
+
+
+# ---------------------------------------------------------------- parent: one child per config
+def main(a):
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    models.write_model(a.model, a.models_dir)
+    t_start = time.time()
+    deadline = t_start + a.budget_s if a.budget_s else 0
+    dev, ver = common.probe_device()
+    a.device_name = a.device_name or dev
+    a.vllm_version = ver
+    cpu = dev == "cpu"
+    print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} "
+          f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths}", flush=True)
+    for cfg in a.configs:
+        tag = f"{a.model}_{cfg}_n{a.n_gpus}_{a.interconnect}_{a.backend}"
+        log = os.path.join(a.out, "logs", tag + ".log")
+        left = deadline - time.time() if deadline else None
+        done = set()
+        if left is not None and left < 60:    # an engine alone takes ~60 s to start
+            rc, why = "skipped", "skipped: time budget"
+        else:
+            argv = ["benchmarks.ttft", "--one-config", cfg, "--device-name", a.device_name,
+                    "--vllm-version", str(ver), "--deadline", str(deadline)] + _pass_through(a)
+            t = time.time()
+            rc, lines = common.run_child(argv, common.child_env(cfg, a.n_gpus, a.interconnect, cpu), log,
+                                         timeout=left)
+            print(f"[{tag}] child rc={rc} in {time.time() - t:.0f} s, log {log}", flush=True)
+            for line in lines:
+                if line.startswith("RESULT {"):
+                    done.add(json.loads(line[len("RESULT "):])["prompt_tokens"])
+            why = f"config failed (rc={rc}): {common.first_error(log)}"
+            if rc != 0:
+                print(common.tail(log), flush=True)
+        missing = [dict(base_record(a, cfg), prompt_tokens=n, error=why) for n in a.lengths if n not in done]
+        if missing:
+            merge_records(os.path.join(a.out, "ttft.json"), missing)
+    print(f"done in {time.time() - t_start:.0f} s -> {os.path.join(a.out, 'ttft.json')}", flush=True)
+
+
+def _pass_through(a):
+    return ["--n-gpus", str(a.n_gpus), "--lengths", ",".join(map(str, a.lengths)), "--model", a.model,
+            "--interconnect", a.interconnect, "--backend", a.backend, "--repeats", str(a.repeats),
+            "--out", a.out, "--engine-args", a.engine_args, "--models-dir", a.models_dir]
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.one_config:
+        rc = 0
+        try:
+            run_one(args)
+        except BaseException:  # noqa: BLE001 - e.g. the engine did not start; the parent records it
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        os._exit(rc)   # skip interpreter teardown (can hang on engine threads); the parent reaps the group
+    main(args)
