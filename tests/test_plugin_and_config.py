@@ -1,0 +1,122 @@
+"""The plugin as vLLM loads it, and every refused configuration (one clear error each)."""
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from tests.models import tiny_llama
+from vllm_kvrunahead.config import KVRunaheadConfig
+
+
+def test_vllm_plugin_loader_runs_register_idempotently():
+    code = """
+import importlib.metadata as md
+from vllm.plugins import load_general_plugins
+eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "kvrunahead"]
+assert eps and eps[0].value == "vllm_kvrunahead.plugin:register", eps
+from vllm.config import VllmConfig
+from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+before = VllmConfig.__post_init__
+load_general_plugins()
+import vllm_kvrunahead.plugin as p
+assert p.is_registered()
+wrapped, sizes = VllmConfig.__post_init__, MultiprocExecutor._get_parallel_sizes
+assert wrapped is not before and wrapped._kvrunahead and sizes._kvrunahead
+assert p.register() == p.register()          # again and again: nothing wrapped twice
+assert VllmConfig.__post_init__ is wrapped and MultiprocExecutor._get_parallel_sizes is sizes
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def engine_config(**kw):
+    """Build (not start) vLLM's config as `vllm serve` / LLM(...) would."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_kvrunahead.plugin
+
+    vllm_kvrunahead.plugin.register()
+    args = dict(model=tiny_llama(), skip_tokenizer_init=True, worker_cls="vllm_kvrunahead.Worker",
+                prefill_context_parallel_size=2)
+    args.update(kw)
+    return EngineArgs(**args).create_engine_config()
+
+
+def test_config_turns_pcp_into_chain_workers():
+    cfg = engine_config(additional_config={"kv_runahead": {"partition": "even", "min_tokens": 100}})
+    pc = cfg.parallel_config
+    assert pc.world_size == 2 and pc.prefill_context_parallel_size == 1  # vLLM's PCP stays off
+    assert cfg.additional_config["kv_runahead"] == {
+        "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0}
+
+
+def test_without_the_worker_class_pcp_is_untouched():
+    cfg = engine_config(worker_cls="auto", prefill_context_parallel_size=1)
+    assert "kv_runahead" not in (cfg.additional_config or {})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(tensor_parallel_size=2), "tensor-parallel-size > 1 is not supported"),
+    (dict(pipeline_parallel_size=2), "pipeline-parallel-size > 1 is not supported"),
+    (dict(additional_config={"kv_runahead": {"partition": "fastest"}}), "unknown partition 'fastest'"),
+    (dict(additional_config={"kv_runahead": {"workers": 3}}), r"unknown option\(s\) workers"),
+    (dict(additional_config={"kv_runahead": {"partition": "table"}}), 'needs "table_path"'),
+    (dict(additional_config={"kv_runahead": {"min_tokens": -1}}), "min_tokens must be an integer >= 0"),
+    (dict(additional_config={"kv_runahead": {"recv_timeout_s": 0}}), "recv_timeout_s must be > 0"),
+    (dict(additional_config={"kv_runahead": "fast"}), "must be an object"),
+])
+def test_bad_configurations_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        engine_config(**kw)
+
+
+def test_table_for_other_worker_count_refused(tmp_path):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"format": "kvrunahead-lut/1", "n_workers": 3,
+                             "entries": [{"tokens": 100, "fractions": [0.5, 0.3, 0.2]}]}))
+    with pytest.raises(ValueError, match="is for 3 workers, not 2"):
+        engine_config(additional_config={"kv_runahead": {"partition": "table", "table_path": str(t)}})
+    with pytest.raises(ValueError, match="no such file"):
+        engine_config(additional_config={"kv_runahead": {"partition": "table", "table_path": str(tmp_path / "x")}})
+
+
+def stub_config(**model):
+    pc = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1,
+                         decode_context_parallel_size=1, distributed_executor_backend="mp", nnodes=1)
+    mc = SimpleNamespace(model="m", is_encoder_decoder=False, use_mla=False, runner_type="generate")
+    mc.__dict__.update(model)
+    return SimpleNamespace(parallel_config=pc, model_config=mc, speculative_config=None,
+                           kv_transfer_config=None)
+
+
+@pytest.mark.parametrize("model, message", [
+    (dict(is_encoder_decoder=True), "encoder-decoder models"),
+    (dict(use_mla=True), "MLA models"),
+    (dict(runner_type="pooling"), "only generative models"),
+])
+def test_unsupported_models_refused(model, message):
+    from vllm_kvrunahead.patches.config_hook import check_supported
+
+    with pytest.raises(ValueError, match=message):
+        check_supported(stub_config(**model), KVRunaheadConfig(num_workers=2))
+
+
+def test_more_workers_than_gpus_refused(monkeypatch):
+    from vllm.platforms import current_platform
+
+    from vllm_kvrunahead.patches.config_hook import check_supported
+
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self=None: True, raising=False)
+    monkeypatch.setattr(type(current_platform), "device_count", classmethod(lambda cls: 2), raising=False)
+    with pytest.raises(ValueError, match="4 workers need 4 GPUs, only 2 visible"):
+        check_supported(stub_config(), KVRunaheadConfig(num_workers=4))
+
+
+def test_worker_without_plugin_says_what_to_do():
+    from vllm_kvrunahead.worker import runahead_config
+
+    with pytest.raises(RuntimeError, match="plugin did not run"):
+        runahead_config(SimpleNamespace(additional_config={}))
