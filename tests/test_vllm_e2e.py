@@ -25,7 +25,7 @@ def rand_prompts(lengths, seed):
 
 def tiny_spec(workers):
     return dict(model=tiny_llama(), workers=workers, block_size=BS, max_tokens=8, engine=TINY_ENGINE,
-                kvr={"min_tokens": 0}, alone=rand_prompts(TINY_LENGTHS, 1),
+                kvr={"min_tokens": 0, "profile": True}, alone=rand_prompts(TINY_LENGTHS, 1),
                 batch=rand_prompts(TINY_LENGTHS + [1500, 900], 2), kv_layers=[0, 1])
 
 
@@ -91,6 +91,9 @@ def test_tiny_each_worker_computes_only_its_segment(engines, workers):
         assert s["tokens_run"] < head["tokens_run"] + s["tokens_run"]
         assert s["blocks_sent"] > 0
     assert head["blocks_received"] > 0 and head["blocks_sent"] == 0
+    for s in stats:  # profile: every runahead step timed on every worker
+        p = s["profile"]
+        assert p["steps"] == s["chain_steps"] and p["step_s"] > 0 and 0 <= p["stall_s"] < p["step_s"]
     assert chain[0]["blocks_received"] == 0              # the first segment has no prefix
     segs = head["last_segments"][-1]
     lengths = [e - s for s, e in segs]
@@ -193,3 +196,36 @@ def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_r
         client.completions.create(model=model, prompt=[1] * 5000, max_tokens=4)
     assert complete(prompts[3], False) == tiny_ref["alone"][3]
     assert proc.poll() is None
+
+
+def test_stalled_chain_peer_fails_the_request_within_the_timeout():
+    """A peer that stalls mid-prefill: the head's bounded receive fails the step with a
+    clear error, vLLM then shuts the engine down (EngineDeadError); nothing hangs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = f"""
+import time
+from vllm import LLM, SamplingParams
+llm = LLM(model={tiny_llama()!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+          max_model_len=2048, block_size={BS}, worker_cls="tests.stalling_worker.StallingWorker",
+          prefill_context_parallel_size=2,
+          additional_config={{"kv_runahead": {{"min_tokens": 0, "recv_timeout_s": 3}}}})
+t = time.time()
+try:
+    llm.generate([{{"prompt_token_ids": list(range(1, 400))}}], SamplingParams(max_tokens=2), use_tqdm=False)
+    print("RESULT no error")
+except Exception as e:
+    print("RESULT", type(e).__name__, round(time.time() - t, 1))
+"""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = p.stdout + p.stderr
+    result = [line for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    assert result and result[0].startswith("RESULT EngineDeadError"), out[-4000:]
+    assert float(result[0].split()[-1]) < 30           # well before the peer's 40 s stall ends
+    assert "no KV from chain rank 0 within 3 s" in out or "no KV from chain rank 0 within 3.0 s" in out, out[-4000:]

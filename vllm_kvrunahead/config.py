@@ -30,6 +30,9 @@ class KVRunaheadConfig:
     # Bound on every chain receive on CPU (gloo); a dead or stalled peer then
     # fails the step with an error instead of hanging.
     recv_timeout_s: float = 300.0
+    # Time runahead steps per worker (forward, stalls on the chain): kvr_stats()["profile"].
+    # Costs one event sync per runahead step on GPUs, so off by default.
+    profile: bool = False
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -46,6 +49,8 @@ class KVRunaheadConfig:
             raise ValueError(f"KV-Runahead: min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if not isinstance(self.recv_timeout_s, (int, float)) or self.recv_timeout_s <= 0:
             raise ValueError(f"KV-Runahead: recv_timeout_s must be > 0, got {self.recv_timeout_s!r}")
+        if not isinstance(self.profile, bool):
+            raise ValueError(f"KV-Runahead: profile must be true or false, got {self.profile!r}")
         return self
 
     @classmethod
@@ -66,4 +71,17 @@ class KVRunaheadConfig:
 
 
 def is_kvrunahead_worker(worker_cls: Any) -> bool:
-    return isinstance(worker_cls, str) and worker_cls.split(".")[0] == WORKER_CLS_PREFIX
+    """vllm_kvrunahead.Worker, or a user's subclass of it (given as a class or "module.Class")."""
+    if isinstance(worker_cls, str):
+        if worker_cls.split(".")[0] == WORKER_CLS_PREFIX:
+            return True
+        if worker_cls == "auto" or "." not in worker_cls:
+            return False
+        import importlib
+
+        module, _, name = worker_cls.rpartition(".")
+        try:
+            worker_cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False  # vLLM reports a bad --worker-cls itself
+    return isinstance(worker_cls, type) and getattr(worker_cls, "_kvrunahead_worker", False)

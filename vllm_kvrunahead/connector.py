@@ -17,6 +17,7 @@ import torch
 
 from . import kv_layout
 from .comm import ChainComm
+from .profiling import StepProfiler
 from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata
 
 
@@ -41,9 +42,10 @@ class ChainStats:
 
 
 class KVRunaheadConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm):
+    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, profile: bool = False):
         super().__init__(vllm_config, role, kv_cache_config)
         self.comm = comm
+        self._profile = profile
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.stats = ChainStats()
         self._recv: torch.Tensor | None = None  # kernel block ids to receive
@@ -65,6 +67,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         any_cache = next(iter(kv_caches.values()))
         self.block_shape = tuple(any_cache.shape[1:])
         self.dtype, self.device = any_cache.dtype, any_cache.device
+        self.profiler = StepProfiler(self.device, self._profile)
         # kernel blocks per scheduler block (some backends split blocks)
         spec_blocks = self._kv_cache_config.num_blocks
         if any_cache.shape[0] % spec_blocks:
@@ -87,6 +90,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             self._send = self._device_blocks(meta.send_blocks)
         if self._recv is not None or self._send is not None:
             self.stats.steps += 1
+            self.profiler.begin()
 
     def _device_blocks(self, block_ids: np.ndarray) -> torch.Tensor:
         ids = kv_layout.kernel_blocks(block_ids, self.per_block)
@@ -105,7 +109,9 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self._layers_left -= 1
         # post the next layer's receive before waiting on this one (post, compute, wait)
         self._pending = self._post_recv() if self._layers_left > 0 else None
+        waited = self.profiler.around_wait()
         self.comm.wait_recv(work)
+        waited()
         kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
         self.stats.layers_received += 1
         self.stats.blocks_received += len(self._recv)
@@ -127,6 +133,8 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         if self._send is not None and self._layers_sent != len(self.kv_caches):
             raise RuntimeError(
                 f"KV-Runahead: sent {self._layers_sent} of {len(self.kv_caches)} layers")
+        if self._recv is not None or self._send is not None:
+            self.profiler.end()
         self._recv = self._send = self._pending = None
 
     # -- scheduler side: unused (KV-Runahead plans on the workers) ----------

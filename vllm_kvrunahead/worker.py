@@ -9,6 +9,7 @@ the step and samples; the other workers run nothing but their segments.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 
 from vllm.config import KVTransferConfig
@@ -52,6 +53,8 @@ def cost_model_for(model_config) -> CostModel:
 class Worker(vllm_seam.worker_base()):
     """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N."""
 
+    _kvrunahead_worker = True  # subclasses are recognized by the config hook too
+
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
         self.kvr = runahead_config(vllm_config)
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
@@ -92,7 +95,7 @@ class Worker(vllm_seam.worker_base()):
             self.vllm_config.kv_transfer_config = KVTransferConfig(
                 kv_connector="KVRunaheadConnector", kv_role="kv_both")
             self.connector = KVRunaheadConnector(self.vllm_config, vllm_seam.KVConnectorRole.WORKER,
-                                                 kv_cache_config, comm)
+                                                 kv_cache_config, comm, profile=self.kvr.profile)
             vllm_seam.install_connector(self.connector)
             logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition=%s, min_tokens=%d)",
                         self.rank, pos, n, " (head)" if self.is_head else "", self.kvr.partition,
@@ -159,6 +162,9 @@ class Worker(vllm_seam.worker_base()):
             "last_segments": self.last_segments,
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
+            "bytes_sent": self.connector.comm.bytes_sent if self.connector else 0,
+            "profile": dataclasses.asdict(self.connector.profiler.total)
+            if self.connector and self.kvr.profile else None,
         }
 
     def kvr_request_blocks(self) -> list:
