@@ -75,6 +75,21 @@ def probe_device():
     return json.loads(out.strip().splitlines()[-1])
 
 
+_running = []   # the child run_child is waiting on (at most one)
+
+
+def _on_sigterm(signum, frame):
+    """The parent was told to stop (e.g. `timeout` in device_run.sh): the child runs in its own session,
+    so nothing else would stop it; kill its group (engine, workers, NCCL) before leaving."""
+    for p in _running:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"[parent] signal {signum}: killed the running child's process group", flush=True)
+    os._exit(128 + signum)
+
+
 def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
     """Run `python -m <argv>` in a new session, its output into log_path; lines starting with one of
     `echo` are also printed here and returned. Kills the child's whole process group when it ends or
@@ -83,6 +98,9 @@ def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
     with open(log_path, "w") as log:   # one log per config and run: first_error reads only this run
         p = subprocess.Popen([sys.executable, "-m", *argv], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        _running[:] = [p]
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
         def pump():
             for line in p.stdout:
@@ -102,6 +120,7 @@ def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
         except ProcessLookupError:
             pass
         p.wait()
+        _running.clear()
         t.join(timeout=5)
         if rc != 0:
             log.write(f"\n[parent] child ended: rc={rc}\n")

@@ -4,6 +4,10 @@
 #   bash benchmarks/device_run.sh --model llama3-8b --n-gpus 2 --lengths 4096,8192,16384,32768,65536 --budget-s 520
 # Arguments go to benchmarks/ttft.py (or to gpu_correctness.py when the first one is `correctness`);
 # results and logs go to $OUT (the device's returned folder; ./bench_out when run elsewhere).
+# Several runs in one call: give each its own OUT (OUT=$OUT/a bash benchmarks/device_run.sh ...).
+# KVR_TIMEOUT_S (default 560): the Python run is stopped (SIGTERM; its parent kills the running engine's
+# process group) this many seconds after this script started, so the logs still get packed below.
+# The device returns at most 8 files, so per-config logs, gpus.txt and install.log go into logs.tgz.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
   HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 \
@@ -13,13 +17,33 @@ if command -v nvidia-smi > /dev/null; then   # on a CPU machine keep its own vLL
   # Idempotent: unpacks whatever parts (p2, p3) travelled with this call; p1 must already be in /tmp/site.
   [ -f .devpack/install.sh ] && bash .devpack/install.sh 2>&1 | tee -a "$OUT/install.log"
   export PYTHONPATH=/tmp/site:$PWD
+  # vLLM finds general plugins through entry points only. The package itself is imported from $PWD
+  # (on PYTHONPATH); give it the entry point with a bare dist-info in /tmp/site, read from setup.cfg.
+  python3 - <<'PY' 2>&1 | tee -a "$OUT/install.log"
+import configparser, importlib.metadata as md, os
+c = configparser.ConfigParser(interpolation=None)
+c.read("setup.cfg")
+d = f"/tmp/site/vllm_kvrunahead-{c['metadata']['version']}.dist-info"
+os.makedirs(d, exist_ok=True)
+with open(f"{d}/METADATA", "w") as f:
+    f.write(f"Metadata-Version: 2.1\nName: {c['metadata']['name']}\nVersion: {c['metadata']['version']}\n")
+with open(f"{d}/entry_points.txt", "w") as f:
+    for group, val in c["options.entry_points"].items():
+        f.write(f"[{group}]\n" + "\n".join(x.strip() for x in val.strip().splitlines()) + "\n\n")
+print("plugin entry points:", [(e.name, e.value) for e in md.entry_points(group="vllm.general_plugins")])
+PY
   # Record what the numbers were measured on (GPU model, links) next to them.
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } > "$OUT/gpus.txt" 2>&1
+  head -n 3 "$OUT/gpus.txt"
 fi
 SCRIPT=benchmarks.ttft
 [ "${1:-}" = correctness ] && { SCRIPT=benchmarks.gpu_correctness; shift; }
-python3 -m $SCRIPT --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
+T=$(( ${KVR_TIMEOUT_S:-560} - SECONDS ))
+timeout -k 20 $T python3 -m $SCRIPT --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
-# The markdown part of the report needs no matplotlib; the PNG is skipped when it is missing.
-[ $SCRIPT = benchmarks.ttft ] && python3 -m benchmarks.report "$OUT" > /dev/null 2>&1 && tail -n 40 "$OUT/ttft.md"
+[ $rc = 124 ] && echo "device_run: stopped after ${T}s (KVR_TIMEOUT_S)" | tee -a "$OUT/run.log"
+command -v nvidia-smi > /dev/null && { echo "GPU processes left:"; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader; } | tee -a "$OUT/run.log"
+# The markdown part of the report needs no matplotlib; the PNG is made where the results are collected.
+[ $SCRIPT = benchmarks.ttft ] && python3 -m benchmarks.report "$OUT" > /dev/null 2>&1 && rm -f "$OUT/ttft.png" && tail -n 40 "$OUT/ttft.md"
+( cd "$OUT" && tar -czf logs.tgz --remove-files $(ls -d logs gpus.txt install.log 2>/dev/null) )
 exit $rc

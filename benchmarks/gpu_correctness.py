@@ -121,7 +121,17 @@ def main(a):
     say(f"# {time.strftime('%F %T')} device={dev} vllm={ver} model={a.model} n_gpus={a.n_gpus} "
         f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths} init={a.init}")
     results = {}
+    if a.baseline_from:
+        # Reuse the baseline config's tokens from an earlier run (same model, lengths, init and prompts;
+        # the 1-GPU engine does not depend on the executor backend or interconnect): saves one engine start.
+        with open(a.baseline_from) as f:
+            prev = json.load(f)
+        results[a.configs[0]] = prev["results"][a.configs[0]]
+        say(f"{a.configs[0]}: taken from {a.baseline_from} (device={prev.get('device')}, "
+            f"backend={prev.get('backend')}, interconnect={prev.get('interconnect')})")
     for cfg in a.configs:
+        if cfg in results:
+            continue
         tag = f"correctness_{a.model}_{cfg}_n{a.n_gpus}_{a.interconnect}_{a.backend}"
         log, res = os.path.join(a.out, "logs", tag + ".log"), os.path.join(a.out, "logs", tag + ".json")
         if os.path.exists(res):
@@ -149,7 +159,8 @@ def main(a):
                 summary.append(dict(init=init, prompt_tokens=n, config=cfg, baseline=base, verdict=line))
     with open(os.path.join(a.out, "correctness.json"), "w") as f:
         json.dump(dict(device=dev, vllm_version=ver, model=a.model, n_gpus=a.n_gpus, interconnect=a.interconnect,
-                       backend=a.backend, summary=summary, results=results), f, indent=1)
+                       backend=a.backend, baseline_from=a.baseline_from, summary=summary, results=results),
+                  f, indent=1)
 
 
 def _pass_through(a):
@@ -170,6 +181,8 @@ def parse_args():
     ap.add_argument("--engine-args", default="{}")
     ap.add_argument("--models-dir", default="/tmp/kvr_models")
     ap.add_argument("--child-timeout", type=float, default=0, help="seconds per config (0: none)")
+    ap.add_argument("--baseline-from", default=None,
+                    help="correctness.json of an earlier run: take the first config's tokens from it")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--one-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)

@@ -96,6 +96,9 @@ def markdown(recs):
     return "\n".join(out)
 
 
+COLORS = {"1gpu": "tab:blue", "tp": "tab:orange", "kvr-even": "tab:green", "kvr-balanced": "tab:red"}
+
+
 def plot(recs, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -119,7 +122,7 @@ def plot(recs, path):
             pts = sorted(lines[(m, c, b)])
             label = c + (f" [{m}]" if multi_model else "") + (f" ({b})" if multi_be else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                    linestyle="--" if c == "1gpu" else "-")
+                    linestyle="--" if c == "1gpu" else "-", color=COLORS.get(c))
         ax.set_xscale("log", base=2)
         ticks = sorted({r["prompt_tokens"] for r in rs})
         ax.set_xticks(ticks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in ticks])
