@@ -103,7 +103,10 @@ def run_one(base: str, model: str, req: dict) -> dict:
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    toks = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:  # the server reports a failure inside the stream
+                        return dict(res, status="error", error=json.dumps(chunk["error"])[:300])
+                    toks = chunk["choices"][0].get("token_ids") or []
                     if toks and res["ttft_s"] is None:
                         res["ttft_s"] = time.perf_counter() - t0
                     res["tokens"] += toks

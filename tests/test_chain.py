@@ -87,3 +87,13 @@ def _stalled_peer(rank, world):
 def test_receive_from_stalled_peer_times_out():
     _, msg = run_ranks(_stalled_peer, 2)
     assert "no KV from chain rank 0 within 2.0 s" in msg
+
+
+def _warm(rank, world):
+    comm = ChainComm(rank - 1 if rank else None, rank + 1 if rank < world - 1 else None, timeout_s=30)
+    comm.warm_up(torch.device("cpu"))
+    return comm.bytes_sent, comm.bytes_received
+
+
+def test_warm_up_passes_down_the_chain_and_resets_counters():
+    assert run_ranks(_warm, 3) == [(0, 0), (0, 0), (0, 0)]

@@ -222,3 +222,38 @@ def test_openai_server_under_load_loses_nothing_and_frees_all_blocks(server, eng
     assert metric(base, "vllm:kv_cache_usage_perc") == 0.0   # every block back in the pool
     assert metric(base, "vllm:num_requests_running") == 0
     assert urllib.request.urlopen(base + "/health", timeout=5).status == 200 and proc.poll() is None
+
+
+def test_dead_chain_peer_fails_requests_fast_and_server_exits():
+    """SIGKILL the first chain worker while long prompts are in flight: the requests end with
+    an error (not a hang) and vLLM shuts the server down, as for any dead vLLM worker."""
+    import concurrent.futures as cf
+    import time
+
+    import psutil
+
+    from benchmarks.serve_load import run_one, start_server, stop_server
+
+    proc, base, log = start_server(tiny_llama(), 2)
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        workers = sorted((p for p in kids if "Worker" in p.name() or "Worker" in " ".join(p.cmdline())),
+                         key=lambda p: p.create_time())
+        assert len(workers) == 2, [(p.name(), p.cmdline()) for p in kids]
+        reqs = [dict(id=i, prompt=list(range(1, 2500)), max_tokens=300, stream=i % 2 == 0, cancel=None)
+                for i in range(8)]
+        with cf.ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(run_one, base, tiny_llama(), r) for r in reqs]
+            time.sleep(0.5)
+            t0 = time.time()
+            workers[0].kill()  # rank 0: the first chain worker (the head is vLLM's output rank, the last)
+            results = [f.result(timeout=120) for f in futs]
+        failed = [r for r in results if r["status"] != "ok"]
+        assert failed, "killing a chain worker must fail the in-flight requests"
+        assert all(r["status"] != "cancelled" for r in results)
+        assert time.time() - t0 < 120
+        proc.wait(timeout=120)  # vLLM shuts the server down once its engine is dead
+        assert any("died" in line or "EngineDeadError" in line or "dead" in line.lower() for line in log), \
+            "".join(log[-60:])
+    finally:
+        stop_server(proc)

@@ -84,6 +84,17 @@ class ChainComm:
         for work, _ in sends:
             work.wait()
 
+    def warm_up(self, device: torch.device) -> None:
+        """One tiny message down the chain, so the links (NCCL's per-pair communicators
+        are created lazily) exist before the first request instead of inside its TTFT."""
+        buf = torch.zeros(1, device=device)
+        if self.prev_rank is not None:
+            self.wait_recv(self.post_recv(buf))
+        if self.next_rank is not None:
+            self.post_send(buf + 1)
+            self.wait_sends()
+        self.bytes_sent = self.bytes_received = 0
+
     @property
     def pending_sends(self) -> int:
         return len(self._sends)

@@ -101,6 +101,8 @@ class Worker(vllm_seam.worker_base()):
                         self.rank, pos, n, " (head)" if self.is_head else "", self.kvr.partition,
                         self.kvr.min_tokens)
         super().initialize_from_config(kv_cache_config)
+        if self.connector is not None:
+            self.connector.comm.warm_up(self.connector.device)
 
     # -- per step -------------------------------------------------------------
     def plan(self, scheduler_output) -> StepPlan:
