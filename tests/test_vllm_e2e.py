@@ -154,8 +154,10 @@ def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_r
     # a request vLLM must refuse gets HTTP 400, and the server keeps serving
     import openai
 
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="maximum context length|max_model_len|longer"):
         client.completions.create(model=model, prompt=[1] * 5000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):  # empty prompt
+        client.completions.create(model=model, prompt=[], max_tokens=4)
     assert complete(prompts[3], False) == tiny_ref["alone"][3]
     assert proc.poll() is None
 
