@@ -21,6 +21,18 @@ class Patch:
     apply: Callable[[], None]
 
 
+def wrap_method(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace owner.name by make(original), once: a second call leaves the wrapper as is."""
+    import functools
+
+    orig = getattr(owner, name)
+    if getattr(orig, "_kvrunahead", False):
+        return
+    wrapper = functools.wraps(orig)(make(orig))
+    wrapper._kvrunahead = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
+
+
 def _registry() -> tuple[Patch, ...]:
     from . import config_hook, executor_sizes
 

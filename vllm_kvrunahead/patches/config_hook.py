@@ -11,11 +11,10 @@ It also refuses unsupported combinations with one clear error each.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 from ..config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig, is_kvrunahead_worker
-from . import Patch
+from . import Patch, wrap_method
 
 
 def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
@@ -81,17 +80,13 @@ def convert(vllm_config) -> None:
 def _apply() -> None:
     from vllm.config import VllmConfig
 
-    orig = VllmConfig.__post_init__
-    if getattr(orig, "_kvrunahead", False):
-        return
+    def make(orig):
+        def __post_init__(self, *args, **kwargs):
+            convert(self)
+            return orig(self, *args, **kwargs)
+        return __post_init__
 
-    @functools.wraps(orig)
-    def __post_init__(self, *args, **kwargs):
-        convert(self)
-        return orig(self, *args, **kwargs)
-
-    __post_init__._kvrunahead = True  # type: ignore[attr-defined]
-    VllmConfig.__post_init__ = __post_init__
+    wrap_method(VllmConfig, "__post_init__", make)
 
 
 PATCH = Patch(

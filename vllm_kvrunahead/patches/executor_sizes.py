@@ -7,29 +7,23 @@ worker count in PCP's place. Nothing else reads these sizes.
 """
 from __future__ import annotations
 
-import functools
-
 from ..config import ADDITIONAL_CONFIG_KEY
-from . import Patch
+from . import Patch, wrap_method
 
 
 def _apply() -> None:
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    orig = MultiprocExecutor._get_parallel_sizes
-    if getattr(orig, "_kvrunahead", False):
-        return
+    def make(orig):
+        def _get_parallel_sizes(self):
+            tp, pp, pcp = orig(self)
+            kvr = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+            if isinstance(kvr, dict) and kvr.get("num_workers", 1) > 1:
+                return tp, pp, kvr["num_workers"]
+            return tp, pp, pcp
+        return _get_parallel_sizes
 
-    @functools.wraps(orig)
-    def _get_parallel_sizes(self):
-        tp, pp, pcp = orig(self)
-        kvr = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-        if isinstance(kvr, dict) and kvr.get("num_workers", 1) > 1:
-            return tp, pp, kvr["num_workers"]
-        return tp, pp, pcp
-
-    _get_parallel_sizes._kvrunahead = True  # type: ignore[attr-defined]
-    MultiprocExecutor._get_parallel_sizes = _get_parallel_sizes
+    wrap_method(MultiprocExecutor, "_get_parallel_sizes", make)
 
 
 PATCH = Patch(
