@@ -11,7 +11,6 @@ Nothing else in the package calls torch.distributed send/recv.
 """
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import torch
@@ -44,7 +43,6 @@ class ChainComm:
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.recv_wait_s = 0.0
 
     def post_recv(self, buf: torch.Tensor) -> dist.Work:
         """Start receiving ``buf`` (its shape and dtype are the contract) from prev."""
@@ -54,7 +52,6 @@ class ChainComm:
         return dist.irecv(buf, src=self.prev_rank, group=self.group)
 
     def wait_recv(self, work: dist.Work) -> None:
-        t0 = time.perf_counter()
         try:
             if self.timeout_s is not None and not _is_nccl(self.group):
                 ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
@@ -69,7 +66,6 @@ class ChainComm:
             raise ChainTimeout(
                 f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s"
             )
-        self.recv_wait_s += time.perf_counter() - t0
 
     def post_send(self, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` to next; it is kept alive until ``wait_sends``."""
@@ -94,10 +90,6 @@ class ChainComm:
             self.post_send(buf + 1)
             self.wait_sends()
         self.bytes_sent = self.bytes_received = 0
-
-    @property
-    def pending_sends(self) -> int:
-        return len(self._sends)
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

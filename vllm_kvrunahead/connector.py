@@ -37,8 +37,6 @@ class ChainStats:
     steps: int = 0
     blocks_received: int = 0  # kernel blocks x layers
     blocks_sent: int = 0
-    layers_received: int = 0
-    layers_sent: int = 0
 
 
 class KVRunaheadConnector(KVConnectorBase_V1):
@@ -113,7 +111,6 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.comm.wait_recv(work)
         waited()
         kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
-        self.stats.layers_received += 1
         self.stats.blocks_received += len(self._recv)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
@@ -121,7 +118,6 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             return
         self.comm.post_send(kv_layout.gather(kv_layer, self._send))
         self._layers_sent += 1
-        self.stats.layers_sent += 1
         self.stats.blocks_sent += len(self._send)
 
     def wait_for_save(self) -> None:

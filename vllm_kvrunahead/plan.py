@@ -45,9 +45,6 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
-    def segment(self, req: RunaheadReq, pos: int) -> Segment:
-        return req.segments[pos]
-
     def recv_blocks(self, pos: int, block_size: int) -> np.ndarray:
         """KV blocks chain position ``pos`` receives: its whole prefix (message order)."""
         return _blocks([(r.block_ids, r.segments[pos].start) for r in self.requests], block_size)
@@ -58,8 +55,6 @@ class StepPlan:
             return np.zeros(0, dtype=np.int64)
         return _blocks([(r.block_ids, r.segments[pos].end) for r in self.requests], block_size)
 
-    def tokens_of(self, pos: int) -> int:
-        return sum(r.segments[pos].length for r in self.requests)
 
 
 def _blocks(prefixes, block_size: int) -> np.ndarray:

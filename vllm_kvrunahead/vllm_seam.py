@@ -20,9 +20,6 @@ from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
 from .plan import ReqView, StepPlan
 
-VLLM_VERSION_TESTED = "0.26.0"
-
-
 def worker_base() -> type:
     """The platform's own worker class: KV-Runahead's Worker subclasses it."""
     if current_platform.is_cpu():
