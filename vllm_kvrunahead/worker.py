@@ -169,6 +169,20 @@ class Worker(vllm_seam.worker_base()):
             if self.connector and self.kvr.profile else None,
         }
 
+    def kvr_set_fractions(self, fractions) -> None:
+        """Tuner hook: cut every runahead prompt by these fractions (None: back to the config)."""
+        self.table = None if fractions is None else PartitionTable.from_dict(
+            {"format": "kvrunahead-lut/1", "n_workers": self.kvr.num_workers,
+             "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "kvr_set_fractions")
+        if fractions is None and self.kvr.partition == "table":
+            self.table = PartitionTable.load(self.kvr.table_path)
+
+    def kvr_model_fractions(self, n: int) -> list:
+        """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
+        from .partition import balanced_split
+
+        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, self._cost)]
+
     def kvr_request_blocks(self) -> list:
         """(prompt length, block ids per KV group) of recent new requests, oldest first."""
         return list(self.new_requests)

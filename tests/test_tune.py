@@ -1,0 +1,69 @@
+"""The tuner's search against synthetic TTFT functions with a known optimum, and one
+real (CPU) tuning run that writes a loadable table."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.models import tiny_llama
+from vllm_kvrunahead.lut import PartitionTable
+from vllm_kvrunahead.partition import CostModel, balanced_split, from_fractions, predicted_ttft
+from vllm_kvrunahead.tune import search
+
+
+def test_search_finds_known_optimum_of_a_bowl():
+    opt = (0.5, 0.3, 0.2)
+    calls = []
+
+    def ttft(f):
+        calls.append(f)
+        return 1.0 + sum((a - b) ** 2 for a, b in zip(f, opt))
+
+    best, t, n = search(ttft, (0.25, 0.25, 0.5))
+    assert max(abs(a - b) for a, b in zip(best, opt)) < 0.011
+    assert t == pytest.approx(1.0, abs=1e-3) and n == len(set(calls))  # each point measured once
+
+
+@pytest.mark.parametrize("n_workers", [2, 3, 4])
+def test_search_from_a_wrong_cost_model_reaches_the_optimum(n_workers):
+    # "measured" TTFT: the pipeline model with constants unlike the cost model the start comes from
+    truth = CostModel(num_layers=8, linear=1e-6, attn=5e-11, xfer=2e-8)
+    guess = CostModel(num_layers=8, linear=1e-6, attn=1.5e-10, xfer=0.0)  # attention 3x too heavy
+    n = 32768
+
+    def ttft(f):
+        return predicted_ttft(from_fractions(n, f), truth)
+
+    start = tuple(s.length / n for s in balanced_split(n, n_workers, guess))
+    best, t, evals = search(ttft, start, levels=4)
+    assert t < ttft(start) * 0.97 and t < ttft(tuple([1 / n_workers] * n_workers))
+    if n_workers <= 3:  # brute force over a 1% grid
+        grid = [i / 100 for i in range(1, 100)]
+        brute = min(ttft(f + (1 - sum(f),)) for f in itertools.product(grid, repeat=n_workers - 1)
+                    if sum(f) <= 0.99)
+        assert t <= brute * 1.01
+    assert evals < 200
+
+
+def test_search_refuses_bad_start():
+    with pytest.raises(ValueError, match="sum to 1"):
+        search(lambda f: 1.0, (0.5, 0.6))
+
+
+def test_tuner_cli_writes_a_loadable_table(tmp_path):
+    out = tmp_path / "table.json"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    p = subprocess.run([sys.executable, "-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
+                        "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--levels", "1",
+                        "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    t = PartitionTable.load(out)
+    assert t.n_workers == 2 and t.tokens == (600, 1200)
+    d = json.loads(out.read_text())
+    for e in d["measured"]:
+        assert e["ttft_s"]["best"] <= min(e["ttft_s"]["model"], e["ttft_s"]["even"]) * 1.5
+        assert e["measurements"] >= 3
