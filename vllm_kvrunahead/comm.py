@@ -40,6 +40,8 @@ class ChainComm:
         self.next_rank = next_rank
         self.group = group
         self.timeout_s = timeout_s
+        # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
+        self._bounded = timeout_s is not None and not _is_nccl(group)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -53,7 +55,7 @@ class ChainComm:
 
     def wait_recv(self, work: dist.Work) -> None:
         try:
-            if self.timeout_s is not None and not _is_nccl(self.group):
+            if self._bounded:
                 ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
             else:
                 ok = work.wait()

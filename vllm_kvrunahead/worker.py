@@ -18,6 +18,7 @@ from . import vllm_seam
 from .comm import ChainComm
 from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
 from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
+from .lut import FORMAT as LUT_FORMAT
 from .lut import PartitionTable
 from .partition import CostModel
 from .plan import StepPlan, make_plan
@@ -64,7 +65,7 @@ class Worker(vllm_seam.worker_base()):
         self.chain_pos = (rank - self.head - 1) % n  # head takes the last segment
         self.is_head = rank == self.head
         self.connector: KVRunaheadConnector | None = None
-        self.table = PartitionTable.load(self.kvr.table_path) if self.kvr.partition == "table" else None
+        self.table = self._configured_table()
         self._cost = cost_model_for(vllm_config.model_config)
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
         self._ran = False
@@ -171,11 +172,12 @@ class Worker(vllm_seam.worker_base()):
 
     def kvr_set_fractions(self, fractions) -> None:
         """Tuner hook: cut every runahead prompt by these fractions (None: back to the config)."""
-        self.table = None if fractions is None else PartitionTable.from_dict(
-            {"format": "kvrunahead-lut/1", "n_workers": self.kvr.num_workers,
+        self.table = self._configured_table() if fractions is None else PartitionTable.from_dict(
+            {"format": LUT_FORMAT, "n_workers": self.kvr.num_workers,
              "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "kvr_set_fractions")
-        if fractions is None and self.kvr.partition == "table":
-            self.table = PartitionTable.load(self.kvr.table_path)
+
+    def _configured_table(self) -> PartitionTable | None:
+        return PartitionTable.load(self.kvr.table_path) if self.kvr.partition == "table" else None
 
     def kvr_model_fractions(self, n: int) -> list:
         """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
