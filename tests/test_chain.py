@@ -97,3 +97,40 @@ def _warm(rank, world):
 
 def test_warm_up_passes_down_the_chain_and_resets_counters():
     assert run_ranks(_warm, 3) == [(0, 0), (0, 0), (0, 0)]
+
+
+def _bounded_sends(rank, world, layers):
+    """Rank 0 posts every layer's send without waiting; rank 1 receives them late."""
+    import time
+
+    comm = ChainComm(None if rank == 0 else 0, 1 if rank == 0 else None, max_sends=2)
+    if rank == 0:
+        in_flight = []
+        for layer in range(layers):
+            comm.post_send(torch.full((1000,), float(layer)))
+            in_flight.append(len(comm._sends))
+        comm.wait_sends()
+        return in_flight
+    time.sleep(0.5)  # a slow receiver: the sender must not pile up copies meanwhile
+    got = []
+    for _ in range(layers):
+        buf = torch.empty(1000)
+        comm.wait_recv(comm.post_recv(buf))
+        got.append(buf[0].item())
+    return got
+
+
+def test_sends_in_flight_are_bounded():
+    """A long prompt's per-layer send copies: at most max_sends alive, all delivered in order."""
+    in_flight, got = run_ranks(_bounded_sends, 2, 6)
+    assert max(in_flight) == 2
+    assert got == [float(i) for i in range(6)]
+
+
+def _gather(rank, world):
+    return ChainComm(None, None).gather_times(rank + 0.5, rank, world)
+
+
+def test_gather_times_in_chain_order():
+    results = run_ranks(_gather, 3)
+    assert results == [[0.5, 1.5, 2.5]] * 3

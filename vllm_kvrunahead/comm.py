@@ -2,12 +2,15 @@
 
 Like ring-flash-attention's RingComm: the caller posts a receive for the next
 layer's prefix KV, computes the current layer, then waits. Sends are posted
-as soon as a layer's KV is final and only waited for at the end of the step,
-so transfer overlaps compute. Works over any torch.distributed group: gloo on
+as soon as a layer's KV is final, so transfer overlaps compute; at most
+``max_sends`` stay in flight (posting one more first waits for the oldest),
+so a long prompt's send copies take two layers' worth of memory, not all of
+them (all 32 layers of a 40k-token MHA prefix are 21 GB). Works over any torch.distributed group: gloo on
 CPU, NCCL on GPU (NCCL runs P2P on its own stream; ``Work.wait()`` then only
 makes the current stream wait, no host sync).
 
-Nothing else in the package calls torch.distributed send/recv.
+Nothing else in the package calls torch.distributed send/recv. The one
+collective, ``gather_times`` (online refinement only), runs on a CPU group.
 """
 from __future__ import annotations
 
@@ -35,10 +38,16 @@ class ChainComm:
         next_rank: int | None,
         group: dist.ProcessGroup | None = None,
         timeout_s: float | None = None,
+        cpu_group: dist.ProcessGroup | None = None,
+        max_sends: int = 2,
     ) -> None:
+        if max_sends < 1:
+            raise ValueError(f"max_sends must be >= 1, got {max_sends}")
+        self.max_sends = max_sends
         self.prev_rank = prev_rank
         self.next_rank = next_rank
         self.group = group
+        self.cpu_group = cpu_group
         self.timeout_s = timeout_s
         # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
         self._bounded = timeout_s is not None and not _is_nccl(group)
@@ -75,12 +84,23 @@ class ChainComm:
             raise RuntimeError("the last chain worker has no successor to send to")
         tensor = tensor.contiguous()
         self.bytes_sent += tensor.numel() * tensor.element_size()
+        while len(self._sends) >= self.max_sends:
+            # NCCL: a stream wait, no host sync; the oldest copy is then free for reuse
+            self._sends.pop(0)[0].wait()
         self._sends.append((dist.isend(tensor, dst=self.next_rank, group=self.group), tensor))
 
     def wait_sends(self) -> None:
         sends, self._sends = self._sends, []
         for work, _ in sends:
             work.wait()
+
+    def gather_times(self, seconds: float, chain_pos: int, n_workers: int) -> list[float]:
+        """Every worker's ``seconds``, in chain order (a few bytes over the CPU group; each
+        worker has finished its forward by then, so nothing waits on a GPU)."""
+        t = torch.zeros(n_workers, dtype=torch.float64)
+        t[chain_pos] = seconds
+        dist.all_reduce(t, group=self.cpu_group)
+        return t.tolist()
 
     def warm_up(self, device: torch.device) -> None:
         """One tiny message down the chain, so the links (NCCL's per-pair communicators
