@@ -51,7 +51,7 @@ def test_config_turns_pcp_into_chain_workers():
     assert pc.world_size == 2 and pc.prefill_context_parallel_size == 1  # vLLM's PCP stays off
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
-        "profile": False}
+        "profile": False, "refine": False}
 
 
 def test_without_the_worker_class_pcp_is_untouched():

@@ -57,7 +57,7 @@ def test_tuner_cli_writes_a_loadable_table(tmp_path):
     out = tmp_path / "table.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
     p = subprocess.run([sys.executable, "-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
-                        "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--levels", "1",
+                        "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--search-repeats", "1", "--levels", "1",
                         "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

@@ -24,8 +24,9 @@ def rand_prompts(lengths, seed):
 
 
 def tiny_spec(workers):
+    # N=3 also runs online refinement: it moves the split, never the tokens
     return dict(model=tiny_llama(), workers=workers, block_size=BS, max_tokens=8, engine=TINY_ENGINE,
-                kvr={"min_tokens": 0, "profile": True}, alone=rand_prompts(TINY_LENGTHS, 1),
+                kvr={"min_tokens": 0, "profile": True, "refine": workers == 3}, alone=rand_prompts(TINY_LENGTHS, 1),
                 batch=rand_prompts(TINY_LENGTHS + [1500, 900], 2), kv_layers=[0, 1])
 
 
@@ -99,7 +100,16 @@ def test_tiny_each_worker_computes_only_its_segment(engines, workers):
     lengths = [e - s for s, e in segs]
     assert len(segs) == workers and segs[0][0] == 0
     assert all(e % BS == 0 for _, e in segs[:-1])          # whole KV blocks cross the chain
-    assert lengths[0] >= lengths[-1]                       # balanced: earlier segments longer
+    # no shipped table for this model on CPU: auto falls back to the cost model
+    assert all(s["partition"].startswith("auto: cost model") for s in stats)
+    if workers == 2:
+        assert lengths[0] >= lengths[-1]                   # balanced: earlier segments longer
+        assert all(s["refine"] is None for s in stats)     # off by default
+    else:
+        # online refinement learned from the one-prompt steps, identically on every worker
+        states = [s["refine"] for s in stats]
+        assert states[0] and all(st == states[0] for st in states), states
+        assert sum(b["updates"] for b in states[0].values()) >= 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -162,13 +172,11 @@ def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_r
     assert proc.poll() is None
 
 
-def test_stalled_chain_peer_fails_the_request_within_the_timeout():
-    """A peer that stalls mid-prefill: the head's bounded receive fails the step with a
-    clear error, vLLM then shuts the engine down (EngineDeadError); nothing hangs."""
+def _faulty_engine_run(fault: str, recv_timeout_s: float) -> tuple[str, str]:
+    """One generate() on an engine whose first chain worker misbehaves; (RESULT line, output)."""
     import os
     import subprocess
     import sys
-    import time
 
     code = f"""
 import time
@@ -176,7 +184,7 @@ from vllm import LLM, SamplingParams
 llm = LLM(model={tiny_llama()!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
           max_model_len=2048, block_size={BS}, worker_cls="tests.stalling_worker.StallingWorker",
           prefill_context_parallel_size=2,
-          additional_config={{"kv_runahead": {{"min_tokens": 0, "recv_timeout_s": 3}}}})
+          additional_config={{"kv_runahead": {{"min_tokens": 0, "recv_timeout_s": {recv_timeout_s}}}}})
 t = time.time()
 try:
     llm.generate([{{"prompt_token_ids": list(range(1, 400))}}], SamplingParams(max_tokens=2), use_tqdm=False)
@@ -184,15 +192,31 @@ try:
 except Exception as e:
     print("RESULT", type(e).__name__, round(time.time() - t, 1))
 """
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40")
-    t0 = time.time()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40",
+               KVR_TEST_FAULT=fault)
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = p.stdout + p.stderr
     result = [line for line in p.stdout.splitlines() if line.startswith("RESULT")]
-    assert result and result[0].startswith("RESULT EngineDeadError"), out[-4000:]
-    assert float(result[0].split()[-1]) < 30           # well before the peer's 40 s stall ends
+    return (result[0] if result else ""), p.stdout + p.stderr
+
+
+def test_stalled_chain_peer_fails_the_request_within_the_timeout():
+    """A peer that stalls mid-prefill: the head's bounded receive fails the step with a
+    clear error, vLLM then shuts the engine down (EngineDeadError); nothing hangs."""
+    result, out = _faulty_engine_run("stall", 3)
+    assert result.startswith("RESULT EngineDeadError"), out[-4000:]
+    assert float(result.split()[-1]) < 30              # well before the peer's 40 s stall ends
     assert "no KV from chain rank 0 within 3 s" in out or "no KV from chain rank 0 within 3.0 s" in out, out[-4000:]
+
+
+def test_failing_chain_worker_stops_the_engine_at_once():
+    """A chain worker whose forward raises (say, out of memory) before sending any KV: the
+    head would wait for that KV until its receive timeout (NCCL has none); instead the
+    worker exits and the engine fails the request within seconds."""
+    result, out = _faulty_engine_run("raise", 120)
+    assert result.startswith("RESULT EngineDeadError"), out[-4000:]
+    assert float(result.split()[-1]) < 60, result      # not the 120 s receive timeout
+    assert "injected chain worker failure" in out and "failed mid-prefill" in out, out[-4000:]
 
 
 def test_openai_server_under_load_loses_nothing_and_frees_all_blocks(server, engines):

@@ -9,19 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .partition import PARTITION_METHODS
-
 ADDITIONAL_CONFIG_KEY = "kv_runahead"
 WORKER_CLS_PREFIX = "vllm_kvrunahead"
-PARTITIONS = PARTITION_METHODS + ("table",)
+# auto: the shipped table for this model shape, N and GPU, else the cost model ("model";
+# "balanced" is its older name); even; table: the lookup table at table_path.
+PARTITIONS = ("auto", "model", "balanced", "even", "table")
 
 
 @dataclass(frozen=True)
 class KVRunaheadConfig:
     # Number of chained workers (one GPU each, each with the whole model).
     num_workers: int = 1
-    # How prompts are cut: even | balanced (cost model) | table (lookup table).
-    partition: str = "balanced"
+    # How prompts are cut: auto | model | even | table (see PARTITIONS).
+    partition: str = "auto"
     # Prompts with fewer new tokens than this run on the head alone: for short
     # prompts the chain's per-layer hops cost more than they save.
     min_tokens: int = 2048
@@ -33,6 +33,10 @@ class KVRunaheadConfig:
     # Time runahead steps per worker (forward, stalls on the chain): kvr_stats()["profile"].
     # Costs one event sync per runahead step on GPUs, so off by default.
     profile: bool = False
+    # Online refinement: after each long prefill, nudge the split toward equal per-worker
+    # busy times (bounded, logged). Implies profile's timing and one tiny gloo all-gather
+    # per runahead step, so off by default.
+    refine: bool = False
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -45,12 +49,16 @@ class KVRunaheadConfig:
                 "(--additional-config '{\"kv_runahead\": {\"partition\": ...}}')")
         if self.partition == "table" and not self.table_path:
             raise ValueError('KV-Runahead: partition "table" needs "table_path" (a lookup table JSON)')
+        if self.table_path and self.partition != "table":
+            raise ValueError(f'KV-Runahead: "table_path" is used only with partition "table", '
+                             f'not {self.partition!r}; set "partition": "table" or drop "table_path"')
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"KV-Runahead: min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if not isinstance(self.recv_timeout_s, (int, float)) or self.recv_timeout_s <= 0:
             raise ValueError(f"KV-Runahead: recv_timeout_s must be > 0, got {self.recv_timeout_s!r}")
-        if not isinstance(self.profile, bool):
-            raise ValueError(f"KV-Runahead: profile must be true or false, got {self.profile!r}")
+        for name in ("profile", "refine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KV-Runahead: {name} must be true or false, got {getattr(self, name)!r}")
         return self
 
     @classmethod

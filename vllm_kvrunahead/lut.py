@@ -7,7 +7,7 @@ A table is JSON::
      "entries": [{"tokens": 8192, "fractions": [0.58, 0.42]}, ...]}   # tokens ascending
 
 Between two entries the fractions are interpolated linearly in the token count;
-outside the range the nearest entry is used. The tuner (later) fills tables from
+outside the range the nearest entry is used. ``tune.py`` fills tables from
 measured TTFT; this module only loads, validates and reads them.
 """
 from __future__ import annotations
@@ -79,6 +79,13 @@ class PartitionTable:
         except json.JSONDecodeError as e:
             raise TableError(f"lookup table {path}: not valid JSON ({e})") from None
         return cls.from_dict(d, str(path))
+
+    def info(self, key: str):
+        """A descriptive field of the JSON ("device", "model", ...), or None."""
+        for k, v in self.meta:
+            if k == key:
+                return json.loads(v)
+        return None
 
     def fractions_for(self, n: int) -> tuple[float, ...]:
         i = bisect.bisect_left(self.tokens, n)

@@ -13,11 +13,11 @@ alone, as in plain vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .lut import PartitionTable
-from .partition import CostModel, Segment, align_segments, partition
+from .partition import Segment, align_segments
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,11 @@ def make_plan(
     reqs: list[ReqView],
     n_workers: int,
     *,
-    method: str,
+    split: Callable[[int], tuple[Segment, ...]],
     min_tokens: int,
     block_size: int,
-    cost: CostModel | None = None,
-    table: PartitionTable | None = None,
 ) -> StepPlan:
+    """``split(m)``: the segments of an m-token prompt (e.g. a ``Partitioner``), aligned here."""
     out = []
     for r in reqs:
         m = r.num_scheduled
@@ -85,7 +84,6 @@ def make_plan(
             continue
         if len(r.block_ids) * block_size < m:
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {m} tokens")
-        segs = table.segments_for(m) if table is not None else partition(m, n_workers, method, cost)
-        segs = align_segments(segs, block_size)
+        segs = align_segments(split(m), block_size)
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids)))
     return StepPlan(n_workers, tuple(out))

@@ -4,14 +4,17 @@
 
 Starts one engine with KV-Runahead, then for each prompt length starts from the
 cost-model split and searches the fractions by measuring TTFT in that engine
-(coarse steps first, then finer around the best: a hierarchical grid search,
-one boundary at a time). The fractions under test are set on the workers by
-RPC, so no engine restarts. Writes a lookup table (``lut.py`` format) with the
-TTFT of the best, the even and the cost-model split per length.
+(coarse steps first, then finer around the best: a hierarchical grid search
+moving mass between any two segments). The fractions under test are set on the
+workers by RPC, so no engine restarts. Writes a lookup table (``lut.py`` format,
+keyed by model shape, N and GPU, which ``partition: auto`` picks up when the file
+is in ``vllm_kvrunahead/tables/``) with the re-measured TTFT of the best, the
+even and the cost-model split per length.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -94,15 +97,67 @@ def _ttft(llm, length: int, vocab: int, repeats: int, tag: int) -> float:
     return statistics.median(times)
 
 
+def tune(llm, n_workers: int, lengths: list[int], *, repeats: int = 3, search_repeats: int = 2,
+         step: float = 0.08, levels: int = 3, points: int = 2, log=print) -> dict:
+    """Search fractions per length in a running KV-Runahead engine; return the table (a dict).
+
+    The search measures each candidate ``search_repeats`` times; afterwards the best, cost-model
+    and even splits are measured again ``repeats`` times on fresh prompts, so the reported
+    best is not the (optimistically biased) minimum the search happened to see, and the
+    table takes the fastest of the three.
+    """
+    import torch
+    import vllm
+
+    from .worker import model_shape
+
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    entries = []
+    try:
+        for n in lengths:
+            llm.collective_rpc("kvr_set_fractions", args=(None,))
+            _ttft(llm, n, vocab, 1, tag=-1)  # warm-up at this length
+
+            def measure(f: Fractions, n=n, reps=search_repeats, tag=0) -> float:
+                llm.collective_rpc("kvr_set_fractions", args=(list(f),))
+                return _ttft(llm, n, vocab, reps, tag=tag)
+
+            model_f = fractions_of(from_fractions(n, llm.collective_rpc("kvr_model_fractions", args=(n,))[0]))
+            t0 = time.perf_counter()
+            best, search_t, evals = search(measure, model_f, step=step, levels=levels, points=points)
+            cands = {"best": best, "model": model_f, "even": fractions_of(even_split(n, n_workers))}
+            final = {name: measure(f, reps=repeats, tag=1) for name, f in cands.items()}
+            # the table keeps whichever split re-measured fastest: never worse than even or the cost model
+            chosen = min(final, key=final.get)
+            entries.append(dict(tokens=n, fractions=list(cands[chosen]), chosen=chosen, ttft_s=final,
+                                search_best_s=search_t, measurements=evals,
+                                search_s=round(time.perf_counter() - t0, 1)))
+            log(json.dumps(entries[-1]))
+    finally:
+        llm.collective_rpc("kvr_set_fractions", args=(None,))
+    shape = model_shape(llm.llm_engine.model_config)
+    table = dict(format=FORMAT, n_workers=n_workers, vllm_version=vllm.__version__,
+                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 model=dict(name=os.path.basename(str(llm.llm_engine.model_config.model).rstrip("/")),
+                            **(dataclasses.asdict(shape) if shape else {})),
+                 dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
+                 entries=[dict(tokens=e["tokens"], fractions=e["fractions"]) for e in entries],
+                 measured=entries)
+    PartitionTable.from_dict(table, "tuner output")  # what we write must load
+    return table
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--lengths", required=True, help="comma list of prompt lengths")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of the final best/model/even splits")
+    ap.add_argument("--search-repeats", type=int, default=2, help="measurements of each candidate")
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--step", type=float, default=0.08)
+    ap.add_argument("--points", type=int, default=2)
     ap.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments, e.g. load_format")
     a = ap.parse_args(argv)
     lengths = sorted(int(x) for x in a.lengths.split(","))
@@ -111,37 +166,11 @@ def main(argv=None) -> None:
     kw = dict(model=a.model, skip_tokenizer_init=True, enable_prefix_caching=False, seed=0,
               max_model_len=max(lengths) + 16, max_num_batched_tokens=max(lengths) + 16,
               worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=a.workers,
-              additional_config={"kv_runahead": {"min_tokens": 0}})
+              additional_config={"kv_runahead": {"min_tokens": 0, "partition": "model"}})
     kw.update(json.loads(a.engine_args))
     llm = LLM(**kw)
-    vocab = llm.llm_engine.model_config.get_vocab_size()
-    hf = llm.llm_engine.model_config.hf_text_config
-    entries = []
-    for n in lengths:
-        _ttft(llm, n, vocab, 1, tag=-1)  # warm-up at this length
-
-        def measure(f: Fractions, n=n) -> float:
-            llm.collective_rpc("kvr_set_fractions", args=(list(f),))
-            return _ttft(llm, n, vocab, a.repeats, tag=0)
-
-        model_f = fractions_of(from_fractions(n, llm.collective_rpc("kvr_model_fractions", args=(n,))[0]))
-        best, best_t, evals = search(measure, model_f, step=a.step, levels=a.levels)
-        entries.append(dict(tokens=n, fractions=list(best), ttft_s=dict(
-            best=best_t, model=measure(model_f), even=measure(fractions_of(even_split(n, a.workers)))),
-            measurements=evals))
-        print(json.dumps(entries[-1]), flush=True)
-    llm.collective_rpc("kvr_set_fractions", args=(None,))
-    import torch
-    import vllm
-
-    table = dict(format=FORMAT, n_workers=a.workers, vllm_version=vllm.__version__,
-                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                 model=dict(name=os.path.basename(a.model.rstrip("/")), layers=hf.num_hidden_layers,
-                            hidden=hf.hidden_size, heads=hf.num_attention_heads,
-                            kv_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads)),
-                 entries=[dict(tokens=e["tokens"], fractions=e["fractions"]) for e in entries],
-                 measured=entries)
-    PartitionTable.from_dict(table, a.out)  # what we write must load
+    table = tune(llm, a.workers, lengths, repeats=a.repeats, search_repeats=a.search_repeats,
+                 step=a.step, levels=a.levels, points=a.points)
     with open(a.out, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {a.out}")

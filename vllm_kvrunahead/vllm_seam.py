@@ -43,6 +43,19 @@ def world_device_group():
     return get_world_group().device_group
 
 
+def world_cpu_group():
+    from vllm.distributed.parallel_state import get_world_group
+
+    return get_world_group().cpu_group
+
+
+def device_name(device) -> str:
+    """The GPU's marketing name (what shipped tables are keyed by), or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def install_connector(connector) -> None:
     """Make ``connector`` the KV connector the attention op's hooks call."""
     if kv_transfer_state._KV_CONNECTOR_AGENT is not None:

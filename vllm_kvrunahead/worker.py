@@ -9,8 +9,10 @@ the step and samples; the other workers run nothing but their segments.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import os
 
 from vllm.config import KVTransferConfig
 
@@ -18,10 +20,11 @@ from . import vllm_seam
 from .comm import ChainComm
 from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
 from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
-from .lut import FORMAT as LUT_FORMAT
 from .lut import PartitionTable
-from .partition import CostModel
+from .partition import CostModel, balanced_split
+from .partitioner import ModelShape, Partitioner
 from .plan import StepPlan, make_plan
+from .refine import Refiner
 
 logger = logging.getLogger("vllm_kvrunahead")
 
@@ -36,19 +39,27 @@ def runahead_config(vllm_config) -> KVRunaheadConfig:
     return KVRunaheadConfig(**d).validate()
 
 
-def cost_model_for(model_config) -> CostModel:
+def model_shape(model_config) -> ModelShape | None:
     hf = model_config.hf_text_config
     try:
-        return CostModel.from_shape(
-            num_layers=hf.num_hidden_layers,
-            hidden_size=hf.hidden_size,
-            intermediate_size=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=model_config.get_total_num_kv_heads(),
+        return ModelShape(
+            layers=hf.num_hidden_layers,
+            hidden=hf.hidden_size,
+            heads=hf.num_attention_heads,
+            kv_heads=model_config.get_total_num_kv_heads(),
+            intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
             head_dim=model_config.get_head_size(),
         )
-    except (AttributeError, TypeError):  # unusual config: the default shape still balances
+    except (AttributeError, TypeError):  # unusual config: no table matches; the default cost model
+        return None
+
+
+def cost_model_for(shape: ModelShape | None) -> CostModel:
+    if shape is None:
         return CostModel()
+    return CostModel.from_shape(num_layers=shape.layers, hidden_size=shape.hidden,
+                                intermediate_size=shape.intermediate, num_heads=shape.heads,
+                                num_kv_heads=shape.kv_heads, head_dim=shape.head_dim)
 
 
 class Worker(vllm_seam.worker_base()):
@@ -65,8 +76,8 @@ class Worker(vllm_seam.worker_base()):
         self.chain_pos = (rank - self.head - 1) % n  # head takes the last segment
         self.is_head = rank == self.head
         self.connector: KVRunaheadConnector | None = None
-        self.table = self._configured_table()
-        self._cost = cost_model_for(vllm_config.model_config)
+        self.shape = model_shape(vllm_config.model_config)
+        self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
         self._ran = False
         self.steps_run = 0       # evidence for tests: forward passes this worker ran
@@ -90,19 +101,23 @@ class Worker(vllm_seam.worker_base()):
                 next_rank=rank_of(pos + 1) if pos < n - 1 else None,
                 group=vllm_seam.world_device_group(),
                 timeout_s=self.kvr.recv_timeout_s,
+                cpu_group=vllm_seam.world_cpu_group(),
             )
             # A worker-local transfer config: the connector base class wants one; the
             # engine's scheduler never sees it (KV-Runahead plans on the workers).
             self.vllm_config.kv_transfer_config = KVTransferConfig(
                 kv_connector="KVRunaheadConnector", kv_role="kv_both")
             self.connector = KVRunaheadConnector(self.vllm_config, vllm_seam.KVConnectorRole.WORKER,
-                                                 kv_cache_config, comm, profile=self.kvr.profile)
+                                                 kv_cache_config, comm,
+                                                 profile=self.kvr.profile or self.kvr.refine)
             vllm_seam.install_connector(self.connector)
-            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition=%s, min_tokens=%d)",
-                        self.rank, pos, n, " (head)" if self.is_head else "", self.kvr.partition,
-                        self.kvr.min_tokens)
         super().initialize_from_config(kv_cache_config)
         if self.connector is not None:
+            self.partitioner = self._build_partitioner()  # after the KV caches: the device is known
+            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition %s, min_tokens=%d%s)",
+                        self.rank, self.chain_pos, self.kvr.num_workers, " (head)" if self.is_head else "",
+                        self.partitioner.describe(), self.kvr.min_tokens,
+                        ", online refinement on" if self.kvr.refine else "")
             self.connector.comm.warm_up(self.connector.device)
 
     # -- per step -------------------------------------------------------------
@@ -111,9 +126,7 @@ class Worker(vllm_seam.worker_base()):
             return StepPlan(1, ())
         return make_plan(
             vllm_seam.request_views(scheduler_output), self.kvr.num_workers,
-            method=self.kvr.partition if self.kvr.partition != "table" else "balanced",
-            min_tokens=self.kvr.min_tokens, block_size=self.block_size,
-            cost=self._cost, table=self.table)
+            split=self.partitioner, min_tokens=self.kvr.min_tokens, block_size=self.block_size)
 
     def _meta(self, plan: StepPlan) -> RunaheadMeta:
         if not plan:
@@ -135,7 +148,9 @@ class Worker(vllm_seam.worker_base()):
             if so.total_num_scheduled_tokens:
                 self.steps_run += 1
                 self.tokens_run += so.total_num_scheduled_tokens
-            return super().execute_model(so)
+            out = super().execute_model(so)
+            self._refine(plan, scheduler_output)
+            return out
         self._ran = False
         if not plan:
             return None
@@ -143,16 +158,56 @@ class Worker(vllm_seam.worker_base()):
         self._runner_reqs = set(so.num_scheduled_tokens)
         self.steps_run += 1
         self.tokens_run += so.total_num_scheduled_tokens
-        out = super().execute_model(so)
-        self._ran = out is None  # the runner waits for sample_tokens to finish the step
+        with self._fail_fast():
+            out = super().execute_model(so)
+            self._ran = out is None  # the runner waits for sample_tokens to finish the step
+            self._refine(plan, scheduler_output)
         return None
+
+    @contextlib.contextmanager
+    def _fail_fast(self):
+        """A chain worker that fails mid-prefill (e.g. out of memory) exits at once.
+
+        vLLM's executor reads only the head's reply, and the head would wait for this
+        worker's KV until the step's RPC timeout (minutes on NCCL, which has no receive
+        timeout). A dead worker process is noticed by the executor within a second, so
+        the engine fails its requests and stops instead of hanging.
+        """
+        try:
+            yield
+        except BaseException:
+            logger.exception("KV-Runahead: chain worker rank %d failed mid-prefill; exiting so the "
+                             "engine stops now instead of the head waiting for its KV", self.rank)
+            logging.shutdown()
+            os._exit(1)
+
+    def _refine(self, plan: StepPlan, scheduler_output) -> None:
+        """Online refinement: learn from steps that prefilled one prompt and nothing else (the
+        head's busy time then is that prompt's alone). Every worker decides this from the same
+        scheduler output and gets the same busy times, so all keep the same split."""
+        r = self.partitioner.refiner if self.partitioner else None
+        if r is None or len(plan.requests) != 1:
+            return
+        req = plan.requests[0]
+        n = req.segments[-1].end
+        if scheduler_output.total_num_scheduled_tokens != n:
+            return
+        p = self.connector.profiler.total
+        busy = self.connector.comm.gather_times(p.last_step_s - p.last_stall_s, self.chain_pos,
+                                                self.kvr.num_workers)
+        used = tuple(s.length / n for s in req.segments)
+        if r.observe(n, used, busy, self.partitioner.base_fractions(n)) and self.is_head:
+            logger.info("KV-Runahead refine: %d-token prompt, busy ms per worker %s -> fractions %s",
+                        n, [round(b * 1e3, 2) for b in busy],
+                        [round(f, 4) for f in self.partitioner.fractions(n)])
 
     def sample_tokens(self, grammar_output):
         if self.connector is None or self.is_head:
             return super().sample_tokens(grammar_output)
         if self._ran:
             self._ran = False
-            super().sample_tokens(None)  # a partial prefill: the token is discarded
+            with self._fail_fast():
+                super().sample_tokens(None)  # a partial prefill: the token is discarded
         return None
 
     def kvr_stats(self) -> dict:
@@ -167,23 +222,36 @@ class Worker(vllm_seam.worker_base()):
             "blocks_sent": s.blocks_sent if s else 0,
             "bytes_sent": self.connector.comm.bytes_sent if self.connector else 0,
             "profile": dataclasses.asdict(self.connector.profiler.total)
-            if self.connector and self.kvr.profile else None,
+            if self.connector and (self.kvr.profile or self.kvr.refine) else None,
+            "partition": self.partitioner.describe() if self.partitioner else None,
+            "refine": self.partitioner.refiner.state() if self.partitioner and self.partitioner.refiner else None,
         }
 
-    def kvr_set_fractions(self, fractions) -> None:
-        """Tuner hook: cut every runahead prompt by these fractions (None: back to the config)."""
-        self.table = self._configured_table() if fractions is None else PartitionTable.from_dict(
-            {"format": LUT_FORMAT, "n_workers": self.kvr.num_workers,
-             "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "kvr_set_fractions")
+    def _build_partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
+        n = self.kvr.num_workers
+        refiner = Refiner(n) if self.kvr.refine else None
+        if table is not None:
+            return Partitioner("table", n, cost_model_for(self.shape), table, refiner)
+        if method is None:
+            return Partitioner.build(self.kvr.partition, n, cost_model_for(self.shape), self.shape,
+                                     vllm_seam.device_name(self.connector.device), self.kvr.table_path, refiner)
+        return Partitioner.build(method, n, cost_model_for(self.shape), self.shape,
+                                 vllm_seam.device_name(self.connector.device), refiner=refiner)
 
-    def _configured_table(self) -> PartitionTable | None:
-        return PartitionTable.load(self.kvr.table_path) if self.kvr.partition == "table" else None
+    def kvr_set_fractions(self, fractions) -> None:
+        """Tuner hook: cut every runahead prompt by these fractions (None: back to the configured split)."""
+        self.partitioner.set_override(fractions)
+
+    def kvr_set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        """Benchmark hook: switch to another partition method, or to a table given as its JSON
+        dict, without an engine restart (None, None: back to the configuration)."""
+        self.partitioner = self._build_partitioner(
+            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
+        return self.partitioner.describe()
 
     def kvr_model_fractions(self, n: int) -> list:
         """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
-        from .partition import balanced_split
-
-        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, self._cost)]
+        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, cost_model_for(self.shape))]
 
     def kvr_request_blocks(self) -> list:
         """(prompt length, block ids per KV group) of recent new requests, oldest first."""

@@ -1,0 +1,124 @@
+"""Which split a prompt gets at run time (pure; no torch).
+
+    partition = "auto"  (default) the shipped lookup table tuned for this model shape,
+                        worker count and GPU, if there is one; else the cost model
+              = "model" the cost model (``balanced`` is the same, its older name)
+              = "even"  equal segments
+              = "table" the lookup table at ``table_path``
+
+On top of that split: the tuner's fixed override (``set_override``) and, when
+on, the online refiner's per-length-bucket correction. Every worker builds the
+same Partitioner from the same inputs, so every worker computes the same plan
+without exchanging it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import PARTITIONS as METHODS
+from .lut import PartitionTable, TableError
+from .partition import CostModel, Segment, balanced_split, even_split, from_fractions
+from .refine import Refiner
+
+logger = logging.getLogger("vllm_kvrunahead")
+
+SHIPPED_TABLES = Path(__file__).parent / "tables"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a tuned split depends on (besides N and the GPU); tables record it under "model"."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    head_dim: int
+
+    def matches(self, recorded: object) -> bool:
+        """A table's "model" entry matches when every field it records equals ours (and it records some)."""
+        if not isinstance(recorded, dict):
+            return False
+        mine = asdict(self)
+        keys = [k for k in mine if k in recorded]
+        return bool(keys) and all(recorded[k] == mine[k] for k in keys)
+
+
+def find_table(shape: ModelShape, n_workers: int, device: str,
+               directory: Path = SHIPPED_TABLES) -> PartitionTable | None:
+    """The first table (by file name) for this shape, N and device name, or None."""
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            t = PartitionTable.load(path)
+        except TableError as e:  # a broken shipped file must not stop serving: fall back, loudly
+            logger.warning("KV-Runahead: skipping %s", e)
+            continue
+        if t.n_workers == n_workers and t.info("device") == device and shape.matches(t.info("model")):
+            return t
+    return None
+
+
+class Partitioner:
+    def __init__(self, method: str, n_workers: int, cost: CostModel, table: PartitionTable | None = None,
+                 refiner: Refiner | None = None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown partition {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "table" and table is None:
+            raise ValueError('partition "table" needs a table')
+        if table is not None and table.n_workers != n_workers:
+            raise ValueError(f"table {table.source} is for {table.n_workers} workers, not {n_workers}")
+        self.method, self.n_workers, self.cost = method, n_workers, cost
+        self.table = table if method in ("auto", "table") else None
+        self.refiner = refiner
+        self.override: tuple[float, ...] | None = None
+
+    @classmethod
+    def build(cls, method: str, n_workers: int, cost: CostModel, shape: ModelShape | None, device: str,
+              table_path: str | None = None, refiner: Refiner | None = None,
+              tables_dir: Path = SHIPPED_TABLES) -> "Partitioner":
+        table = None
+        if method == "table":
+            table = PartitionTable.load(table_path)
+            for key, mine in (("device", device), ("model", shape and asdict(shape))):
+                if t_val := table.info(key):
+                    if (key == "model" and not shape.matches(t_val)) or (key == "device" and t_val != mine):
+                        logger.warning("KV-Runahead: table %s was tuned for %s %s, this is %s; using it anyway",
+                                       table_path, key, t_val, mine)
+        elif method == "auto" and shape is not None:
+            table = find_table(shape, n_workers, device, tables_dir)
+        return cls(method, n_workers, cost, table, refiner)
+
+    def describe(self) -> str:
+        if self.table is not None:
+            return f"{self.method}: table {self.table.source}"
+        if self.method == "auto":
+            return "auto: cost model (no shipped table for this model shape, worker count and GPU)"
+        return self.method
+
+    def set_override(self, fractions) -> None:
+        """Tuner hook: cut every prompt by these fractions (None: back to the configured split)."""
+        if fractions is not None:
+            fractions = PartitionTable.from_dict(
+                {"format": "kvrunahead-lut/1", "n_workers": self.n_workers,
+                 "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "override").fractions[0]
+        self.override = fractions
+
+    def base_fractions(self, n: int) -> tuple[float, ...]:
+        """The configured split of an n-token prompt, before refinement."""
+        if self.override is not None:
+            return self.override
+        if self.table is not None:
+            return self.table.fractions_for(n)
+        segs = even_split(n, self.n_workers) if self.method == "even" else \
+            balanced_split(n, self.n_workers, self.cost)
+        return tuple(s.length / n for s in segs)
+
+    def fractions(self, n: int) -> tuple[float, ...]:
+        base = self.base_fractions(n)
+        return self.refiner.fractions(n, base) if self.refiner is not None else base
+
+    def __call__(self, n: int) -> tuple[Segment, ...]:
+        return from_fractions(n, self.fractions(n))
