@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 
-CONFIGS = ("1gpu", "tp", "kvr-even", "kvr-balanced")
+CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
 
 
 def on_gpu():
@@ -33,6 +33,9 @@ def engine_kwargs(config, model_dir, max_len, n_gpus, interconnect="nvlink", bac
         kw["tensor_parallel_size"] = n_gpus
         if interconnect == "no-p2p":
             kw["disable_custom_all_reduce"] = True       # custom all-reduce is P2P; keep NCCL over host memory
+    elif config == "kvr":   # ttft.py: one engine for every kvr-* variant (switched by RPC), timed per worker
+        kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
+                  additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0, "profile": True}})
     elif config.startswith("kvr-"):
         kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
                   additional_config={"kv_runahead": {"partition": config[len("kvr-"):]}})

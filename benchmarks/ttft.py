@@ -1,6 +1,8 @@
-"""TTFT benchmark: plain vLLM (1 GPU), tensor parallel, and KV-Runahead (even / balanced partition).
+"""TTFT benchmark: plain vLLM (1 GPU), tensor parallel, and KV-Runahead (even / balanced / table partition).
 
-One engine per config, each in its own child process, measuring all prompt lengths:
+One engine per config, each in its own child process, measuring all prompt lengths; all kvr-*
+configs share one KV-Runahead engine and switch partition by RPC (kvr_set_partition). With
+--tune-lengths that engine first runs the tuner (vllm_kvrunahead.tune) and kvr-table uses its table.
   TTFT     = wall time of llm.generate([prompt], max_tokens=1)  (`vllm bench latency --output-len 1`)
   decode   = 64 / (t(max_tokens=65) - TTFT median)  tokens/s of one request
 Records are merged into OUT/ttft.json as soon as each length is measured (so a run cut short by
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                          "below the device call's limit so the run ends cleanly with its records")
     ap.add_argument("--engine-args", default="{}", help='JSON merged into LLM(...), e.g. \'{"enforce_eager": true}\'')
     ap.add_argument("--models-dir", default="/tmp/kvr_models")
+    ap.add_argument("--tune-lengths", default="", help="kvr engine: tune a table at these lengths first")
+    ap.add_argument("--tune-args", default="{}", help='JSON for vllm_kvrunahead.tune.tune, e.g. \'{"levels": 2}\'')
+    ap.add_argument("--table", default=None, help="kvr-table without tuning: this lookup table JSON")
     # child-only
     ap.add_argument("--one-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
@@ -60,7 +65,11 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.lengths = sorted(int(x) for x in a.lengths.split(","))
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    a.tune_lengths = sorted(int(x) for x in a.tune_lengths.split(",") if x.strip())
     return a
+
+
+KVR_VARIANTS = {"kvr-even": "even", "kvr-balanced": "model", "kvr-table": None}   # None: the table
 
 
 def base_record(a, config):
@@ -73,7 +82,6 @@ def base_record(a, config):
 def run_one(a):
     from vllm import LLM, SamplingParams
     cfg = a.one_config
-    out_json = os.path.join(a.out, "ttft.json")
     vocab = models.vocab_size(a.model)
     max_len = max(a.lengths) + 128   # room for the 65-token decode probe
     kw = common.engine_kwargs(cfg, os.path.join(a.models_dir, a.model), max_len, a.n_gpus, a.interconnect,
@@ -98,9 +106,45 @@ def run_one(a):
             raise RuntimeError(f"asked {max_tokens} tokens, got {n}")
         return dt
 
+    if cfg != "kvr":
+        measure_lengths(a, cfg, gen, dict(dtype=kw["dtype"], parallel=parallel, engine_start_s=round(start_s, 1)))
+        common.shutdown(llm)
+        return
+    table = None
+    if a.tune_lengths:
+        from vllm_kvrunahead.tune import tune
+        table = tune(llm, a.n_gpus, a.tune_lengths, log=lambda m: print("RESULT tune: " + m, flush=True),
+                     **json.loads(a.tune_args))
+        path = os.path.join(a.out, f"table_{a.model}_n{a.n_gpus}_{a.interconnect}.json")
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"RESULT table written: {path}", flush=True)
+    elif a.table:
+        with open(a.table) as f:
+            table = json.load(f)
+    for variant in a.kvr_variants:
+        method = KVR_VARIANTS[variant]
+        if method is None and table is None:
+            print(f"ERROR {variant}: no table (give --tune-lengths or --table)", flush=True)
+            continue
+        desc = llm.collective_rpc("kvr_set_partition", args=(method, table if method is None else None))[0]
+        print(f"RESULT {variant}: partition {desc}", flush=True)
+
+        def profile():
+            st = sorted(llm.collective_rpc("kvr_stats"), key=lambda x: x["chain_pos"])
+            return [dict(pos=x["chain_pos"], step_s=x["profile"]["last_step_s"],
+                         stall_s=x["profile"]["last_stall_s"], segment=(x["last_segments"] or [None])[-1])
+                    for x in st if x["profile"]]
+        measure_lengths(a, variant, gen, dict(dtype=kw["dtype"], parallel=parallel,
+                                              engine_start_s=round(start_s, 1), partition=desc), profile)
+    common.shutdown(llm)
+
+
+def measure_lengths(a, cfg, gen, extra, profile=None):
+    """TTFT (median of a.repeats after a warm-up) and decode speed at every length -> ttft.json."""
+    out_json = os.path.join(a.out, "ttft.json")
     for n in a.lengths:
-        rec = dict(base_record(a, cfg), prompt_tokens=n, dtype=kw["dtype"], parallel=parallel,
-                   engine_start_s=round(start_s, 1))
+        rec = dict(base_record(a, cfg), prompt_tokens=n, **extra)
         if a.deadline and time.time() > a.deadline:
             rec["error"] = "skipped: time budget"
         else:
@@ -108,6 +152,8 @@ def run_one(a):
                 gen(n, 10_000)                                   # warm-up, excluded
                 ts = [gen(n, r) for r in range(a.repeats)]       # a new prompt each repeat: nothing to cache
                 med = statistics.median(ts)
+                if profile is not None:
+                    rec["profile"] = profile()                   # per chain worker, of the last repeat
                 t65 = gen(n, 20_000, GEN_TOKENS)
                 rec.update(ttft_s_median=med, ttft_s_all=ts, t_gen65_s=t65,
                            decode_tok_s=(GEN_TOKENS - 1) / (t65 - med) if t65 > med else None)
@@ -115,7 +161,6 @@ def run_one(a):
                 rec["error"] = f"{type(e).__name__}: {e}"[:500]
         merge_records(out_json, [rec])
         print("RESULT " + json.dumps(rec), flush=True)
-    common.shutdown(llm)
 
 
 # ---------------------------------------------------------------- parent: one child per config
@@ -130,7 +175,13 @@ def main(a):
     cpu = dev == "cpu"
     print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} "
           f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths}", flush=True)
-    for cfg in a.configs:
+    a.kvr_variants = [c for c in a.configs if c.startswith("kvr-")]
+    unknown = [c for c in a.kvr_variants if c not in KVR_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; known: 1gpu, tp, {', '.join(KVR_VARIANTS)}")
+    children = [c for c in a.configs if not c.startswith("kvr-")] + (["kvr"] if a.kvr_variants else [])
+    for cfg in children:
+        names = a.kvr_variants if cfg == "kvr" else [cfg]
         tag = f"{a.model}_{cfg}_n{a.n_gpus}_{a.interconnect}_{a.backend}"
         log = os.path.join(a.out, "logs", tag + ".log")
         left = deadline - time.time() if deadline else None
@@ -146,11 +197,13 @@ def main(a):
             print(f"[{tag}] child rc={rc} in {time.time() - t:.0f} s, log {log}", flush=True)
             for line in lines:
                 if line.startswith("RESULT {"):
-                    done.add(json.loads(line[len("RESULT "):])["prompt_tokens"])
+                    r = json.loads(line[len("RESULT "):])
+                    done.add((r["config"], r["prompt_tokens"]))
             why = f"config failed (rc={rc}): {common.first_error(log)}"
             if rc != 0:
                 print(common.tail(log), flush=True)
-        missing = [dict(base_record(a, cfg), prompt_tokens=n, error=why) for n in a.lengths if n not in done]
+        missing = [dict(base_record(a, c), prompt_tokens=n, error=why) for c in names for n in a.lengths
+                   if (c, n) not in done]
         if missing:
             merge_records(os.path.join(a.out, "ttft.json"), missing)
     print(f"done in {time.time() - t_start:.0f} s -> {os.path.join(a.out, 'ttft.json')}", flush=True)
@@ -159,11 +212,14 @@ def main(a):
 def _pass_through(a):
     return ["--n-gpus", str(a.n_gpus), "--lengths", ",".join(map(str, a.lengths)), "--model", a.model,
             "--interconnect", a.interconnect, "--backend", a.backend, "--repeats", str(a.repeats),
-            "--out", a.out, "--engine-args", a.engine_args, "--models-dir", a.models_dir]
+            "--out", a.out, "--engine-args", a.engine_args, "--models-dir", a.models_dir,
+            "--configs", ",".join(a.configs), "--tune-lengths", ",".join(map(str, a.tune_lengths)),
+            "--tune-args", a.tune_args] + (["--table", a.table] if a.table else [])
 
 
 if __name__ == "__main__":
     args = parse_args()
+    args.kvr_variants = [c for c in args.configs if c.startswith("kvr-")]
     if args.one_config:
         rc = 0
         try:
