@@ -28,7 +28,9 @@ def test_auto_picks_the_table_for_this_shape_workers_and_device(tmp_path):
     write(tmp_path, "d.json", fractions=(0.65, 0.35))  # the match
     p = Partitioner.build("auto", 2, COST, LLAMA3, "NVIDIA H200", tables_dir=tmp_path)
     assert p.table.source.endswith("d.json") and "d.json" in p.describe()
-    assert p.fractions(5000) == (0.65, 0.35)
+    assert p.fractions(1000) == (0.65, 0.35)
+    # outside the table's lengths: the cost model, not the nearest entry
+    assert p(5000) == balanced_split(5000, 2, COST) and p(500) == balanced_split(500, 2, COST)
     assert find_table(LLAMA2, 2, "NVIDIA H200", tmp_path).source.endswith("b.json")
     assert find_table(LLAMA3, 3, "NVIDIA H200", tmp_path).source.endswith("c.json")
 
@@ -60,7 +62,7 @@ def test_explicit_table_used_even_when_tuned_elsewhere(tmp_path, caplog):
     path = write(tmp_path, "t.json", device="NVIDIA H100 80GB HBM3", shape=LLAMA2, fractions=(0.55, 0.45))
     with caplog.at_level(logging.WARNING, logger="vllm_kvrunahead"):
         p = Partitioner.build("table", 2, COST, LLAMA3, "NVIDIA H200", table_path=str(path))
-    assert p.fractions(1234) == (0.55, 0.45)
+    assert p.fractions(1000) == (0.55, 0.45)
     assert "tuned for device NVIDIA H100 80GB HBM3" in caplog.text and "tuned for model" in caplog.text
     with pytest.raises(ValueError, match="is for 2 workers, not 3"):
         Partitioner.build("table", 3, COST, LLAMA3, "cpu", table_path=str(path))
