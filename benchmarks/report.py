@@ -3,13 +3,16 @@
   python -m benchmarks.report OUT [--merge A/ttft.json B/ttft.json ...]   (matplotlib for the PNG)
 --merge first folds other runs' records (e.g. each device call's returned $OUT) into OUT/ttft.json,
 newer files replacing records with the same key.
+  python -m benchmarks.report benchmarks/results --collect nvidia-h200-x2 nvidia-h200-x4 ...
+--collect rebuilds OUT/ttft.json from the per-machine folders' ttft.json, naming each record's machine in
+its device ("NVIDIA H200 [nvidia-h200-x4 A]"), so ratios are only ever taken within one machine.
 """
 import argparse
 import json
 import os
 from collections import defaultdict
 
-ORDER = ["1gpu", "tp", "kvr-even", "kvr-balanced"]
+ORDER = ["1gpu", "tp", "kvr-even", "kvr-balanced", "kvr-table"]
 
 
 def _cfg_order(cfgs):
@@ -96,7 +99,7 @@ def markdown(recs):
     return "\n".join(out)
 
 
-COLORS = {"1gpu": "tab:blue", "tp": "tab:orange", "kvr-even": "tab:green", "kvr-balanced": "tab:red"}
+COLORS = {"1gpu": "tab:blue", "tp": "tab:orange", "kvr-even": "tab:green", "kvr-balanced": "tab:red", "kvr-table": "tab:purple"}
 
 
 def plot(recs, path):
@@ -106,8 +109,9 @@ def plot(recs, path):
     from matplotlib.ticker import FuncFormatter, LogLocator
     panels = {}
     for r in recs:
-        panels.setdefault((r["device"], r["n_gpus"], r["interconnect"]), []).append(r)
-    keys = sorted(panels, key=lambda k: tuple(map(str, k)))
+        panels.setdefault((r["device"], r["model"], r["n_gpus"], r["interconnect"]), []).append(r)
+    keys = sorted((k for k, rs in panels.items() if any("error" not in r for r in rs)),   # all-error: table only
+                  key=lambda k: tuple(map(str, k)))
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
@@ -134,7 +138,7 @@ def plot(recs, path):
         ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("TTFT (s)")
-        ax.set_title(f"{k[0]}, {k[1]} GPUs, {k[2]}", fontsize=10)
+        ax.set_title(f"{k[0]}, {k[1]}, {k[2]} GPUs, {k[3]}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if lines:
             ax.legend(fontsize=8)
@@ -148,7 +152,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", help="dir with ttft.json; ttft.md and ttft.png are written next to it")
     ap.add_argument("--merge", nargs="*", default=[], help="ttft.json files to merge into OUT/ttft.json first")
+    ap.add_argument("--collect", nargs="*", default=[], help="machine folders under OUT to rebuild OUT/ttft.json from")
     a = ap.parse_args()
+    if a.collect:
+        recs = []
+        for folder in a.collect:
+            with open(os.path.join(a.out, folder, "ttft.json")) as f:
+                for r in json.load(f):
+                    machine = folder + (f" {r['machine']}" if r.get("machine") else "")
+                    recs.append(dict(r, device=f"{r['device']} [{machine}]"))
+        with open(os.path.join(a.out, "ttft.json"), "w") as f:
+            json.dump(recs, f, indent=1)
     if a.merge:
         from benchmarks.ttft import merge_records
         os.makedirs(a.out, exist_ok=True)
