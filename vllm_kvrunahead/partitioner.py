@@ -85,11 +85,14 @@ class Partitioner:
         table = None
         if method == "table":
             table = PartitionTable.load(table_path)
-            for key, mine in (("device", device), ("model", shape and asdict(shape))):
-                if t_val := table.info(key):
-                    if (key == "model" and not shape.matches(t_val)) or (key == "device" and t_val != mine):
-                        logger.warning("KV-Runahead: table %s was tuned for %s %s, this is %s; using it anyway",
-                                       table_path, key, t_val, mine)
+            t_dev, t_model = table.info("device"), table.info("model")
+            # the user chose this table: use it, but say so when it was tuned for something else
+            if t_dev and t_dev != device:
+                logger.warning("KV-Runahead: table %s was tuned for device %s, this is %s; using it anyway",
+                               table_path, t_dev, device)
+            if t_model and shape is not None and not shape.matches(t_model):
+                logger.warning("KV-Runahead: table %s was tuned for model %s, this is %s; using it anyway",
+                               table_path, t_model, asdict(shape))
         elif method == "auto" and shape is not None:
             table = find_table(shape, n_workers, device, tables_dir)
         return cls(method, n_workers, cost, table, refiner)
