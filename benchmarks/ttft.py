@@ -66,6 +66,7 @@ def parse_args(argv=None):
     a.lengths = sorted(int(x) for x in a.lengths.split(","))
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     a.tune_lengths = sorted(int(x) for x in a.tune_lengths.split(",") if x.strip())
+    a.kvr_variants = [c for c in a.configs if c.startswith("kvr-")]   # all measured in one "kvr" engine
     return a
 
 
@@ -175,7 +176,6 @@ def main(a):
     cpu = dev == "cpu"
     print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} "
           f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths}", flush=True)
-    a.kvr_variants = [c for c in a.configs if c.startswith("kvr-")]
     unknown = [c for c in a.kvr_variants if c not in KVR_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; known: 1gpu, tp, {', '.join(KVR_VARIANTS)}")
@@ -219,7 +219,6 @@ def _pass_through(a):
 
 if __name__ == "__main__":
     args = parse_args()
-    args.kvr_variants = [c for c in args.configs if c.startswith("kvr-")]
     if args.one_config:
         rc = 0
         try:
