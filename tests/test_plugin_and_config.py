@@ -66,6 +66,8 @@ def test_without_the_worker_class_pcp_is_untouched():
     (dict(additional_config={"kv_runahead": {"workers": 3}}), r"unknown option\(s\) workers"),
     (dict(additional_config={"kv_runahead": {"partition": "table"}}), 'needs "table_path"'),
     (dict(additional_config={"kv_runahead": {"min_tokens": -1}}), "min_tokens must be an integer >= 0"),
+    (dict(additional_config={"kv_runahead": {"table_path": "t.json"}}), 'used only with partition "table"'),
+    (dict(additional_config={"kv_runahead": {"refine": "yes"}}), "refine must be true or false"),
     (dict(additional_config={"kv_runahead": {"recv_timeout_s": 0}}), "recv_timeout_s must be > 0"),
     (dict(additional_config={"kv_runahead": "fast"}), "must be an object"),
 ])

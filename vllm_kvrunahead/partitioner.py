@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import PARTITIONS as METHODS
-from .lut import PartitionTable, TableError
+from .lut import FORMAT, PartitionTable, TableError
 from .partition import CostModel, Segment, balanced_split, even_split, from_fractions
 from .refine import Refiner
 
@@ -109,7 +109,7 @@ class Partitioner:
         """Tuner hook: cut every prompt by these fractions (None: back to the configured split)."""
         if fractions is not None:
             fractions = PartitionTable.from_dict(
-                {"format": "kvrunahead-lut/1", "n_workers": self.n_workers,
+                {"format": FORMAT, "n_workers": self.n_workers,
                  "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "override").fractions[0]
         self.override = fractions
 

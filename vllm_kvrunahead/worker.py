@@ -77,6 +77,7 @@ class Worker(vllm_seam.worker_base()):
         self.is_head = rank == self.head
         self.connector: KVRunaheadConnector | None = None
         self.shape = model_shape(vllm_config.model_config)
+        self.cost = cost_model_for(self.shape)
         self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
         self._ran = False
@@ -228,15 +229,14 @@ class Worker(vllm_seam.worker_base()):
         }
 
     def _build_partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
+        """The configured split (no arguments), another method, or a given table."""
         n = self.kvr.num_workers
         refiner = Refiner(n) if self.kvr.refine else None
         if table is not None:
-            return Partitioner("table", n, cost_model_for(self.shape), table, refiner)
-        if method is None:
-            return Partitioner.build(self.kvr.partition, n, cost_model_for(self.shape), self.shape,
-                                     vllm_seam.device_name(self.connector.device), self.kvr.table_path, refiner)
-        return Partitioner.build(method, n, cost_model_for(self.shape), self.shape,
-                                 vllm_seam.device_name(self.connector.device), refiner=refiner)
+            return Partitioner("table", n, self.cost, table, refiner)
+        return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape,
+                                 vllm_seam.device_name(self.connector.device),
+                                 self.kvr.table_path if method is None else None, refiner)
 
     def kvr_set_fractions(self, fractions) -> None:
         """Tuner hook: cut every runahead prompt by these fractions (None: back to the configured split)."""
@@ -251,7 +251,7 @@ class Worker(vllm_seam.worker_base()):
 
     def kvr_model_fractions(self, n: int) -> list:
         """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
-        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, cost_model_for(self.shape))]
+        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, self.cost)]
 
     def kvr_request_blocks(self) -> list:
         """(prompt length, block ids per KV group) of recent new requests, oldest first."""
