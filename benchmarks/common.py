@@ -1,4 +1,4 @@
-"""Pieces shared by ttft.py and gpu_correctness.py: engine arguments per config, prompts, and
+"""Pieces shared by ttft.py, serving.py and gpu_correctness.py: engine arguments per config, prompts, and
 running one config in its own child process (so engines and NCCL state never leak across configs)."""
 import json
 import os
@@ -62,6 +62,21 @@ def prompt(length, vocab, tag):
     import numpy as np
     rng = np.random.default_rng([length, tag])
     return {"prompt_token_ids": rng.integers(1, vocab, size=length).tolist()}
+
+
+def merge_records(path, new, key):
+    """Append `new` to the JSON list in `path`, dropping older records with the same values of the
+    fields in `key`. Atomic (a run killed mid-write keeps the previous file)."""
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    keys = {tuple(r.get(k) for k in key) for r in new}
+    recs = [r for r in old if tuple(r.get(k) for k in key) not in keys] + list(new)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(recs, f, indent=1)
+    os.replace(tmp, path)
 
 
 def probe_device():

@@ -27,16 +27,7 @@ GEN_TOKENS = 65   # the decode probe; the engine's max_model_len leaves room for
 
 def merge_records(path, new):
     """Append `new` to the list in `path`, dropping older records with the same KEY. Atomic."""
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    keys = {tuple(r.get(k) for k in KEY) for r in new}
-    recs = [r for r in old if tuple(r.get(k) for k in KEY) not in keys] + list(new)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(recs, f, indent=1)
-    os.replace(tmp, path)
+    common.merge_records(path, new, KEY)
 
 
 def parse_args(argv=None):
