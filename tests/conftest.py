@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -38,3 +39,17 @@ class EngineRuns:
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory):
     return EngineRuns(tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture
+def kvr_log(caplog):
+    """The package's WARNING+ log lines. Its logger is a child of vLLM's "vllm" logger, which
+    does not propagate to the root logger where caplog listens, so caplog's handler goes on it."""
+    from vllm_kvrunahead.log import LOGGER_NAME, logger
+
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+            yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -1,7 +1,16 @@
-"""Fault injection for tests: KV-Runahead's worker whose first chain worker stalls
-(KVR_TEST_FAULT=stall, a hung or overloaded peer) or whose model runner raises
-before sending any KV (KVR_TEST_FAULT=raise, e.g. out of memory) in its runahead steps."""
+"""Fault injection for tests: KV-Runahead's worker whose first chain worker (rank 0) fails at
+one point of its first runahead step, chosen by KVR_TEST_FAULT:
+
+  stall         sleeps KVR_TEST_STALL_S before its forward (a hung or overloaded peer)
+  raise         its model runner raises before sending any KV (e.g. out of memory)
+  exit_after    the process dies right after its forward, before sample_tokens
+  raise_sample  sampling raises (the worker's fail-fast then exits)
+  exit_idle     the process dies ~1 s after its runahead step, while the head decodes alone
+
+A chain worker's model runner runs nothing but runahead segments, so its calls mark them.
+"""
 import os
+import threading
 import time
 
 from vllm_kvrunahead.worker import Worker
@@ -11,11 +20,33 @@ def _boom(*args, **kwargs):
     raise RuntimeError("injected chain worker failure")
 
 
-class StallingWorker(Worker):
+def _die(point):
+    print(f"FAULT {point}: chain worker exits", flush=True)
+    os._exit(1)
+
+
+class FaultyWorker(Worker):
     def execute_model(self, scheduler_output):
-        if not self.is_head and self.plan(scheduler_output):
-            if os.environ.get("KVR_TEST_FAULT", "stall") == "raise":
-                self.model_runner.execute_model = _boom
-            else:
+        fault = os.environ.get("KVR_TEST_FAULT", "stall")
+        if self.rank != 0 or self.is_head:
+            return super().execute_model(scheduler_output)
+        runner = self.model_runner
+        before = self.steps_run
+        if fault in ("stall", "raise") and not getattr(runner, "_faulty", False):
+            forward = runner.execute_model
+
+            def faulty_forward(*args, **kwargs):
+                if fault == "raise":
+                    _boom()
                 time.sleep(float(os.environ.get("KVR_TEST_STALL_S", "60")))
-        return super().execute_model(scheduler_output)
+                return forward(*args, **kwargs)
+            runner.execute_model, runner._faulty = faulty_forward, True
+        out = super().execute_model(scheduler_output)
+        if self.steps_run > before:  # this step ran a runahead segment here
+            if fault == "exit_after":
+                _die("after execute_model")
+            elif fault == "raise_sample":
+                runner.sample_tokens = _boom
+            elif fault == "exit_idle":
+                threading.Timer(1.0, _die, ("idle",)).start()
+        return out

@@ -1,6 +1,5 @@
 """Run-time choice of the split: shipped-table selection, fallbacks, overrides, refinement."""
 import json
-import logging
 
 import pytest
 
@@ -35,12 +34,11 @@ def test_auto_picks_the_table_for_this_shape_workers_and_device(tmp_path):
     assert find_table(LLAMA3, 3, "NVIDIA H200", tmp_path).source.endswith("c.json")
 
 
-def test_auto_falls_back_to_the_cost_model(tmp_path, caplog):
+def test_auto_falls_back_to_the_cost_model(tmp_path, kvr_log):
     write(tmp_path, "a.json", device="NVIDIA H100 80GB HBM3")
     (tmp_path / "broken.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="vllm_kvrunahead"):
-        p = Partitioner.build("auto", 2, COST, LLAMA3, "NVIDIA H200", tables_dir=tmp_path)
-    assert "broken.json" in caplog.text and "not valid JSON" in caplog.text  # skipped, loudly
+    p = Partitioner.build("auto", 2, COST, LLAMA3, "NVIDIA H200", tables_dir=tmp_path)
+    assert "broken.json" in kvr_log.text and "not valid JSON" in kvr_log.text  # skipped, loudly
     assert p.table is None and p.describe().startswith("auto: cost model")
     n = 30000
     assert p(n) == balanced_split(n, 2, COST)
@@ -58,12 +56,11 @@ def test_methods():
         Partitioner("fast", 2, COST)
 
 
-def test_explicit_table_used_even_when_tuned_elsewhere(tmp_path, caplog):
+def test_explicit_table_used_even_when_tuned_elsewhere(tmp_path, kvr_log):
     path = write(tmp_path, "t.json", device="NVIDIA H100 80GB HBM3", shape=LLAMA2, fractions=(0.55, 0.45))
-    with caplog.at_level(logging.WARNING, logger="vllm_kvrunahead"):
-        p = Partitioner.build("table", 2, COST, LLAMA3, "NVIDIA H200", table_path=str(path))
+    p = Partitioner.build("table", 2, COST, LLAMA3, "NVIDIA H200", table_path=str(path))
     assert p.fractions(1000) == (0.55, 0.45)
-    assert "tuned for device NVIDIA H100 80GB HBM3" in caplog.text and "tuned for model" in caplog.text
+    assert "tuned for device NVIDIA H100 80GB HBM3" in kvr_log.text and "tuned for model" in kvr_log.text
     with pytest.raises(ValueError, match="is for 2 workers, not 3"):
         Partitioner.build("table", 3, COST, LLAMA3, "cpu", table_path=str(path))
 

@@ -16,16 +16,16 @@ without exchanging it.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import PARTITIONS as METHODS
 from .lut import FORMAT, PartitionTable, TableError
-from .partition import CostModel, Segment, balanced_split, even_split, from_fractions
+from .partition import (Chunk, CostModel, Segment, align_bounds, balanced_split, balanced_step_bounds, even_split,
+                        from_fractions, runahead_gain)
 from .refine import Refiner
 
-logger = logging.getLogger("vllm_kvrunahead")
+from .log import logger
 
 SHIPPED_TABLES = Path(__file__).parent / "tables"
 
@@ -65,8 +65,14 @@ def find_table(shape: ModelShape, n_workers: int, device: str,
 
 
 class Partitioner:
+    """The run-time split (a ``plan.StepSplitter``): which chunks run ahead, and where they are cut.
+
+    ``min_tokens`` None: a chunk runs ahead when the cost model predicts it finishes sooner on the
+    chain than on the head alone; an int: when it has at least that many new tokens.
+    """
+
     def __init__(self, method: str, n_workers: int, cost: CostModel, table: PartitionTable | None = None,
-                 refiner: Refiner | None = None) -> None:
+                 refiner: Refiner | None = None, *, min_tokens: int | None = None, block_size: int = 1) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown partition {method!r}; choose one of {', '.join(METHODS)}")
         if method == "table" and table is None:
@@ -76,12 +82,13 @@ class Partitioner:
         self.method, self.n_workers, self.cost = method, n_workers, cost
         self.table = table if method in ("auto", "table") else None
         self.refiner = refiner
+        self.min_tokens, self.block_size = min_tokens, block_size
         self.override: tuple[float, ...] | None = None
 
     @classmethod
     def build(cls, method: str, n_workers: int, cost: CostModel, shape: ModelShape | None, device: str,
               table_path: str | None = None, refiner: Refiner | None = None,
-              tables_dir: Path = SHIPPED_TABLES) -> "Partitioner":
+              tables_dir: Path = SHIPPED_TABLES, **kw) -> "Partitioner":
         table = None
         if method == "table":
             table = PartitionTable.load(table_path)
@@ -95,7 +102,7 @@ class Partitioner:
                                table_path, t_model, asdict(shape))
         elif method == "auto" and shape is not None:
             table = find_table(shape, n_workers, device, tables_dir)
-        return cls(method, n_workers, cost, table, refiner)
+        return cls(method, n_workers, cost, table, refiner, **kw)
 
     def describe(self) -> str:
         if self.table is not None:
@@ -131,3 +138,25 @@ class Partitioner:
 
     def __call__(self, n: int) -> tuple[Segment, ...]:
         return from_fractions(n, self.fractions(n))
+
+    # -- plan.StepSplitter ---------------------------------------------------------------
+    def runs_ahead(self, chunk: Chunk) -> bool:
+        if self.min_tokens is not None:
+            return chunk.length >= self.min_tokens
+        return runahead_gain(chunk, self.n_workers, self.cost) > 0
+
+    def split_step(self, chunks: list[Chunk], head_only: list[Chunk]) -> list[tuple[Segment, ...]]:
+        """Segments of every runahead chunk of a step, block aligned. One cold prompt alone in its
+        step gets the configured split (table, tuner override, refinement: what those were measured
+        on); anything else is balanced as one job by the cost model, the head's other work included,
+        or cut evenly for partition "even"."""
+        if len(chunks) == 1 and chunks[0].start == 0 and not head_only:
+            n = chunks[0].end
+            bounds = [[float(s.end) for s in self(n)[:-1]]]
+        elif self.method == "even":
+            bounds = [[c.start + c.length * (k + 1) / self.n_workers for k in range(self.n_workers - 1)]
+                      for c in chunks]
+        else:
+            extra = sum(self.cost.layer_compute(c.start, c.end) for c in head_only)
+            bounds = balanced_step_bounds(chunks, self.n_workers, self.cost, extra)
+        return [align_bounds(c, b, self.block_size) for c, b in zip(chunks, bounds)]

@@ -44,6 +44,13 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
                              "--prefill-context-parallel-size serves them without --worker-cls")
         if mc.runner_type != "generate":
             raise ValueError(f"KV-Runahead: only generative models are supported, not {mc.runner_type!r}")
+        # Refused here, not when the worker sees its KV cache groups (after ~30 s of weight loading
+        # on CPU, wrapped in vLLM's generic "Engine core initialization failed").
+        layer_types = sorted(set(getattr(mc.hf_text_config, "layer_types", None) or ()))
+        if mc.is_hybrid or mc.is_attention_free or len(layer_types) > 1:
+            kinds = ", ".join(layer_types) if len(layer_types) > 1 else "hybrid or attention-free layers"
+            raise ValueError(f"KV-Runahead supports models with one KV cache group; {mc.model} mixes {kinds} "
+                             "(hybrid / sliding-window mixes are not supported)")
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda_alike() and pc.nnodes == 1:

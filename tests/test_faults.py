@@ -1,0 +1,127 @@
+"""A chain worker that stalls or dies at any point of a step ends in a bounded error, never a hang.
+
+vLLM reads only the head's replies, and the head decodes without the chain workers, so a
+dead chain worker is noticed only through vLLM's executor monitor (see the patch
+step-broadcast-stops-on-shutdown). Each test injects one fault (tests/faulty_worker.py) into a
+fresh engine and asserts the error, its cause in the log, and the time it took.
+"""
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.models import tiny_llama
+
+BS = 128
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIED = re.compile(r"Worker proc \S+ died unexpectedly")
+
+
+def faulty_engine_run(fault: str, recv_timeout_s: float, max_tokens: int) -> tuple[str, str]:
+    """One generate() on an engine whose first chain worker misbehaves; (RESULT line, output)."""
+    code = f"""
+import time
+from vllm import LLM, SamplingParams
+llm = LLM(model={tiny_llama()!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+          max_model_len=4096, block_size={BS}, worker_cls="tests.faulty_worker.FaultyWorker",
+          prefill_context_parallel_size=2,
+          additional_config={{"kv_runahead": {{"min_tokens": 0, "recv_timeout_s": {recv_timeout_s}}}}})
+t = time.time()
+try:
+    llm.generate([{{"prompt_token_ids": list(range(1, 400))}}],
+                 SamplingParams(max_tokens={max_tokens}, ignore_eos=True), use_tqdm=False)
+    print("RESULT no error")
+except Exception as e:
+    print("RESULT", type(e).__name__, round(time.time() - t, 1))
+"""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40",
+               KVR_TEST_FAULT=fault)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"fault {fault}: the engine hung (no result within 300 s):\n{out[-4000:]}")
+    result = [line for line in p.stdout.splitlines() if line.startswith("RESULT")]
+    return (result[0] if result else ""), p.stdout + p.stderr
+
+
+def assert_failed_within(result: str, out: str, bound_s: float) -> None:
+    assert result.startswith("RESULT EngineDeadError"), out[-4000:]
+    assert float(result.split()[-1]) < bound_s, result
+
+
+def test_stalled_chain_peer_fails_the_request_within_the_timeout():
+    """A peer that stalls mid-prefill: the head's bounded receive fails the step with a
+    clear error, vLLM then shuts the engine down (EngineDeadError); nothing hangs."""
+    result, out = faulty_engine_run("stall", 3, max_tokens=2)
+    assert_failed_within(result, out, 30)             # well before the peer's 40 s stall ends
+    assert re.search(r"no KV from chain rank 0 within 3(\.0)? s", out), out[-4000:]
+
+
+def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once():
+    """The forward raises (say, out of memory) before any KV is sent: the head would wait for
+    that KV until its receive timeout (NCCL has none); the worker exits instead."""
+    result, out = faulty_engine_run("raise", 120, max_tokens=2)
+    assert_failed_within(result, out, 60)             # not the 120 s receive timeout
+    assert "injected chain worker failure" in out and "failed mid-prefill" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("fault, cause", [
+    ("exit_after", "FAULT after execute_model"),        # dies between execute_model and sample_tokens
+    ("raise_sample", "injected chain worker failure"),  # sampling raises; fail-fast exits
+    ("exit_idle", "FAULT idle"),                        # dies while the head decodes alone
+])
+def test_chain_worker_dying_outside_its_forward_stops_the_engine(fault, cause):
+    """The head has its KV and decodes on without the chain: vLLM's monitor must turn the death
+    into a failed engine. Without the step-broadcast patch these hang: the engine core spins in
+    the step broadcast to the dead worker once the ring is full (max_tokens keeps it stepping)."""
+    result, out = faulty_engine_run(fault, 120, max_tokens=3000)
+    assert cause in out and DIED.search(out), out[-4000:]
+    assert_failed_within(result, out, 90)
+
+
+def test_dead_chain_peer_fails_requests_fast_and_server_exits():
+    """SIGKILL the first chain worker while long prompts are in flight: the requests end with
+    an error (not a hang) after the kill, and vLLM shuts the server down, as for any dead vLLM worker."""
+    import concurrent.futures as cf
+    import time
+
+    import psutil
+
+    from benchmarks.serve_load import run_one, start_server, stop_server
+
+    proc, base, log = start_server(tiny_llama(), 2)
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        workers = sorted((p for p in kids if "Worker" in p.name() or "Worker" in " ".join(p.cmdline())),
+                         key=lambda p: p.create_time())
+        assert len(workers) == 2, [(p.name(), p.cmdline()) for p in kids]
+        rng = random.Random(3)
+        reqs = [dict(id=i, prompt=[rng.randrange(1, 512) for _ in range(2499)],  # valid ids: vocab 512
+                     max_tokens=300, stream=i % 2 == 0, cancel=None) for i in range(8)]
+
+        def timed(req):
+            res = run_one(base, tiny_llama(), req)
+            return res, time.time()
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(timed, r) for r in reqs]
+            time.sleep(0.5)
+            assert not any(f.done() for f in futs), [f.result() for f in futs if f.done()]
+            t_kill = time.time()
+            workers[0].kill()  # rank 0: the first chain worker (the head is vLLM's output rank, the last)
+            results = [f.result(timeout=120) for f in futs]
+        server_log = "".join(log[-80:])
+        assert all(res["status"] != "cancelled" for res, _ in results)
+        failed = [(res, t) for res, t in results if res["status"] != "ok"]
+        assert failed, f"killing a chain worker must fail the in-flight requests\n{server_log}"
+        assert all(t >= t_kill for _, t in failed), server_log   # failed because of the kill, not before
+        assert max(t for _, t in results) - t_kill < 120, server_log
+        proc.wait(timeout=120)  # vLLM shuts the server down once its engine is dead
+        assert any(DIED.search(line) for line in log), "".join(log[-60:])
+    finally:
+        stop_server(proc)
