@@ -25,20 +25,25 @@ LENGTHS = [1, 5, 60, 300, 700, 1500, 2500]
 MAX_TOKENS = 12
 
 
-def start_server(model: str, workers: int, extra: list[str] = (), env: dict | None = None, timeout: float = 300):
-    """Start the OpenAI server (python -m ...api_server, as `vllm serve`); returns (proc, base_url, log)."""
+def start_server(model: str, workers: int, extra: list[str] = (), env: dict | None = None, timeout: float = 300,
+                 *, tokenizer: bool = False, prefix_caching: bool = False, kvr: dict | None = None):
+    """Start the OpenAI server (python -m ...api_server, as `vllm serve`); returns (proc, base_url, log).
+    tokenizer: load the model's tokenizer (chat, text prompts); else token ids only.
+    kvr: KV-Runahead options (default min_tokens 256)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "float32",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "4096", "--max-num-batched-tokens", "1024",
-           "--block-size", "128", "--no-enable-prefix-caching", "--seed", "0", *extra]
+           "--block-size", "128", "--seed", "0", *extra]
+    cmd += [] if tokenizer else ["--skip-tokenizer-init"]
+    cmd += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     if workers > 1:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(workers)))
         cmd += ["--worker-cls", "vllm_kvrunahead.Worker", "--prefill-context-parallel-size", str(workers),
-                "--additional-config", '{"kv_runahead": {"min_tokens": 256}}']
+                "--additional-config", json.dumps({"kv_runahead": kvr or {"min_tokens": 256}})]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log: list[str] = []

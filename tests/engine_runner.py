@@ -2,9 +2,11 @@
 
     python -m tests.engine_runner SPEC.json OUT.pt
 
-SPEC: model, workers (1 = plain vLLM), alone (prompts sent one by one, with
-the head's KV blocks of each read right after it), batch (prompts sent at
-once: mixed prefill/decode steps), max_tokens, engine kwargs.
+SPEC: model, workers (1 = plain vLLM), alone (prompts sent one by one; after each,
+the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
+chunks ran ahead), batch (prompts sent at once: mixed prefill/decode steps), seeded
+(prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2),
+max_tokens, engine kwargs.
 """
 import json
 import os
@@ -20,6 +22,11 @@ def read_blocks(worker, block_ids, layers):
     return [caches[i].index_select(0, idx).clone() for i in layers]
 
 
+def head_counts(llm):
+    s = llm.collective_rpc("kvr_stats")[-1]  # KV-Runahead's head is vLLM's output rank, the last
+    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead")}
+
+
 def main(spec_path, out_path):
     spec = json.loads(open(spec_path).read())
     workers = spec["workers"]
@@ -30,33 +37,41 @@ def main(spec_path, out_path):
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
-              **spec.get("engine", {}))
+              disable_log_stats=False, **spec.get("engine", {}))
     if workers > 1:
-        kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=workers,
+        kw.update(worker_cls="tests.recording_worker.RecordingKVRWorker", prefill_context_parallel_size=workers,
                   additional_config={"kv_runahead": spec.get("kvr", {})})
     else:
         kw.update(worker_cls="tests.recording_worker.RecordingWorker")
     llm = LLM(**kw)
     sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, logprobs=1)
-    out = {"alone": [], "kv": [], "batch": [], "logprobs": []}
+    out = {"alone": [], "kv": [], "batch": [], "logprobs": [], "seeded": [], "ahead": [], "cached": []}
     seen = 0
     for ids in spec["alone"]:
+        before = head_counts(llm) if workers > 1 else None
         o = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         out["alone"].append(list(o.outputs[0].token_ids))
         out["logprobs"].append([max(lp.values(), key=lambda x: x.logprob).logprob for lp in o.outputs[0].logprobs])
+        out["cached"].append(o.num_cached_tokens or 0)
+        if before is not None:
+            out["ahead"].append({k: v - before[k] for k, v in head_counts(llm).items()})
         recs = llm.collective_rpc("kvr_request_blocks")
-        head = len(recs) - 1 if workers > 1 else 0  # KV-Runahead's head is vLLM's output rank
+        head = len(recs) - 1
         reqs = recs[head][seen:]
         seen += len(reqs)
         prompt_len, block_ids = reqs[-1]
-        bs = spec["block_size"]
-        full = block_ids[0][: prompt_len // bs]  # whole blocks inside the prompt
+        full = block_ids[: prompt_len // spec["block_size"]]  # whole blocks inside the prompt
         layers = spec.get("kv_layers")
-        kv = llm.collective_rpc(read_blocks, args=(full, layers or [0]))[head] if layers is not None else None
-        out["kv"].append(kv)
+        out["kv"].append(llm.collective_rpc(read_blocks, args=(full, layers))[head] if layers else None)
     if spec.get("batch"):
         outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["batch"]], sp, use_tqdm=False)
         out["batch"] = [list(o.outputs[0].token_ids) for o in outs]
+    for n in (1, 2) if spec.get("seeded") else ():
+        seeded = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.8, seed=7, n=n, ignore_eos=True)
+        # one prompt at a time: plain vLLM on CPU cannot rewind a seeded generator after a partial chunk
+        outs = [llm.generate([{"prompt_token_ids": ids}], seeded, use_tqdm=False)[0] for ids in spec["seeded"]]
+        out["seeded"].append([[list(c.token_ids) for c in o.outputs] for o in outs])
+    out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     if workers > 1:
         out["stats"] = llm.collective_rpc("kvr_stats")
     torch.save(out, out_path)

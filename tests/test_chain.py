@@ -90,13 +90,13 @@ def test_receive_from_stalled_peer_times_out():
 
 
 def _warm(rank, world):
-    comm = ChainComm(rank - 1 if rank else None, rank + 1 if rank < world - 1 else None, timeout_s=30)
-    comm.warm_up(torch.device("cpu"))
-    return comm.bytes_sent, comm.bytes_received
+    comm = ChainComm((rank - 1) % world, (rank + 1) % world, timeout_s=30)  # the ring: 0 -> 1 -> 2 -> 0
+    hops = comm.warm_up(torch.device("cpu"), first=rank == 0)
+    return hops, comm.bytes_sent, comm.bytes_received
 
 
-def test_warm_up_passes_down_the_chain_and_resets_counters():
-    assert run_ranks(_warm, 3) == [(0, 0), (0, 0), (0, 0)]
+def test_warm_up_goes_around_the_ring_and_resets_counters():
+    assert run_ranks(_warm, 3) == [(3, 0, 0), (1, 0, 0), (2, 0, 0)]
 
 
 def _bounded_sends(rank, world, layers):

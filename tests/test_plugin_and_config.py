@@ -54,6 +54,18 @@ def test_config_turns_pcp_into_chain_workers():
         "profile": False, "refine": False}
 
 
+def test_default_step_budget_scales_with_workers_and_a_users_is_kept(kvr_log):
+    import logging
+
+    kvr_log.set_level(logging.INFO, logger="vllm.kvrunahead")
+    plain = engine_config(worker_cls="auto", prefill_context_parallel_size=1).scheduler_config
+    for n in (2, 3):
+        got = engine_config(prefill_context_parallel_size=n).scheduler_config.max_num_batched_tokens
+        assert got == n * plain.max_num_batched_tokens
+        assert f"step budget max_num_batched_tokens={got} (vLLM's default " in kvr_log.text
+    assert engine_config(max_num_batched_tokens=1000).scheduler_config.max_num_batched_tokens == 1000
+
+
 def test_without_the_worker_class_pcp_is_untouched():
     cfg = engine_config(worker_cls="auto", prefill_context_parallel_size=1)
     assert "kv_runahead" not in (cfg.additional_config or {})
@@ -89,7 +101,8 @@ def test_table_for_other_worker_count_refused(tmp_path):
 def stub_config(**model):
     pc = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1,
                          decode_context_parallel_size=1, distributed_executor_backend="mp", nnodes=1)
-    mc = SimpleNamespace(model="m", is_encoder_decoder=False, use_mla=False, runner_type="generate")
+    mc = SimpleNamespace(model="m", is_encoder_decoder=False, use_mla=False, runner_type="generate",
+                         is_hybrid=False, is_attention_free=False, hf_text_config=SimpleNamespace())
     mc.__dict__.update(model)
     return SimpleNamespace(parallel_config=pc, model_config=mc, speculative_config=None,
                            kv_transfer_config=None)
@@ -99,12 +112,31 @@ def stub_config(**model):
     (dict(is_encoder_decoder=True), "encoder-decoder models"),
     (dict(use_mla=True), "MLA models"),
     (dict(runner_type="pooling"), "only generative models"),
+    (dict(is_hybrid=True), "one KV cache group; m mixes hybrid"),
+    (dict(hf_text_config=SimpleNamespace(layer_types=["sliding_attention", "full_attention"])),
+     "one KV cache group; m mixes full_attention, sliding_attention"),
 ])
 def test_unsupported_models_refused(model, message):
     from vllm_kvrunahead.patches.config_hook import check_supported
 
     with pytest.raises(ValueError, match=message):
         check_supported(stub_config(**model), KVRunaheadConfig(num_workers=2))
+
+
+def test_sliding_window_mix_refused_at_config_time(tmp_path):
+    """A Gemma3 shape (sliding-window and full layers: two KV cache groups) is refused while vLLM
+    builds its config, before any worker starts or loads weights."""
+    import time
+
+    cfg = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=512, hidden_size=64,
+               intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+               head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+               max_position_embeddings=2048)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="one KV cache group; .* mixes full_attention, sliding_attention"):
+        engine_config(model=str(tmp_path))
+    assert time.monotonic() - t < 60  # config only: no engine, no weights
 
 
 def test_more_workers_than_gpus_refused(monkeypatch):

@@ -27,7 +27,7 @@ class ChainTimeout(RuntimeError):
 class ChainComm:
     """Point-to-point link of one chain worker to its predecessor and successor.
 
-    prev_rank / next_rank are global ranks (None at the ends of the chain).
+    prev_rank / next_rank are global ranks (None: no such link, as in a test's open chain).
     timeout_s bounds every receive on CPU backends (gloo); NCCL's own
     watchdog bounds GPU receives.
     """
@@ -102,16 +102,20 @@ class ChainComm:
         dist.all_reduce(t, group=self.cpu_group)
         return t.tolist()
 
-    def warm_up(self, device: torch.device) -> None:
-        """One tiny message down the chain, so the links (NCCL's per-pair communicators
-        are created lazily) exist before the first request instead of inside its TTFT."""
+    def warm_up(self, device: torch.device, first: bool) -> int:
+        """One tiny message around the ring, so the links (NCCL's per-pair communicators are
+        created lazily) exist before the first request instead of inside its TTFT. The ``first``
+        chain position starts it and ends by receiving from the head. Returns the hops the
+        message had made when it got here (first: all N)."""
         buf = torch.zeros(1, device=device)
-        if self.prev_rank is not None:
+        if not first:
             self.wait_recv(self.post_recv(buf))
-        if self.next_rank is not None:
-            self.post_send(buf + 1)
-            self.wait_sends()
+        self.post_send(buf + 1)
+        self.wait_sends()
+        if first:
+            self.wait_recv(self.post_recv(buf))
         self.bytes_sent = self.bytes_received = 0
+        return int(buf.item())
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

@@ -22,9 +22,10 @@ class KVRunaheadConfig:
     num_workers: int = 1
     # How prompts are cut: auto | model | even | table (see PARTITIONS).
     partition: str = "auto"
-    # Prompts with fewer new tokens than this run on the head alone: for short
-    # prompts the chain's per-layer hops cost more than they save.
-    min_tokens: int = 2048
+    # Which prefill chunks run ahead. None: those the cost model predicts finish sooner on the
+    # chain than on the head alone (per N; ~1.1k tokens at N=2, ~2.3k at N=4 for Llama-3-8B).
+    # An int: chunks of at least that many new tokens.
+    min_tokens: int | None = None
     # Lookup table JSON for partition="table" (its n_workers must match).
     table_path: str | None = None
     # Bound on every chain receive on CPU (gloo); a dead or stalled peer then
@@ -52,8 +53,10 @@ class KVRunaheadConfig:
         if self.table_path and self.partition != "table":
             raise ValueError(f'KV-Runahead: "table_path" is used only with partition "table", '
                              f'not {self.partition!r}; set "partition": "table" or drop "table_path"')
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"KV-Runahead: min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens is not None and (isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int)
+                                            or self.min_tokens < 0):
+            raise ValueError(f"KV-Runahead: min_tokens must be an integer >= 0 (or null: the cost model "
+                             f"decides), got {self.min_tokens!r}")
         if not isinstance(self.recv_timeout_s, (int, float)) or self.recv_timeout_s <= 0:
             raise ValueError(f"KV-Runahead: recv_timeout_s must be > 0, got {self.recv_timeout_s!r}")
         for name in ("profile", "refine"):

@@ -18,18 +18,29 @@ import torch
 from . import kv_layout
 from .comm import ChainComm
 from .profiling import StepProfiler
-from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata
+from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata, layer_order
 
 
 @dataclass
 class RunaheadMeta(KVConnectorMetadata):
-    """This worker's chain traffic for one step (scheduler block ids, in message order)."""
+    """This worker's chain traffic for one step (scheduler block ids, in message order).
 
-    recv_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    send_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    recv: per layer, from the predecessor (position 0: the head's cached prefix).
+    send: per layer, to the successor, once this layer's attention has run (chain workers).
+    send_ahead: per layer, to position 0, ahead of the head's own compute: the cached prefix.
+    upfront_send / upfront_recv: once, all layers, before the forward: the block holding an
+    unaligned chunk start (head -> position 0).
+    """
+
+    recv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    send: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    send_ahead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    upfront_send: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    upfront_recv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 EMPTY_META = RunaheadMeta()
+AHEAD = 2  # the head keeps its prefix sends this many layers ahead of its own layer
 
 
 @dataclass
@@ -45,12 +56,15 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.comm = comm
         self._profile = profile
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []  # layer names in forward order
         self.stats = ChainStats()
-        self._recv: torch.Tensor | None = None  # kernel block ids to receive
-        self._send: torch.Tensor | None = None  # kernel block ids to send
-        self._pending = None
-        self._layers_left = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._recv = self._send = self._ahead = self._pending = None  # kernel block ids / next receive
+        self._layer = 0           # attention layers entered this step
         self._layers_sent = 0
+        self._busy = False        # this step moves KV
 
     # -- set-up ---------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -62,6 +76,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             raise ValueError(
                 f"KV-Runahead needs the same KV cache shape in every layer, got {sorted(map(str, shapes))}")
         self.kv_caches = dict(kv_caches)
+        self.order = layer_order(list(kv_caches))
         any_cache = next(iter(kv_caches.values()))
         self.block_shape = tuple(any_cache.shape[1:])
         self.dtype, self.device = any_cache.dtype, any_cache.device
@@ -75,20 +90,40 @@ class KVRunaheadConnector(KVConnectorBase_V1):
 
     # -- per step ---------------------------------------------------------
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        """Message order per peer pair is fixed (NCCL runs a pair's sends and receives in issue
+        order on one stream): head: upfront, prefix layers 0 and 1, then per layer l: prefix
+        l+2, receive l+1; position 0: upfront, receive 0, then per layer: receive l+1, send l."""
         meta = self._get_connector_metadata()
-        self._recv = self._send = self._pending = None
-        self._layers_sent = 0
+        self._reset()
         if not isinstance(meta, RunaheadMeta):
             return
-        if len(meta.recv_blocks):
-            self._recv = self._device_blocks(meta.recv_blocks)
-            self._layers_left = len(self.kv_caches)
+        busy = any(len(b) for b in (meta.recv, meta.send, meta.send_ahead, meta.upfront_send, meta.upfront_recv))
+        if not busy:
+            return
+        self._busy = True
+        self.stats.steps += 1
+        self.profiler.begin()
+        if len(meta.upfront_send):
+            blocks = self._device_blocks(meta.upfront_send)
+            self.comm.post_send(torch.stack([kv_layout.gather(self.kv_caches[n], blocks) for n in self.order]))
+            self.stats.blocks_sent += len(blocks) * len(self.order)
+        if len(meta.upfront_recv):
+            blocks = self._device_blocks(meta.upfront_recv)
+            buf = torch.empty((len(self.order), len(blocks), *self.block_shape), dtype=self.dtype,
+                              device=self.device)
+            self.comm.wait_recv(self.comm.post_recv(buf))
+            for name, data in zip(self.order, buf):
+                kv_layout.scatter(self.kv_caches[name], blocks, data)
+            self.stats.blocks_received += len(blocks) * len(self.order)
+        if len(meta.send_ahead):
+            self._ahead = self._device_blocks(meta.send_ahead)
+            for layer in range(min(AHEAD, len(self.order))):
+                self._send_ahead(layer)
+        if len(meta.recv):
+            self._recv = self._device_blocks(meta.recv)
             self._pending = self._post_recv()
-        if len(meta.send_blocks):
-            self._send = self._device_blocks(meta.send_blocks)
-        if self._recv is not None or self._send is not None:
-            self.stats.steps += 1
-            self.profiler.begin()
+        if len(meta.send):
+            self._send = self._device_blocks(meta.send)
 
     def _device_blocks(self, block_ids: np.ndarray) -> torch.Tensor:
         ids = kv_layout.kernel_blocks(block_ids, self.per_block)
@@ -98,15 +133,28 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         buf = torch.empty((len(self._recv), *self.block_shape), dtype=self.dtype, device=self.device)
         return self.comm.post_recv(buf), buf
 
+    def _send_ahead(self, layer: int) -> None:
+        self.comm.post_send(kv_layout.gather(self.kv_caches[self.order[layer]], self._ahead))
+        self._layers_sent += 1
+        self.stats.blocks_sent += len(self._ahead)
+
     def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layer
+        self._layer += 1
+        if self._ahead is not None:
+            if layer >= len(self.order) or self.order[layer] != layer_name:
+                raise RuntimeError(
+                    f"KV-Runahead: attention layer {layer_name} ran as layer {layer}; the prefix is sent in "
+                    f"the order {self.order[:4]}...: the model's layers do not run in index order")
+            if layer + AHEAD < len(self.order):
+                self._send_ahead(layer + AHEAD)
         if self._recv is None:
             return
         if self._pending is None:
             raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
         work, buf = self._pending
-        self._layers_left -= 1
         # post the next layer's receive before waiting on this one (post, compute, wait)
-        self._pending = self._post_recv() if self._layers_left > 0 else None
+        self._pending = self._post_recv() if self._layer < len(self.order) else None
         waited = self.profiler.around_wait()
         self.comm.wait_recv(work)
         waited()
@@ -122,16 +170,15 @@ class KVRunaheadConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         self.comm.wait_sends()
-        if self._recv is not None and self._layers_left != 0:
+        if self._recv is not None and self._layer != len(self.order):
             raise RuntimeError(
-                f"KV-Runahead: {self._layers_left} layer(s) of prefix KV were never consumed; "
+                f"KV-Runahead: {len(self.order) - self._layer} layer(s) of prefix KV were never consumed; "
                 "the model has attention layers the chain cannot see")
-        if self._send is not None and self._layers_sent != len(self.kv_caches):
-            raise RuntimeError(
-                f"KV-Runahead: sent {self._layers_sent} of {len(self.kv_caches)} layers")
-        if self._recv is not None or self._send is not None:
+        if (self._send is not None or self._ahead is not None) and self._layers_sent != len(self.order):
+            raise RuntimeError(f"KV-Runahead: sent {self._layers_sent} of {len(self.order)} layers")
+        if self._busy:
             self.profiler.end()
-        self._recv = self._send = self._pending = None
+        self._reset()
 
     # -- scheduler side: unused (KV-Runahead plans on the workers) ----------
     def get_num_new_matched_tokens(self, request, num_computed_tokens):

@@ -19,6 +19,7 @@ makes earlier segments longer::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PARTITION_METHODS = ("even", "balanced")
@@ -55,6 +56,10 @@ class CostModel:
     linear: float = 2 * 218_103_808 / 600e12
     attn: float = 4 * 4096 / 650e12
     xfer: float = 2 * 8 * 128 * 2 / 300e9
+    # Seconds each extra chain worker adds to a runahead step that the layer pipeline does not hide
+    # (step set-up, per-layer hooks, launch latency): ~13 ms, from N=2 and N=4 TTFT at 1k-4k tokens
+    # on 4x H200 (N=4: 0.6x of one GPU at 1k tokens, 1.05x at 2k). Decides what runs ahead.
+    hop: float = 0.013
 
     @classmethod
     def from_shape(
@@ -85,7 +90,7 @@ class CostModel:
     def validate(self) -> "CostModel":
         if self.num_layers < 1:
             raise ValueError(f"CostModel.num_layers must be >= 1, got {self.num_layers}")
-        for name in ("linear", "attn", "xfer"):
+        for name in ("linear", "attn", "xfer", "hop"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CostModel.{name} must be >= 0, got {getattr(self, name)}")
         if self.linear == 0 and self.attn == 0:
@@ -291,3 +296,119 @@ def align_segments(segments: tuple[Segment, ...], align: int) -> tuple[Segment, 
         bounds.append(b)
     bounds.append(n)
     return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])
+
+
+# -- a step as one job: chunks of any start, several at once, with the head's other work ----------
+
+@dataclass(frozen=True)
+class Chunk:
+    """One request's tokens computed in a step: [start, end). KV of [0, start) is cached on the
+    head (an earlier chunk, a prefix-cache hit, a resumed request); chain workers compute prompt
+    tokens only, so their segments end at or before ``limit`` (the prompt's length)."""
+
+    start: int
+    end: int
+    limit: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def _position_at(chunk: Chunk, share: float, cost: CostModel) -> float:
+    """Position x in the chunk where the per-layer compute of [start, x) is ``share`` of the chunk's:
+    compute(start, x) = linear (x - start) + attn (x^2 - start^2) / 2 is increasing in x."""
+    s, e = chunk.start, chunk.end
+    if share <= 0:
+        return float(s)
+    if share >= 1:
+        return float(e)
+    target = share * cost.layer_compute(s, e) + cost.linear * s + cost.attn * s * s / 2
+    if cost.attn == 0:
+        return target / cost.linear
+    return (-cost.linear + math.sqrt(cost.linear ** 2 + 2 * cost.attn * target)) / cost.attn
+
+
+def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
+                         head_extra: float = 0.0) -> list[list[float]]:
+    """Inner bounds (N-1 real positions per chunk) that give every worker the same per-layer busy
+    time for the whole step: its segments of all chunks, the prefix KV it receives, and on the
+    head ``head_extra`` (per-layer cost of the work only the head does: decodes, short chunks).
+
+    Worker k takes the same share of every chunk's compute (compute of [a, b) is F(b) - F(a), so
+    equal shares add up); one bisection on the per-worker budget sets the shares. With one cold
+    chunk and no head work this is ``balanced_split``.
+    """
+    cost.validate()
+    total = sum(cost.layer_compute(c.start, c.end) for c in chunks)
+    if n_workers < 2 or not chunks or total <= 0:
+        return [[float(c.end)] * max(0, n_workers - 1) for c in chunks]
+
+    def received(pos: int, u: float) -> float:
+        if pos == 0:
+            return cost.xfer * sum(c.start for c in chunks)
+        xs = [_position_at(c, u, cost) for c in chunks]
+        if pos == n_workers - 1:
+            return cost.xfer * sum(x - c.start for x, c in zip(xs, chunks))
+        return cost.xfer * sum(xs)
+
+    def fill(budget: float) -> list[float] | None:
+        shares, u = [], 0.0
+        for pos in range(n_workers - 1):
+            u = min(1.0, u + max(0.0, budget - received(pos, u)) / total)
+            shares.append(u)
+        head = (1 - u) * total + received(n_workers - 1, u) + head_extra
+        return shares if head <= budget else None
+
+    lo, hi = 0.0, total + received(n_workers - 1, 1.0) + head_extra + cost.xfer * sum(c.end for c in chunks)
+    best = fill(hi)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        got = fill(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+        if hi - lo <= 1e-9 * hi:
+            break
+    return [[_position_at(c, u, cost) for u in best] for c in chunks]
+
+
+def align_bounds(chunk: Chunk, bounds: list[float], align: int) -> tuple[Segment, ...]:
+    """Segments of ``chunk`` whose inner bounds are multiples of ``align`` (a KV block), nearest
+    first: >= 1 token for the first segment, >= one block for the others but the last, >= 1 token
+    for the last (the head's); inner bounds stay <= ``chunk.limit``. Needs N-1 multiples of
+    ``align`` in (start, min(end - 1, limit)]."""
+    if align < 1:
+        raise ValueError(f"alignment must be >= 1, got {align}")
+    k = len(bounds)
+    first = chunk.start // align + 1                       # smallest multiple (in blocks) > start
+    last = min(chunk.end - 1, chunk.limit) // align        # largest allowed
+    if last - first + 1 < k:
+        raise ValueError(f"cannot cut tokens [{chunk.start}, {chunk.end}) into {k + 1} segments at "
+                         f"{align}-token blocks")
+    out, prev = [], first - 1
+    for i, b in enumerate(bounds):
+        q = int(round(b / align))
+        q = max(q, prev + 1)                               # after the previous bound
+        q = min(q, last - (k - 1 - i))                     # room for the later ones
+        out.append(q)
+        prev = q
+    edges = [chunk.start] + [q * align for q in out] + [chunk.end]
+    return tuple(Segment(i, a, b) for i, (a, b) in enumerate(zip(edges, edges[1:])))
+
+
+def runahead_gain(chunk: Chunk, n_workers: int, cost: CostModel) -> float:
+    """Predicted seconds a chunk finishes sooner on the chain (balanced, layer pipeline of
+    (layers + N - 1) steps of the busiest worker, plus ``hop`` per extra worker) than on the head
+    alone; <= 0: keep it on the head."""
+    if n_workers < 2:
+        return 0.0
+    alone = cost.num_layers * cost.layer_compute(chunk.start, chunk.end)
+    edges = [float(chunk.start), *balanced_step_bounds([chunk], n_workers, cost)[0], float(chunk.end)]
+    busy = []
+    for k, (a, b) in enumerate(zip(edges, edges[1:])):
+        got = chunk.start if k == 0 else (a - chunk.start if k == n_workers - 1 else a)
+        busy.append(cost.layer_compute(a, b) + cost.xfer * got)
+    chain = (cost.num_layers + n_workers - 1) * max(busy) + (n_workers - 1) * cost.hop
+    return alone - chain

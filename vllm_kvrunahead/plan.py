@@ -1,89 +1,121 @@
 """What each chain worker does in one engine step (pure; no torch.distributed).
 
-Input: a plain view of the step (per request: tokens already computed, tokens
-scheduled now, prompt length, block ids, whether runahead may apply). Output:
-which requests run ahead, their segments, and for every chain position the
-KV slots it receives from its predecessor and sends to its successor.
+Input: a plain view of every request scheduled in the step (tokens whose KV is
+already cached, tokens scheduled now, prompt length, block ids, whether runahead
+may apply). Output: which requests run ahead, their segments, and for every
+chain position the KV blocks it receives and sends.
 
-Runahead applies to a request's first prefill chunk with nothing cached
-(computed == 0) and at least ``min_tokens`` (and >= N) tokens; anything else
-(decodes, later chunks, prefix-cache hits, short prompts) runs on the head
-alone, as in plain vLLM.
+Any prefill chunk may run ahead: a cold prompt, a later chunk of a long prompt,
+a prefix-cache hit, a resumed request. A chunk [c, c + m) is cut into N segments
+of its new tokens; the last one is the head's. The KV of [0, c) is only in the
+head's paged blocks (from earlier steps), so the chain is a ring:
+
+    head --[0,c)--> pos 0 --[0,e0)--> pos 1 --[0,e1)--> ... --[c,e_{N-2})--> head
+
+The head sends [0, c) per layer ahead of its own compute (it has it before the
+step starts), chain position k sends its prefix plus its own segment, and the
+head receives only what it does not have. Inner segment bounds are whole KV
+blocks; c need not be, so the block holding c (head's tokens before c, pos 0's
+after) goes to pos 0 once, for all layers, before the forward ("upfront"),
+because the attention backend may write pos 0's own KV into that block before
+the per-layer hook runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
-from .partition import Segment, align_segments
+from .partition import Chunk, Segment
 
 
 @dataclass(frozen=True)
 class ReqView:
     req_id: str
-    num_computed: int
-    num_scheduled: int
-    prompt_len: int
+    num_computed: int           # c: tokens whose KV is in the head's cache already
+    num_scheduled: int          # m: tokens computed this step
+    prompt_len: int             # chain workers compute prompt tokens only
     block_ids: tuple[int, ...]  # KV cache group 0, covering [0, num_computed + num_scheduled)
-    eligible: bool = True       # False: feature the chain does not carry (prompt logprobs, ...)
+    eligible: bool = True       # False: decodes, and features the chain does not carry
+
+    @property
+    def chunk(self) -> Chunk:
+        return Chunk(self.num_computed, self.num_computed + self.num_scheduled, self.prompt_len)
 
 
 @dataclass(frozen=True)
 class RunaheadReq:
     req_id: str
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...]  # absolute token positions; segments[0].start = c
     block_ids: tuple[int, ...]
+
+    @property
+    def start(self) -> int:
+        return self.segments[0].start
+
+
+class StepSplitter(Protocol):
+    """Decides which chunks run ahead and cuts them (``Partitioner`` is one)."""
+
+    def runs_ahead(self, chunk: Chunk) -> bool: ...
+
+    def split_step(self, chunks: list[Chunk], head_only: list[Chunk]) -> list[tuple[Segment, ...]]: ...
 
 
 @dataclass(frozen=True)
 class StepPlan:
     n_workers: int
     requests: tuple[RunaheadReq, ...]
+    block_size: int = 1
 
     def __bool__(self) -> bool:
         return bool(self.requests)
 
-    def recv_blocks(self, pos: int, block_size: int) -> np.ndarray:
-        """KV blocks chain position ``pos`` receives: its whole prefix (message order)."""
-        return _blocks([(r.block_ids, r.segments[pos].start) for r in self.requests], block_size)
+    def _blocks(self, ranges) -> np.ndarray:
+        """Concatenated block ids [lo, hi) of each request (message order: request order)."""
+        parts = [np.asarray(r.block_ids[lo:hi], dtype=np.int64) for r, (lo, hi) in zip(self.requests, ranges)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def send_blocks(self, pos: int, block_size: int) -> np.ndarray:
-        """KV blocks chain position ``pos`` sends on: its prefix plus its own segment."""
-        if pos == self.n_workers - 1:
-            return np.zeros(0, dtype=np.int64)
-        return _blocks([(r.block_ids, r.segments[pos].end) for r in self.requests], block_size)
+    def recv_blocks(self, pos: int) -> np.ndarray:
+        """Blocks chain position ``pos`` receives per layer from its predecessor."""
+        bs = self.block_size
+        if pos == 0:      # from the head: the cached prefix's whole blocks
+            return self._blocks([(0, r.start // bs) for r in self.requests])
+        if pos == self.n_workers - 1:  # the head: only what it does not hold yet
+            return self._blocks([(r.start // bs, r.segments[pos].start // bs) for r in self.requests])
+        return self._blocks([(0, r.segments[pos].start // bs) for r in self.requests])
+
+    def send_blocks(self, pos: int) -> np.ndarray:
+        """Blocks ``pos`` sends per layer to its successor (the head: the prefix, ahead of compute)."""
+        return self.recv_blocks((pos + 1) % self.n_workers)
+
+    def upfront_blocks(self) -> np.ndarray:
+        """The block holding c where c is not block aligned: head -> pos 0, all layers, before the forward."""
+        bs = self.block_size
+        return self._blocks([(r.start // bs, r.start // bs + (r.start % bs > 0)) for r in self.requests])
 
 
-
-def _blocks(prefixes, block_size: int) -> np.ndarray:
-    """Block ids holding tokens [0, end) of each request; ``end`` is block aligned."""
-    parts = []
-    for block_ids, end in prefixes:
-        assert end % block_size == 0, "segment boundaries are block aligned"
-        parts.append(np.asarray(block_ids[: end // block_size], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def make_plan(
-    reqs: list[ReqView],
-    n_workers: int,
-    *,
-    split: Callable[[int], tuple[Segment, ...]],
-    min_tokens: int,
-    block_size: int,
-) -> StepPlan:
-    """``split(m)``: the segments of an m-token prompt (e.g. a ``Partitioner``), aligned here."""
+def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int) -> StepPlan:
+    """Chunks the splitter finds worth running ahead, cut as one job with the head's other work."""
+    if n_workers < 2:
+        return StepPlan(n_workers, (), block_size)
+    ahead = [r for r in reqs if r.eligible and r.num_scheduled > 0 and _fits(r.chunk, n_workers, block_size)
+             and splitter.runs_ahead(r.chunk)]
+    if not ahead:
+        return StepPlan(n_workers, (), block_size)
+    chosen = {r.req_id for r in ahead}
+    head_only = [r.chunk for r in reqs if r.req_id not in chosen and r.num_scheduled > 0]
     out = []
-    for r in reqs:
-        m = r.num_scheduled
-        # each non-last segment needs at least one whole KV block
-        if not (r.eligible and n_workers > 1 and r.num_computed == 0
-                and m >= max(min_tokens, (n_workers - 1) * block_size + 1) and m <= r.prompt_len):
-            continue
-        if len(r.block_ids) * block_size < m:
-            raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {m} tokens")
-        segs = align_segments(split(m), block_size)
+    for r, segs in zip(ahead, splitter.split_step([r.chunk for r in ahead], head_only)):
+        if len(r.block_ids) * block_size < r.chunk.end:
+            raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids)))
-    return StepPlan(n_workers, tuple(out))
+    return StepPlan(n_workers, tuple(out), block_size)
+
+
+def _fits(chunk: Chunk, n_workers: int, block_size: int) -> bool:
+    """N-1 block-aligned inner bounds in (start, min(end - 1, limit)]: one block at least for every
+    chain worker's segment, one token for the head's."""
+    hi = min(chunk.end - 1, chunk.limit)
+    return hi // block_size - chunk.start // block_size >= n_workers - 1

@@ -16,7 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401 (r
     KVConnectorRole,
 )
 from vllm.platforms import current_platform
-from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from .plan import ReqView, StepPlan
 
@@ -56,6 +57,13 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def layer_order(layer_names: list[str]) -> list[str]:
+    """Attention layer names in forward order (by the layer index in the name, as vLLM binds them)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return sorted(layer_names, key=extract_layer_index)
+
+
 def install_connector(connector) -> None:
     """Make ``connector`` the KV connector the attention op's hooks call."""
     if kv_transfer_state._KV_CONNECTOR_AGENT is not None:
@@ -69,38 +77,79 @@ def uninstall_connector() -> None:
     kv_transfer_state._KV_CONNECTOR_AGENT = None
 
 
-def request_views(so: SchedulerOutput) -> list[ReqView]:
-    """Requests scheduled for the first time this step, as plain views for the planner.
+class RequestBook:
+    """Every live request's NewRequestData and block table (KV cache group 0).
 
-    Only new requests can run ahead (their KV starts empty); cached ones
-    (decodes, later chunks, resumed) always run on the head.
+    A SchedulerOutput carries a request's data once, when it is first scheduled, and
+    afterwards only each step's new blocks; a chain worker's runner forgets requests
+    between runahead steps, so every worker keeps this book from the outputs it sees.
     """
+
+    def __init__(self) -> None:
+        self._data: dict[str, NewRequestData] = {}
+        self._blocks: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def update(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self._data.pop(rid, None)
+            self._blocks.pop(rid, None)
+        for nr in so.scheduled_new_reqs:  # also resumed requests on model runner V2
+            self._data[nr.req_id] = nr
+            self._blocks[nr.req_id] = list(nr.block_ids[0]) if nr.block_ids else []
+        cr = so.scheduled_cached_reqs
+        for rid, new in zip(cr.req_ids, cr.new_block_ids):
+            if rid not in self._data:
+                continue
+            if rid in cr.resumed_req_ids:  # V1: the resumed request's whole new block table
+                self._blocks[rid] = list(new[0]) if new else []
+            elif new:
+                self._blocks[rid].extend(new[0])
+
+    def data(self, req_id: str) -> NewRequestData:
+        return self._data[req_id]
+
+    def blocks(self, req_id: str) -> list[int]:
+        return self._blocks[req_id]
+
+
+def _carried(nr: NewRequestData) -> bool:
+    """Whether the chain can compute this request's prompt: plain token prompts of a generative,
+    text-only request without LoRA or prompt logprobs (the head needs all logits for those)."""
+    sp = nr.sampling_params
+    return (nr.prompt_token_ids is not None and nr.prompt_embeds is None and not nr.mm_features
+            and nr.lora_request is None and nr.pooling_params is None and sp is not None
+            and sp.prompt_logprobs is None and len(nr.block_ids) == 1)
+
+
+def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
+    """Every request scheduled this step, as plain views for the planner (``book`` updated first).
+
+    A prefill chunk may run ahead wherever it starts; decodes and requests the chain cannot
+    carry stay on the head.
+    """
+    starts = {nr.req_id: nr.num_computed_tokens for nr in so.scheduled_new_reqs}
+    cr = so.scheduled_cached_reqs
+    starts.update(zip(cr.req_ids, cr.num_computed_tokens))
     views = []
-    for nr in so.scheduled_new_reqs:
-        sp = nr.sampling_params
-        eligible = (
-            nr.prompt_token_ids is not None
-            and nr.prompt_embeds is None
-            and not nr.mm_features
-            and nr.lora_request is None
-            and nr.pooling_params is None
-            and sp is not None
-            and sp.prompt_logprobs is None
-            and len(nr.block_ids) == 1
-        )
+    for rid, m in so.num_scheduled_tokens.items():
+        if rid not in starts:
+            continue
+        nr = book.data(rid)
+        c, prompt_len = starts[rid], len(nr.prompt_token_ids or ())
         views.append(ReqView(
-            req_id=nr.req_id,
-            num_computed=nr.num_computed_tokens,
-            num_scheduled=so.num_scheduled_tokens.get(nr.req_id, 0),
-            prompt_len=len(nr.prompt_token_ids or ()),
-            block_ids=tuple(nr.block_ids[0]) if nr.block_ids else (),
-            eligible=eligible,
+            req_id=rid, num_computed=c, num_scheduled=m, prompt_len=prompt_len,
+            block_ids=tuple(book.blocks(rid)),
+            eligible=c < prompt_len and _carried(nr) and rid not in so.scheduled_spec_decode_tokens,
         ))
     return views
 
 
 def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
-    """The head computes the last segment of each runahead request, everything else as scheduled."""
+    """The head computes the last segment of each runahead chunk, everything else as scheduled:
+    its runner takes the chain's KV of [c, segment start) as computed."""
     pos = plan.n_workers - 1
     segs = {r.req_id: r.segments[pos] for r in plan.requests}
     if not segs:
@@ -109,30 +158,42 @@ def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
         dataclasses.replace(nr, num_computed_tokens=segs[nr.req_id].start) if nr.req_id in segs else nr
         for nr in so.scheduled_new_reqs
     ]
+    cr = so.scheduled_cached_reqs
+    cached = dataclasses.replace(cr, num_computed_tokens=[
+        segs[rid].start if rid in segs else c for rid, c in zip(cr.req_ids, cr.num_computed_tokens)])
     num_sched = dict(so.num_scheduled_tokens)
     for rid, seg in segs.items():
         num_sched[rid] = seg.length
     return dataclasses.replace(
         so,
         scheduled_new_reqs=new_reqs,
+        scheduled_cached_reqs=cached,
         num_scheduled_tokens=num_sched,
         total_num_scheduled_tokens=sum(num_sched.values()),
         kv_connector_metadata=meta,
     )
 
 
-def for_chain_worker(so: SchedulerOutput, plan: StepPlan, pos: int, finished: set[str], meta) -> SchedulerOutput:
-    """A non-head worker's step: only its segment of each runahead request, nothing else.
+# A chain worker's segment ends before the prompt does, so the runner discards its token; plain
+# greedy sampling keeps the user's seed, penalties, logprobs and grammar away from the throwaway
+# pass (a seeded request's CPU generator cannot rewind: "CPU Generator does not use offset").
+CHAIN_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
 
-    Its runner forgets last step's requests (``finished``), so each runahead
-    request arrives as new, with its full block table and computed = segment start.
+
+def for_chain_worker(so: SchedulerOutput, plan: StepPlan, pos: int, finished: set[str], meta,
+                     book: RequestBook) -> SchedulerOutput:
+    """A non-head worker's step: only its segment of each runahead chunk, nothing else.
+
+    Its runner forgets last step's requests (``finished``), so each runahead request
+    arrives as new, with its whole block table and computed = segment start.
     """
-    segs = {r.req_id: r.segments[pos] for r in plan.requests}
-    new_reqs = [
-        dataclasses.replace(nr, num_computed_tokens=segs[nr.req_id].start)
-        for nr in so.scheduled_new_reqs if nr.req_id in segs
-    ]
-    num_sched = {rid: seg.length for rid, seg in segs.items()}
+    new_reqs, num_sched = [], {}
+    for r in plan.requests:
+        seg = r.segments[pos]
+        new_reqs.append(dataclasses.replace(
+            book.data(r.req_id), num_computed_tokens=seg.start, block_ids=(list(r.block_ids),),
+            sampling_params=CHAIN_SAMPLING))
+        num_sched[r.req_id] = seg.length
     empty = SchedulerOutput.make_empty()
     return dataclasses.replace(
         empty,

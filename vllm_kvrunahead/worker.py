@@ -1,14 +1,14 @@
 """KV-Runahead's vLLM worker: the platform's worker plus a per-step rewrite.
 
-Every worker receives the same SchedulerOutput. This class plans the step
-(pure ``plan.make_plan``), hands its model runner a rewritten output (its own
-segment of each long new prompt), and binds the chain traffic for the KV
-connector hooks. The head (vLLM's output rank) also runs everything else in
-the step and samples; the other workers run nothing but their segments.
+Every worker receives the same SchedulerOutput. This class keeps the book of
+live requests, plans the step (pure ``plan.make_plan``), hands its model runner
+a rewritten output (its own segment of each long prefill chunk), and binds the
+chain traffic for the KV connector hooks. The head (vLLM's output rank) also
+runs everything else in the step and samples; the other workers run nothing but
+their segments.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -25,8 +25,9 @@ from .partition import CostModel, balanced_split
 from .partitioner import ModelShape, Partitioner
 from .plan import StepPlan, make_plan
 from .refine import Refiner
+from .topology import ChainTopology
 
-logger = logging.getLogger("vllm_kvrunahead")
+from .log import logger
 
 
 def runahead_config(vllm_config) -> KVRunaheadConfig:
@@ -71,11 +72,9 @@ class Worker(vllm_seam.worker_base()):
         self.kvr = runahead_config(vllm_config)
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                          is_driver_worker=is_driver_worker)
-        n = self.kvr.num_workers
-        self.head = vllm_seam.head_rank(vllm_config.parallel_config)
-        self.chain_pos = (rank - self.head - 1) % n  # head takes the last segment
-        self.is_head = rank == self.head
+        self.topo = ChainTopology(self.kvr.num_workers, vllm_seam.head_rank(vllm_config.parallel_config), rank)
         self.connector: KVRunaheadConnector | None = None
+        self.book = vllm_seam.RequestBook()
         self.shape = model_shape(vllm_config.model_config)
         self.cost = cost_model_for(self.shape)
         self.partitioner: Partitioner | None = None  # built once the device is known
@@ -84,7 +83,17 @@ class Worker(vllm_seam.worker_base()):
         self.steps_run = 0       # evidence for tests: forward passes this worker ran
         self.tokens_run = 0      # ... and tokens it computed
         self.last_segments: list = []  # segments of the last runahead step, per request
-        self.new_requests: collections.deque = collections.deque(maxlen=256)  # (prompt_len, block ids)
+        self.chunks_ahead = 0          # prefill chunks that ran on the chain ...
+        self.chunks_ahead_cached = 0   # ... of them, chunks after cached tokens (later chunk, cache hit, resumed)
+        self.tokens_ahead = 0          # ... and their tokens
+
+    @property
+    def chain_pos(self) -> int:
+        return self.topo.pos
+
+    @property
+    def is_head(self) -> bool:
+        return self.topo.is_head
 
     # -- set-up -------------------------------------------------------------
     def initialize_from_config(self, kv_cache_config) -> None:
@@ -95,11 +104,9 @@ class Worker(vllm_seam.worker_base()):
                     f"KV-Runahead supports models with one KV cache group; this one has {len(groups)} "
                     "(hybrid / sliding-window mixes are not supported)")
             self.block_size = groups[0].kv_cache_spec.block_size
-            n, pos = self.kvr.num_workers, self.chain_pos
-            rank_of = lambda p: (self.head + 1 + p) % n  # noqa: E731
             comm = ChainComm(
-                prev_rank=rank_of(pos - 1) if pos > 0 else None,
-                next_rank=rank_of(pos + 1) if pos < n - 1 else None,
+                prev_rank=self.topo.prev_rank,
+                next_rank=self.topo.next_rank,
                 group=vllm_seam.world_device_group(),
                 timeout_s=self.kvr.recv_timeout_s,
                 cpu_group=vllm_seam.world_cpu_group(),
@@ -115,35 +122,44 @@ class Worker(vllm_seam.worker_base()):
         super().initialize_from_config(kv_cache_config)
         if self.connector is not None:
             self.partitioner = self._build_partitioner()  # after the KV caches: the device is known
-            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition %s, min_tokens=%d%s)",
+            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition %s, %s%s)",
                         self.rank, self.chain_pos, self.kvr.num_workers, " (head)" if self.is_head else "",
-                        self.partitioner.describe(), self.kvr.min_tokens,
+                        self.partitioner.describe(),
+                        "chunks run ahead where the cost model predicts a gain" if self.kvr.min_tokens is None
+                        else f"chunks of >= {self.kvr.min_tokens} tokens run ahead",
                         ", online refinement on" if self.kvr.refine else "")
-            self.connector.comm.warm_up(self.connector.device)
+            self.connector.comm.warm_up(self.connector.device, first=self.chain_pos == 0)
 
     # -- per step -------------------------------------------------------------
     def plan(self, scheduler_output) -> StepPlan:
+        """This step's plan (the book must already hold the step's requests)."""
         if self.connector is None:
             return StepPlan(1, ())
-        return make_plan(
-            vllm_seam.request_views(scheduler_output), self.kvr.num_workers,
-            split=self.partitioner, min_tokens=self.kvr.min_tokens, block_size=self.block_size)
+        return make_plan(vllm_seam.request_views(scheduler_output, self.book), self.kvr.num_workers,
+                         splitter=self.partitioner, block_size=self.block_size)
 
     def _meta(self, plan: StepPlan) -> RunaheadMeta:
         if not plan:
             return EMPTY_META
-        return RunaheadMeta(recv_blocks=plan.recv_blocks(self.chain_pos, self.block_size),
-                            send_blocks=plan.send_blocks(self.chain_pos, self.block_size))
+        pos, up = self.chain_pos, plan.upfront_blocks()
+        recv, send = plan.recv_blocks(pos), plan.send_blocks(pos)
+        if self.is_head:
+            return RunaheadMeta(recv=recv, send_ahead=send, upfront_send=up)
+        if pos == 0:
+            return RunaheadMeta(recv=recv, send=send, upfront_recv=up)
+        return RunaheadMeta(recv=recv, send=send)
 
     def execute_model(self, scheduler_output):
-        for nr in scheduler_output.scheduled_new_reqs:
-            self.new_requests.append((len(nr.prompt_token_ids or ()), [list(g) for g in nr.block_ids]))
         if self.connector is None:  # one worker: plain vLLM
             return super().execute_model(scheduler_output)
+        self.book.update(scheduler_output)
         plan = self.plan(scheduler_output)
         meta = self._meta(plan)
         if plan:
             self.last_segments = [[(g.start, g.end) for g in r.segments] for r in plan.requests]
+            self.chunks_ahead += len(plan.requests)
+            self.chunks_ahead_cached += sum(r.start > 0 for r in plan.requests)
+            self.tokens_ahead += sum(r.segments[-1].end - r.start for r in plan.requests)
         if self.is_head:
             so = vllm_seam.for_head(scheduler_output, plan, meta)
             if so.total_num_scheduled_tokens:
@@ -155,7 +171,7 @@ class Worker(vllm_seam.worker_base()):
         self._ran = False
         if not plan:
             return None
-        so = vllm_seam.for_chain_worker(scheduler_output, plan, self.chain_pos, self._runner_reqs, meta)
+        so = vllm_seam.for_chain_worker(scheduler_output, plan, self.chain_pos, self._runner_reqs, meta, self.book)
         self._runner_reqs = set(so.num_scheduled_tokens)
         self.steps_run += 1
         self.tokens_run += so.total_num_scheduled_tokens
@@ -191,7 +207,7 @@ class Worker(vllm_seam.worker_base()):
             return
         req = plan.requests[0]
         n = req.segments[-1].end
-        if scheduler_output.total_num_scheduled_tokens != n:
+        if req.start != 0 or scheduler_output.total_num_scheduled_tokens != n:
             return
         p = self.connector.profiler.total
         busy = self.connector.comm.gather_times(p.last_step_s - p.last_stall_s, self.chain_pos,
@@ -219,6 +235,8 @@ class Worker(vllm_seam.worker_base()):
             "steps_run": self.steps_run, "tokens_run": self.tokens_run,
             "chain_steps": s.steps if s else 0,
             "last_segments": self.last_segments,
+            "chunks_ahead": self.chunks_ahead, "chunks_ahead_cached": self.chunks_ahead_cached,
+            "tokens_ahead": self.tokens_ahead, "live_requests": len(self.book),
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
             "bytes_sent": self.connector.comm.bytes_sent if self.connector else 0,
@@ -232,11 +250,12 @@ class Worker(vllm_seam.worker_base()):
         """The configured split (no arguments), another method, or a given table."""
         n = self.kvr.num_workers
         refiner = Refiner(n) if self.kvr.refine else None
+        kw = dict(min_tokens=self.kvr.min_tokens, block_size=self.block_size)
         if table is not None:
-            return Partitioner("table", n, self.cost, table, refiner)
+            return Partitioner("table", n, self.cost, table, refiner, **kw)
         return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape,
                                  vllm_seam.device_name(self.connector.device),
-                                 self.kvr.table_path if method is None else None, refiner)
+                                 self.kvr.table_path if method is None else None, refiner, **kw)
 
     def kvr_set_fractions(self, fractions) -> None:
         """Tuner hook: cut every runahead prompt by these fractions (None: back to the configured split)."""
@@ -252,10 +271,6 @@ class Worker(vllm_seam.worker_base()):
     def kvr_model_fractions(self, n: int) -> list:
         """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
         return [s.length / n for s in balanced_split(n, self.kvr.num_workers, self.cost)]
-
-    def kvr_request_blocks(self) -> list:
-        """(prompt length, block ids per KV group) of recent new requests, oldest first."""
-        return list(self.new_requests)
 
     def shutdown(self) -> None:
         if self.connector is not None:
