@@ -1,6 +1,7 @@
 """The chain over real gloo processes: exact delivery, and the reference prefill
 run by N processes equals the one-process prefill."""
 import pytest
+import torch.distributed as dist
 import torch
 
 from tests.dist_utils import run_ranks
@@ -134,3 +135,35 @@ def _gather(rank, world):
 def test_gather_times_in_chain_order():
     results = run_ranks(_gather, 3)
     assert results == [[0.5, 1.5, 2.5]] * 3
+
+
+def _ring(rank, world, layers):
+    """The ring as workers build it: head = last rank; the head sends its 'prefix' to position 0
+    over the closing link's own group, the rest relays down the chain to the head."""
+    from vllm_kvrunahead.topology import ChainTopology
+
+    topo = ChainTopology(world, world - 1, rank)
+    comm = ChainComm.for_ring(topo, dist.group.WORLD, timeout_s=30)
+    own_groups = (comm.prev_group is not dist.group.WORLD, comm.next_group is not dist.group.WORLD)
+    got = []
+    for layer in range(layers):
+        if topo.is_head:
+            comm.post_send(torch.full((2,), float(layer)))          # the cached prefix, ahead
+        buf = torch.empty(2 + 2 * topo.pos)
+        comm.wait_recv(comm.post_recv(buf))
+        got.append(buf.tolist())
+        if not topo.is_head:
+            comm.post_send(torch.cat([buf, torch.full((2,), float(10 * (rank + 1) + layer))]))
+    comm.wait_sends()
+    return own_groups, got
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_closes_through_the_head_on_a_group_of_its_own(world):
+    results = run_ranks(_ring, world, 2)
+    for rank, (own_groups, got) in enumerate(results):
+        pos = rank  # head = last rank: positions equal ranks
+        assert own_groups == (pos == 0, pos == world - 1)
+        for layer, buf in enumerate(got):
+            want = [float(layer)] * 2 + [float(10 * (r + 1) + layer) for r in range(pos) for _ in range(2)]
+            assert buf == want

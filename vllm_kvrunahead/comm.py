@@ -40,27 +40,46 @@ class ChainComm:
         timeout_s: float | None = None,
         cpu_group: dist.ProcessGroup | None = None,
         max_sends: int = 2,
+        prev_group: dist.ProcessGroup | None = None,
+        next_group: dist.ProcessGroup | None = None,
     ) -> None:
         if max_sends < 1:
             raise ValueError(f"max_sends must be >= 1, got {max_sends}")
         self.max_sends = max_sends
         self.prev_rank = prev_rank
         self.next_rank = next_rank
-        self.group = group
+        # the link to each neighbour may use its own group (see ``for_ring``)
+        self.prev_group = prev_group if prev_group is not None else group
+        self.next_group = next_group if next_group is not None else group
         self.cpu_group = cpu_group
         self.timeout_s = timeout_s
         # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
-        self._bounded = timeout_s is not None and not _is_nccl(group)
+        self._bounded = timeout_s is not None and not _is_nccl(self.prev_group)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    @classmethod
+    def for_ring(cls, topo, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup | None = None,
+                 timeout_s: float | None = None) -> "ChainComm":
+        """This worker's links in the ring of ``topo`` (a ``ChainTopology``). The ring's closing
+        link, head -> position 0, gets a process group of its own, made here by every rank
+        (``new_group`` is collective). NCCL runs one group's sends and receives in issue order on
+        one stream per rank; with the whole ring on one group, the head's prefix sends queued
+        behind its receives and position 0's sends queued behind its prefix receives waited on
+        each other around the ring (4x H100: the first chunk after a cached prefix hung). On its
+        own group the closing link is a FIFO of its own, and the rest is the plain chain."""
+        ring = dist.new_group(sorted({topo.head_rank, topo.rank_of(0)}), backend=dist.get_backend(group))
+        return cls(topo.prev_rank, topo.next_rank, group, timeout_s, cpu_group,
+                   prev_group=ring if topo.pos == 0 else group,
+                   next_group=ring if topo.is_head else group)
 
     def post_recv(self, buf: torch.Tensor) -> dist.Work:
         """Start receiving ``buf`` (its shape and dtype are the contract) from prev."""
         if self.prev_rank is None:
             raise RuntimeError("chain head-of-line worker has no predecessor to receive from")
         self.bytes_received += buf.numel() * buf.element_size()
-        return dist.irecv(buf, src=self.prev_rank, group=self.group)
+        return dist.irecv(buf, src=self.prev_rank, group=self.prev_group)
 
     def wait_recv(self, work: dist.Work) -> None:
         try:
@@ -87,7 +106,7 @@ class ChainComm:
         while len(self._sends) >= self.max_sends:
             # NCCL: a stream wait, no host sync; the oldest copy is then free for reuse
             self._sends.pop(0)[0].wait()
-        self._sends.append((dist.isend(tensor, dst=self.next_rank, group=self.group), tensor))
+        self._sends.append((dist.isend(tensor, dst=self.next_rank, group=self.next_group), tensor))
 
     def wait_sends(self) -> None:
         sends, self._sends = self._sends, []

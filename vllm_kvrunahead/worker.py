@@ -104,13 +104,8 @@ class Worker(vllm_seam.worker_base()):
                     f"KV-Runahead supports models with one KV cache group; this one has {len(groups)} "
                     "(hybrid / sliding-window mixes are not supported)")
             self.block_size = groups[0].kv_cache_spec.block_size
-            comm = ChainComm(
-                prev_rank=self.topo.prev_rank,
-                next_rank=self.topo.next_rank,
-                group=vllm_seam.world_device_group(),
-                timeout_s=self.kvr.recv_timeout_s,
-                cpu_group=vllm_seam.world_cpu_group(),
-            )
+            comm = ChainComm.for_ring(self.topo, vllm_seam.world_device_group(),
+                                      vllm_seam.world_cpu_group(), self.kvr.recv_timeout_s)
             # A worker-local transfer config: the connector base class wants one; the
             # engine's scheduler never sees it (KV-Runahead plans on the workers).
             self.vllm_config.kv_transfer_config = KVTransferConfig(
