@@ -147,6 +147,32 @@ def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
     return views
 
 
+def follow_rewritten_starts(runner, starts) -> None:
+    """Make ``runner`` (the head's) start each request where ``starts()`` says (req id -> tokens
+    computed), as the rewritten scheduler output does.
+
+    Model runner V1 (CPU) takes a running request's computed-token count from the scheduler
+    output. Model runner V2 (GPUs) keeps the count on the GPU and advances it itself; the
+    scheduler output only updates its CPU mirror. The head's later chunk of a prompt starts at
+    its segment, not where the last chunk ended, so the GPU count is set after V2 reads the
+    step's requests (without it, 4x H100 hung on a prompt chunked by the step budget).
+    """
+    if not hasattr(runner, "req_states"):  # V1: the scheduler output's count is used as is
+        return
+    update = runner.update_requests
+
+    def update_requests(scheduler_output):
+        update(scheduler_output)
+        computed = runner.req_states.num_computed_tokens
+        for req_id, start in starts().items():
+            idx = runner.req_states.req_id_to_index.get(req_id)
+            if idx is not None:
+                computed.stage_write_elem(idx, start)
+        computed.apply_write()
+
+    runner.update_requests = update_requests
+
+
 def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
     """The head computes the last segment of each runahead chunk, everything else as scheduled:
     its runner takes the chain's KV of [c, segment start) as computed."""

@@ -79,6 +79,7 @@ class Worker(vllm_seam.worker_base()):
         self.cost = cost_model_for(self.shape)
         self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
+        self._head_starts: dict[str, int] = {}  # the head's segment starts this step
         self._ran = False
         self.steps_run = 0       # evidence for tests: forward passes this worker ran
         self.tokens_run = 0      # ... and tokens it computed
@@ -116,6 +117,8 @@ class Worker(vllm_seam.worker_base()):
             vllm_seam.install_connector(self.connector)
         super().initialize_from_config(kv_cache_config)
         if self.connector is not None:
+            if self.is_head:
+                vllm_seam.follow_rewritten_starts(self.model_runner, lambda: self._head_starts)
             self.partitioner = self._build_partitioner()  # after the KV caches: the device is known
             logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition %s, %s%s)",
                         self.rank, self.chain_pos, self.kvr.num_workers, " (head)" if self.is_head else "",
@@ -156,6 +159,7 @@ class Worker(vllm_seam.worker_base()):
             self.chunks_ahead_cached += sum(r.start > 0 for r in plan.requests)
             self.tokens_ahead += sum(r.segments[-1].end - r.start for r in plan.requests)
         if self.is_head:
+            self._head_starts = {r.req_id: r.segments[-1].start for r in plan.requests}
             so = vllm_seam.for_head(scheduler_output, plan, meta)
             if so.total_num_scheduled_tokens:
                 self.steps_run += 1
