@@ -180,9 +180,11 @@ def plot(recs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(k, rs) for k, rs in groups(recs).items() if any(speedup(recs, r) for r in rs)]
+    panels = [(k, rs) for k, rs in groups(recs).items()]
     if not panels:
         return False
+    # without a 1-GPU run on that device, plot the figures themselves (seconds, lower is better)
+    has_base = {k: any(speedup(recs, r) for r in rs) for k, rs in panels}
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), squeeze=False)
     for ax, ((dev, model, ic), rs) in zip(axes.flat, panels):
         rows = sorted({_row_key(r) for r in rs}, key=_row_order)
@@ -190,17 +192,19 @@ def plot(recs, path):
         by = {(_row_key(r), r["config"], r["n_gpus"]): r for r in rs}
         w = 0.8 / max(1, len(cols))
         for j, c in enumerate(cols):
-            ys = [speedup(recs, by[(k, *c)]) if (k, *c) in by else None for k in rows]
+            val = (lambda r: speedup(recs, r)) if has_base[(dev, model, ic)] else (lambda r: r["value_s"])
+            ys = [val(by[(k, *c)]) if (k, *c) in by else None for k in rows]
             xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(rows))]
             most = c[1] == max(cc[1] for cc in cols)   # the largest N solid, smaller N hatched
             bars = ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], w, label=_col_name(c),
                           color=COLORS.get(c[0]), alpha=1.0 if most else 0.6, hatch=None if most else "//",
                           edgecolor="black", linewidth=0.4)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        if has_base[(dev, model, ic)]:
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
         labels = [_short_label(_representative(rs, k)) for k in rows]
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("speedup over 1 GPU")
+        ax.set_ylabel("speedup over 1 GPU" if has_base[(dev, model, ic)] else "seconds (lower is better; no 1-GPU run)")
         ax.set_title(f"{dev}, {model}, {ic}, vLLM default scheduler", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
