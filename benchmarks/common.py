@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import traceback
 
 CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
 
@@ -168,3 +169,18 @@ def shutdown(llm):
     except Exception as e:  # noqa: BLE001 - best effort; the parent kills the process group anyway
         print(f"shutdown: {e!r}", flush=True)
 
+
+
+def child_or_parent(args, run_one, main):
+    """A benchmark's entry: with --one-config this process is the child that runs one config's
+    engine (``run_one``), else the parent that runs each config in a child (``main``)."""
+    if args.one_config:
+        rc = 0
+        try:
+            run_one(args)
+        except BaseException:  # noqa: BLE001 - e.g. the engine did not start; the parent records it
+            traceback.print_exc()
+            rc = 1
+        sys.stdout.flush()
+        os._exit(rc)   # skip interpreter teardown (can hang on engine threads); the parent reaps the group
+    main(args)

@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-import traceback
 
 from benchmarks import common, models
 
@@ -210,13 +208,4 @@ def _pass_through(a):
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.one_config:
-        rc = 0
-        try:
-            run_one(args)
-        except BaseException:  # noqa: BLE001 - e.g. the engine did not start; the parent records it
-            traceback.print_exc()
-            rc = 1
-        sys.stdout.flush()
-        os._exit(rc)   # skip interpreter teardown (can hang on engine threads); the parent reaps the group
-    main(args)
+    common.child_or_parent(args, run_one, main)

@@ -216,8 +216,14 @@ def _equal_cost(n: int, n_workers: int, cost: CostModel) -> list[int]:
     while best is None:  # cost not monotone in start (huge xfer): widen until covered
         hi *= 2
         best = fill(hi)
+    return _smallest_budget(fill, hi, best, iters=64)
+
+
+def _smallest_budget(fill, hi: float, best, iters: int):
+    """Bisection for the smallest per-worker budget in (0, hi] that ``fill`` can meet (``fill(hi)``
+    is ``best``, not None); returns what ``fill`` gave for it."""
     lo = 0.0
-    for _ in range(64):
+    for _ in range(iters):
         mid = (lo + hi) / 2
         got = fill(mid)
         if got is None:
@@ -360,17 +366,8 @@ def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
         head = (1 - u) * total + received(n_workers - 1, u) + head_extra
         return shares if head <= budget else None
 
-    lo, hi = 0.0, total + received(n_workers - 1, 1.0) + head_extra + cost.xfer * sum(c.end for c in chunks)
-    best = fill(hi)
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        got = fill(mid)
-        if got is None:
-            lo = mid
-        else:
-            hi, best = mid, got
-        if hi - lo <= 1e-9 * hi:
-            break
+    hi = total + received(n_workers - 1, 1.0) + head_extra + cost.xfer * sum(c.end for c in chunks)
+    best = _smallest_budget(fill, hi, fill(hi), iters=100)
     return [[_position_at(c, u, cost) for u in best] for c in chunks]
 
 
