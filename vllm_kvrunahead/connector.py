@@ -18,7 +18,7 @@ import torch
 from . import kv_layout
 from .comm import ChainComm
 from .profiling import StepProfiler
-from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata, layer_order
+from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata, connector_metadata, kv_block_count, layer_order
 
 
 @dataclass
@@ -82,7 +82,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.dtype, self.device = any_cache.dtype, any_cache.device
         self.profiler = StepProfiler(self.device, self._profile)
         # kernel blocks per scheduler block (some backends split blocks)
-        spec_blocks = self._kv_cache_config.num_blocks
+        spec_blocks = kv_block_count(self)
         if any_cache.shape[0] % spec_blocks:
             raise ValueError(f"KV-Runahead: {any_cache.shape[0]} kernel blocks do not split "
                              f"{spec_blocks} KV blocks evenly")
@@ -93,7 +93,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         """Message order per peer pair is fixed (NCCL runs a pair's sends and receives in issue
         order on one stream): head: upfront, prefix layers 0 and 1, then per layer l: prefix
         l+2, receive l+1; position 0: upfront, receive 0, then per layer: receive l+1, send l."""
-        meta = self._get_connector_metadata()
+        meta = connector_metadata(self)
         self._reset()
         if not isinstance(meta, RunaheadMeta):
             return

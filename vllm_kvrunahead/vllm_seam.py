@@ -19,6 +19,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
+from .partitioner import ModelShape
 from .plan import ReqView, StepPlan
 
 def worker_base() -> type:
@@ -36,6 +37,50 @@ def head_rank(parallel_config) -> int:
     """vLLM's output rank (the worker whose output the executor returns)."""
     return parallel_config.world_size - (
         parallel_config.tensor_parallel_size * parallel_config.prefill_context_parallel_size)
+
+
+def model_shape(model_config) -> ModelShape | None:
+    """What a tuned split depends on, from vLLM's model config (None: an unusual config)."""
+    hf = model_config.hf_text_config
+    try:
+        return ModelShape(
+            layers=hf.num_hidden_layers,
+            hidden=hf.hidden_size,
+            heads=hf.num_attention_heads,
+            kv_heads=model_config.get_total_num_kv_heads(),
+            intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
+            head_dim=model_config.get_head_size(),
+        )
+    except (AttributeError, TypeError):  # no table matches; the default cost model
+        return None
+
+
+def block_size(kv_cache_config) -> int:
+    """The KV block size of the model's one KV cache group (the config hook refuses others)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"KV-Runahead supports models with one KV cache group; this one has {len(groups)} "
+            "(hybrid / sliding-window mixes are not supported)")
+    return groups[0].kv_cache_spec.block_size
+
+
+def set_worker_transfer_config(vllm_config) -> None:
+    """A worker-local KV transfer config: the connector base class wants one; the engine's
+    scheduler never sees it (KV-Runahead plans on the workers)."""
+    from vllm.config import KVTransferConfig
+
+    vllm_config.kv_transfer_config = KVTransferConfig(kv_connector="KVRunaheadConnector", kv_role="kv_both")
+
+
+def connector_metadata(connector):
+    """This step's metadata bound to ``connector`` by the model runner."""
+    return connector._get_connector_metadata()
+
+
+def kv_block_count(connector) -> int:
+    """KV blocks (scheduler blocks) in the cache config the connector was built with."""
+    return connector._kv_cache_config.num_blocks
 
 
 def world_device_group():

@@ -14,8 +14,6 @@ import dataclasses
 import logging
 import os
 
-from vllm.config import KVTransferConfig
-
 from . import vllm_seam
 from .comm import ChainComm
 from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
@@ -40,21 +38,6 @@ def runahead_config(vllm_config) -> KVRunaheadConfig:
     return KVRunaheadConfig(**d).validate()
 
 
-def model_shape(model_config) -> ModelShape | None:
-    hf = model_config.hf_text_config
-    try:
-        return ModelShape(
-            layers=hf.num_hidden_layers,
-            hidden=hf.hidden_size,
-            heads=hf.num_attention_heads,
-            kv_heads=model_config.get_total_num_kv_heads(),
-            intermediate=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
-            head_dim=model_config.get_head_size(),
-        )
-    except (AttributeError, TypeError):  # unusual config: no table matches; the default cost model
-        return None
-
-
 def cost_model_for(shape: ModelShape | None) -> CostModel:
     if shape is None:
         return CostModel()
@@ -75,7 +58,7 @@ class Worker(vllm_seam.worker_base()):
         self.topo = ChainTopology(self.kvr.num_workers, vllm_seam.head_rank(vllm_config.parallel_config), rank)
         self.connector: KVRunaheadConnector | None = None
         self.book = vllm_seam.RequestBook()
-        self.shape = model_shape(vllm_config.model_config)
+        self.shape = vllm_seam.model_shape(vllm_config.model_config)
         self.cost = cost_model_for(self.shape)
         self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
@@ -99,18 +82,10 @@ class Worker(vllm_seam.worker_base()):
     # -- set-up -------------------------------------------------------------
     def initialize_from_config(self, kv_cache_config) -> None:
         if self.kvr.num_workers > 1:
-            groups = kv_cache_config.kv_cache_groups
-            if len(groups) != 1:
-                raise ValueError(
-                    f"KV-Runahead supports models with one KV cache group; this one has {len(groups)} "
-                    "(hybrid / sliding-window mixes are not supported)")
-            self.block_size = groups[0].kv_cache_spec.block_size
+            self.block_size = vllm_seam.block_size(kv_cache_config)
             comm = ChainComm.for_ring(self.topo, vllm_seam.world_device_group(),
                                       vllm_seam.world_cpu_group(), self.kvr.recv_timeout_s)
-            # A worker-local transfer config: the connector base class wants one; the
-            # engine's scheduler never sees it (KV-Runahead plans on the workers).
-            self.vllm_config.kv_transfer_config = KVTransferConfig(
-                kv_connector="KVRunaheadConnector", kv_role="kv_both")
+            vllm_seam.set_worker_transfer_config(self.vllm_config)
             self.connector = KVRunaheadConnector(self.vllm_config, vllm_seam.KVConnectorRole.WORKER,
                                                  kv_cache_config, comm,
                                                  profile=self.kvr.profile or self.kvr.refine)
