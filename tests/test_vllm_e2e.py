@@ -120,8 +120,9 @@ def test_tiny_each_worker_computes_only_its_segment(engines, workers):
     assert computed == sum(map(len, prompts)) + decode  # every token once, on exactly one worker
     for s in chain:
         assert s["steps_run"] == s["chain_steps"] > 0    # non-head workers ran runahead steps only
-        assert s["tokens_run"] < head["tokens_run"] + s["tokens_run"]
         assert s["blocks_sent"] > 0
+    # chain workers computed only segments of runahead chunks, and the head at least one token of each
+    assert 0 < sum(s["tokens_run"] for s in chain) < head["tokens_ahead"]
     # the ring: the head receives segments and sends cached prefixes of later chunks to position 0
     assert head["blocks_received"] > 0 and head["blocks_sent"] > 0 and chain[0]["blocks_received"] > 0
     assert all(s["chunks_ahead"] == head["chunks_ahead"] > 0 for s in stats)   # one plan on every worker
