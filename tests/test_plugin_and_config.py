@@ -32,6 +32,15 @@ print("OK")
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
 
 
+def test_unknown_vllm_version_refused_with_what_to_install():
+    from vllm_kvrunahead.plugin import check_vllm_version
+
+    check_vllm_version("0.26.0")
+    check_vllm_version("0.26.0+cu130")   # a local build of the supported release
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0, not 0\.32\.0; install vllm==0\.26\.0"):
+        check_vllm_version("0.32.0")
+
+
 def engine_config(**kw):
     """Build (not start) vLLM's config as `vllm serve` / LLM(...) would."""
     from vllm.engine.arg_utils import EngineArgs

