@@ -111,13 +111,14 @@ def test_segment_is_frozen():
 @pytest.mark.parametrize("n", [1025, 4096, 32_768, 100_003])
 @pytest.mark.parametrize("align", [16, 128])
 def test_aligned_boundaries_are_whole_blocks(n_workers, n, align):
-    from vllm_kvrunahead.partition import align_segments
+    from vllm_kvrunahead.partition import Chunk, align_bounds
 
+    bounds = [float(s.end) for s in balanced_split(n, n_workers)[:-1]]
     if n < (n_workers - 1) * align + 1:
-        with pytest.raises(ValueError, match="cannot align"):
-            align_segments(balanced_split(n, n_workers), align)
+        with pytest.raises(ValueError, match="cannot cut"):
+            align_bounds(Chunk(0, n, n), bounds, align)
         return
-    segs = align_segments(balanced_split(n, n_workers), align)
+    segs = align_bounds(Chunk(0, n, n), bounds, align)
     assert_cover(segs, n, n_workers)
     for s in segs[:-1]:
         assert s.end % align == 0 and s.length >= align

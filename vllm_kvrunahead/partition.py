@@ -281,29 +281,6 @@ def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[
     return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])
 
 
-def align_segments(segments: tuple[Segment, ...], align: int) -> tuple[Segment, ...]:
-    """Move inner boundaries to multiples of ``align`` (a KV block), nearest first.
-
-    Whole-block boundaries let the chain move KV as whole paged blocks, whose
-    inner layout is the attention backend's business. Every segment keeps
-    >= ``align`` tokens except the last (>= 1). Needs n >= (N - 1) * align + 1.
-    """
-    if align < 1:
-        raise ValueError(f"alignment must be >= 1, got {align}")
-    n, k = segments[-1].end, len(segments)
-    if n < (k - 1) * align + 1:
-        raise ValueError(f"cannot align {k} segments of a {n}-token prompt to {align}-token blocks")
-    bounds = [0]
-    for i, s in enumerate(segments[:-1]):
-        b = int(round(s.end / align)) * align
-        b = max(b, bounds[-1] + align)                 # >= one block for this segment
-        b = min(b, n - 1 - (k - 2 - i) * align)         # room for the later ones
-        b = (b // align) * align
-        bounds.append(b)
-    bounds.append(n)
-    return segments_from_lengths([b - a for a, b in zip(bounds, bounds[1:])])
-
-
 # -- a step as one job: chunks of any start, several at once, with the head's other work ----------
 
 @dataclass(frozen=True)
@@ -319,6 +296,11 @@ class Chunk:
     @property
     def length(self) -> int:
         return self.end - self.start
+
+    def block_bounds(self, align: int) -> int:
+        """How many multiples of ``align`` lie in (start, min(end - 1, limit)]: the places an inner
+        segment bound may sit (a chain worker's segment ends within the prompt, the head keeps a token)."""
+        return min(self.end - 1, self.limit) // align - self.start // align
 
 
 def _position_at(chunk: Chunk, share: float, cost: CostModel) -> float:
@@ -380,8 +362,8 @@ def align_bounds(chunk: Chunk, bounds: list[float], align: int) -> tuple[Segment
         raise ValueError(f"alignment must be >= 1, got {align}")
     k = len(bounds)
     first = chunk.start // align + 1                       # smallest multiple (in blocks) > start
-    last = min(chunk.end - 1, chunk.limit) // align        # largest allowed
-    if last - first + 1 < k:
+    last = first - 1 + chunk.block_bounds(align)           # largest allowed
+    if chunk.block_bounds(align) < k:
         raise ValueError(f"cannot cut tokens [{chunk.start}, {chunk.end}) into {k + 1} segments at "
                          f"{align}-token blocks")
     out, prev = [], first - 1

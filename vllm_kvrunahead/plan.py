@@ -100,7 +100,7 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
     """Chunks the splitter finds worth running ahead, cut as one job with the head's other work."""
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
-    ahead = [r for r in reqs if r.eligible and r.num_scheduled > 0 and _fits(r.chunk, n_workers, block_size)
+    ahead = [r for r in reqs if r.eligible and r.num_scheduled > 0 and r.chunk.block_bounds(block_size) >= n_workers - 1
              and splitter.runs_ahead(r.chunk)]
     if not ahead:
         return StepPlan(n_workers, (), block_size)
@@ -112,10 +112,3 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids)))
     return StepPlan(n_workers, tuple(out), block_size)
-
-
-def _fits(chunk: Chunk, n_workers: int, block_size: int) -> bool:
-    """N-1 block-aligned inner bounds in (start, min(end - 1, limit)]: one block at least for every
-    chain worker's segment, one token for the head's."""
-    hi = min(chunk.end - 1, chunk.limit)
-    return hi // block_size - chunk.start // block_size >= n_workers - 1
