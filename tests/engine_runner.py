@@ -24,7 +24,7 @@ def read_blocks(worker, block_ids, layers):
 
 def head_counts(llm):
     s = llm.collective_rpc("kvr_stats")[-1]  # KV-Runahead's head is vLLM's output rank, the last
-    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead")}
+    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held")}
 
 
 def main(spec_path, out_path):

@@ -89,7 +89,11 @@ def test_tiny_every_chunk_of_a_long_prompt_runs_ahead(engines, workers):
     after the head's cached prefix, starting inside a KV block (1000, 2000)."""
     run = engines.get(f"tiny-{workers}", tiny_spec(workers))
     ahead = dict(zip(TINY_LENGTHS, run["ahead"]))
+    held = {n: a.pop("prefix_tokens_held") for n, a in ahead.items()}
     assert ahead[2500] == {"chunks_ahead": 3, "chunks_ahead_cached": 2, "tokens_ahead": 2500}
+    # chunks 2 and 3: each chain position already held its part of the earlier chunks' KV (whole
+    # blocks) and received only the rest; the KV and tokens above equal one worker's all the same
+    assert held[2500] >= (workers - 1) * BS
     assert ahead[1] == ahead[2] == ahead[100] == {"chunks_ahead": 0, "chunks_ahead_cached": 0, "tokens_ahead": 0}
     assert ahead[300]["chunks_ahead"] == ahead[1000]["chunks_ahead"] == 1
     # 1027 = 1000 + 27: the 27-token chunk has room for one chain block (1000 -> 1024) at N=2 only
@@ -159,7 +163,12 @@ def test_smollm2_tokens_and_kv_equal_one_worker(engines, smol_ref, workers):
     assert run["cached"] == smol_ref["cached"] and run["cached"][-1] == len(smol_prompts()[0]) // BS * BS
     # ... and its new tokens ran ahead after that prefix; the first prompt ran as two chunks
     assert run["ahead"][-1]["chunks_ahead_cached"] == run["ahead"][-1]["chunks_ahead"] == 1
-    assert run["ahead"][0] == {"chunks_ahead": 2, "chunks_ahead_cached": 1, "tokens_ahead": len(smol_prompts()[0])}
+    # ... where the chain positions still held the first prompt's KV they had computed or received:
+    # the cached history was not sent again (the next turn of a conversation)
+    assert run["ahead"][-1]["prefix_tokens_held"] >= (workers - 1) * 1024
+    first = dict(run["ahead"][0])
+    assert first.pop("prefix_tokens_held") > 0   # its second chunk: the first chunk's KV was held
+    assert first == {"chunks_ahead": 2, "chunks_ahead_cached": 1, "tokens_ahead": len(smol_prompts()[0])}
 
 
 def preempt_spec(workers):

@@ -287,15 +287,21 @@ def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[
 class Chunk:
     """One request's tokens computed in a step: [start, end). KV of [0, start) is cached on the
     head (an earlier chunk, a prefix-cache hit, a resumed request); chain workers compute prompt
-    tokens only, so their segments end at or before ``limit`` (the prompt's length)."""
+    tokens only, so their segments end at or before ``limit`` (the prompt's length). ``held``: per
+    chain position, the tokens of [0, start) it holds from earlier steps and need not receive."""
 
     start: int
     end: int
     limit: int
+    held: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
         return self.end - self.start
+
+    def lacks(self, pos: int, upto: float) -> float:
+        """Tokens of [0, upto) chain position ``pos`` (not the head) must receive."""
+        return upto - (self.held[pos] if self.held else 0)
 
     def block_bounds(self, align: int) -> int:
         """How many multiples of ``align`` lie in (start, min(end - 1, limit)]: the places an inner
@@ -334,11 +340,11 @@ def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
 
     def received(pos: int, u: float) -> float:
         if pos == 0:
-            return cost.xfer * sum(c.start for c in chunks)
+            return cost.xfer * sum(c.lacks(0, c.start) for c in chunks)
         xs = [_position_at(c, u, cost) for c in chunks]
         if pos == n_workers - 1:
             return cost.xfer * sum(x - c.start for x, c in zip(xs, chunks))
-        return cost.xfer * sum(xs)
+        return cost.xfer * sum(c.lacks(pos, x) for x, c in zip(xs, chunks))
 
     def fill(budget: float) -> list[float] | None:
         shares, u = [], 0.0
@@ -387,7 +393,7 @@ def runahead_gain(chunk: Chunk, n_workers: int, cost: CostModel) -> float:
     edges = [float(chunk.start), *balanced_step_bounds([chunk], n_workers, cost)[0], float(chunk.end)]
     busy = []
     for k, (a, b) in enumerate(zip(edges, edges[1:])):
-        got = chunk.start if k == 0 else (a - chunk.start if k == n_workers - 1 else a)
+        got = chunk.lacks(0, chunk.start) if k == 0 else (a - chunk.start if k == n_workers - 1 else chunk.lacks(k, a))
         busy.append(cost.layer_compute(a, b) + cost.xfer * got)
     chain = (cost.num_layers + n_workers - 1) * max(busy) + (n_workers - 1) * cost.hop
     return alone - chain

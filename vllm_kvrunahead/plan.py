@@ -14,7 +14,9 @@ head's paged blocks (from earlier steps), so the chain is a ring:
 
 The head sends [0, c) per layer ahead of its own compute (it has it before the
 step starts), chain position k sends its prefix plus its own segment, and the
-head receives only what it does not have. Inner segment bounds are whole KV
+head receives only what it does not have. A position that still holds the
+leading part of [0, c) from earlier steps (``holdings.ChainHoldings``: a
+conversation's earlier turns, a prompt's earlier chunks) receives only the rest. Inner segment bounds are whole KV
 blocks; c need not be, so the block holding c (head's tokens before c, pos 0's
 after) goes to pos 0 once, for all layers, before the forward ("upfront"),
 because the attention backend may write pos 0's own KV into that block before
@@ -22,6 +24,7 @@ the per-layer hook runs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,10 +52,17 @@ class RunaheadReq:
     req_id: str
     segments: tuple[Segment, ...]  # absolute token positions; segments[0].start = c
     block_ids: tuple[int, ...]
+    held: tuple[int, ...] = ()     # per chain position: tokens of [0, start) it holds already (whole blocks)
 
     @property
     def start(self) -> int:
         return self.segments[0].start
+
+
+class Holdings(Protocol):
+    """What each chain position holds from earlier steps (``holdings.ChainHoldings`` is one)."""
+
+    def held(self, block_ids: tuple[int, ...], upto: int) -> tuple[int, ...]: ...
 
 
 class StepSplitter(Protocol):
@@ -72,6 +82,9 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
+    def _held(self, r: RunaheadReq, pos: int) -> int:
+        return r.held[pos] // self.block_size if r.held else 0
+
     def _blocks(self, ranges) -> np.ndarray:
         """Concatenated block ids [lo, hi) of each request (message order: request order)."""
         parts = [np.asarray(r.block_ids[lo:hi], dtype=np.int64) for r, (lo, hi) in zip(self.requests, ranges)]
@@ -80,11 +93,11 @@ class StepPlan:
     def recv_blocks(self, pos: int) -> np.ndarray:
         """Blocks chain position ``pos`` receives per layer from its predecessor."""
         bs = self.block_size
-        if pos == 0:      # from the head: the cached prefix's whole blocks
-            return self._blocks([(0, r.start // bs) for r in self.requests])
+        if pos == 0:      # from the head: the cached prefix's whole blocks it does not hold
+            return self._blocks([(self._held(r, 0), r.start // bs) for r in self.requests])
         if pos == self.n_workers - 1:  # the head: only what it does not hold yet
             return self._blocks([(r.start // bs, r.segments[pos].start // bs) for r in self.requests])
-        return self._blocks([(0, r.segments[pos].start // bs) for r in self.requests])
+        return self._blocks([(self._held(r, pos), r.segments[pos].start // bs) for r in self.requests])
 
     def send_blocks(self, pos: int) -> np.ndarray:
         """Blocks ``pos`` sends per layer to its successor (the head: the prefix, ahead of compute)."""
@@ -96,19 +109,26 @@ class StepPlan:
         return self._blocks([(r.start // bs, r.start // bs + (r.start % bs > 0)) for r in self.requests])
 
 
-def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int) -> StepPlan:
-    """Chunks the splitter finds worth running ahead, cut as one job with the head's other work."""
+def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int,
+              holdings: Holdings | None = None) -> StepPlan:
+    """Chunks the splitter finds worth running ahead, cut as one job with the head's other work
+    (``holdings``: what chain positions keep from earlier steps; None: nothing)."""
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
-    ahead = [r for r in reqs if r.eligible and r.num_scheduled > 0 and r.chunk.block_bounds(block_size) >= n_workers - 1
-             and splitter.runs_ahead(r.chunk)]
-    if not ahead:
+    chunks = {}
+    for r in reqs:
+        if r.eligible and r.num_scheduled > 0 and r.chunk.block_bounds(block_size) >= n_workers - 1:
+            held = holdings.held(r.block_ids, r.num_computed) if holdings is not None else ()
+            chunk = dataclasses.replace(r.chunk, held=held)
+            if splitter.runs_ahead(chunk):
+                chunks[r.req_id] = chunk
+    if not chunks:
         return StepPlan(n_workers, (), block_size)
-    chosen = {r.req_id for r in ahead}
-    head_only = [r.chunk for r in reqs if r.req_id not in chosen and r.num_scheduled > 0]
+    ahead = [r for r in reqs if r.req_id in chunks]
+    head_only = [r.chunk for r in reqs if r.req_id not in chunks and r.num_scheduled > 0]
     out = []
-    for r, segs in zip(ahead, splitter.split_step([r.chunk for r in ahead], head_only)):
+    for r, segs in zip(ahead, splitter.split_step([chunks[r.req_id] for r in ahead], head_only)):
         if len(r.block_ids) * block_size < r.chunk.end:
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
-        out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids)))
+        out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids), chunks[r.req_id].held))
     return StepPlan(n_workers, tuple(out), block_size)

@@ -65,6 +65,11 @@ def block_size(kv_cache_config) -> int:
     return groups[0].kv_cache_spec.block_size
 
 
+def num_kv_blocks(kv_cache_config) -> int:
+    """KV blocks (scheduler blocks) every worker's cache has: the engine sizes all workers alike."""
+    return kv_cache_config.num_blocks
+
+
 def set_worker_transfer_config(vllm_config) -> None:
     """A worker-local KV transfer config: the connector base class wants one; the engine's
     scheduler never sees it (KV-Runahead plans on the workers)."""
@@ -80,7 +85,7 @@ def connector_metadata(connector):
 
 def kv_block_count(connector) -> int:
     """KV blocks (scheduler blocks) in the cache config the connector was built with."""
-    return connector._kv_cache_config.num_blocks
+    return num_kv_blocks(connector._kv_cache_config)
 
 
 def world_device_group():

@@ -18,6 +18,7 @@ from . import vllm_seam
 from .comm import ChainComm
 from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
 from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
+from .holdings import ChainHoldings
 from .lut import PartitionTable
 from .partition import CostModel, balanced_split
 from .partitioner import ModelShape, Partitioner
@@ -70,6 +71,7 @@ class Worker(vllm_seam.worker_base()):
         self.chunks_ahead = 0          # prefill chunks that ran on the chain ...
         self.chunks_ahead_cached = 0   # ... of them, chunks after cached tokens (later chunk, cache hit, resumed)
         self.tokens_ahead = 0          # ... and their tokens
+        self.prefix_tokens_held = 0    # cached-prefix tokens chain positions did not need to receive
 
     @property
     def chain_pos(self) -> int:
@@ -83,6 +85,8 @@ class Worker(vllm_seam.worker_base()):
     def initialize_from_config(self, kv_cache_config) -> None:
         if self.kvr.num_workers > 1:
             self.block_size = vllm_seam.block_size(kv_cache_config)
+            self.holdings = ChainHoldings(self.kvr.num_workers - 1, vllm_seam.num_kv_blocks(kv_cache_config),
+                                          self.block_size)
             comm = ChainComm.for_ring(self.topo, vllm_seam.world_device_group(),
                                       vllm_seam.world_cpu_group(), self.kvr.recv_timeout_s)
             vllm_seam.set_worker_transfer_config(self.vllm_config)
@@ -105,11 +109,13 @@ class Worker(vllm_seam.worker_base()):
 
     # -- per step -------------------------------------------------------------
     def plan(self, scheduler_output) -> StepPlan:
-        """This step's plan (the book must already hold the step's requests)."""
-        if self.connector is None:
-            return StepPlan(1, ())
-        return make_plan(vllm_seam.request_views(scheduler_output, self.book), self.kvr.num_workers,
-                         splitter=self.partitioner, block_size=self.block_size)
+        """This step's plan (the book must already hold the step's requests); the holdings then
+        record what the step leaves on each chain position."""
+        views = vllm_seam.request_views(scheduler_output, self.book)
+        plan = make_plan(views, self.kvr.num_workers, splitter=self.partitioner, block_size=self.block_size,
+                         holdings=self.holdings)
+        self.holdings.record(plan, views)
+        return plan
 
     def _meta(self, plan: StepPlan) -> RunaheadMeta:
         if not plan:
@@ -133,6 +139,7 @@ class Worker(vllm_seam.worker_base()):
             self.chunks_ahead += len(plan.requests)
             self.chunks_ahead_cached += sum(r.start > 0 for r in plan.requests)
             self.tokens_ahead += sum(r.segments[-1].end - r.start for r in plan.requests)
+            self.prefix_tokens_held += sum(sum(r.held) for r in plan.requests)
         if self.is_head:
             self._head_starts = {r.req_id: r.segments[-1].start for r in plan.requests}
             so = vllm_seam.for_head(scheduler_output, plan, meta)
@@ -210,7 +217,8 @@ class Worker(vllm_seam.worker_base()):
             "chain_steps": s.steps if s else 0,
             "last_segments": self.last_segments,
             "chunks_ahead": self.chunks_ahead, "chunks_ahead_cached": self.chunks_ahead_cached,
-            "tokens_ahead": self.tokens_ahead, "live_requests": len(self.book),
+            "tokens_ahead": self.tokens_ahead, "prefix_tokens_held": self.prefix_tokens_held,
+            "live_requests": len(self.book),
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
             "bytes_sent": self.connector.comm.bytes_sent if self.connector else 0,
