@@ -38,6 +38,10 @@ def groups(recs):
     return dict(sorted(g.items(), key=lambda kv: tuple(map(str, kv[0]))))
 
 
+def _wl_order(w):
+    return (("random", "longmix", "prefix").index(w) if w in ("random", "longmix", "prefix") else 9, w)
+
+
 def _s(ms):
     return "-" if ms is None else f"{ms / 1000:.3f}"
 
@@ -72,8 +76,7 @@ def markdown(recs):
             out.append("- server start (s): " + ", ".join(f"{_col_name(c)} {starts[c]}" for c in _cols(rs) if c in starts))
         out.append("")
         serve = [r for r in rs if r.get("request_rate") is not None]
-        for wl in sorted({r["workload"] for r in serve}, key=lambda w: ("random", "longmix", "prefix").index(w)
-                         if w in ("random", "longmix", "prefix") else 9):
+        for wl in sorted({r["workload"] for r in serve}, key=_wl_order):
             ws = [r for r in serve if r["workload"] == wl]
             cols = _cols(ws)
             by = {(r["request_rate"], _col(r)): r for r in ws}
@@ -166,7 +169,7 @@ def plot(recs, path):
     import matplotlib.pyplot as plt
     panels = []
     for (dev, model), rs in groups(recs).items():
-        for wl in sorted({r["workload"] for r in rs if r.get("request_rate") is not None}):
+        for wl in sorted({r["workload"] for r in rs if r.get("request_rate") is not None}, key=_wl_order):
             ws = [r for r in rs if r["workload"] == wl and r.get("request_rate") is not None and _ok(r)
                   and r.get("median_ttft_ms") is not None]
             if ws:
