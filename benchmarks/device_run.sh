@@ -3,7 +3,10 @@
 #   carry [".devpack/p2", ".devpack/install.sh"], command:
 #   bash benchmarks/device_run.sh --model llama3-8b --n-gpus 2 --lengths 4096,8192,16384,32768,65536 --budget-s 520
 # Arguments go to benchmarks/ttft.py (or to gpu_correctness.py when the first one is `correctness`, to
-# serving.py when it is `serving`: bash benchmarks/device_run.sh serving --n-gpus 2 --configs 1gpu,tp,kvr --budget-s 500);
+# serving.py when it is `serving`: bash benchmarks/device_run.sh serving --n-gpus 2 --configs 1gpu,tp,kvr --budget-s 500;
+# to serve_bench.py when it is `serve`, `vllm serve` + `vllm bench serve|latency`, which needs p4 (pack.sh --with-serve):
+#   carry [".devpack/p2", ".devpack/p4", ".devpack/install.sh"],
+#   bash benchmarks/device_run.sh serve --configs kvr --n-gpus 2 --budget-s 500);
 # results and logs go to $OUT (the device's returned folder; ./bench_out when run elsewhere).
 # Several runs in one call: give each its own OUT (OUT=$OUT/a bash benchmarks/device_run.sh ...).
 # KVR_TIMEOUT_S (default 560): the Python run is stopped (SIGTERM; its parent kills the running engine's
@@ -40,6 +43,7 @@ fi
 SCRIPT=benchmarks.ttft
 [ "${1:-}" = correctness ] && { SCRIPT=benchmarks.gpu_correctness; shift; }
 [ "${1:-}" = serving ] && { SCRIPT=benchmarks.serving; shift; }
+[ "${1:-}" = serve ] && { SCRIPT=benchmarks.serve_bench; shift; }
 T=$(( ${KVR_TIMEOUT_S:-560} - SECONDS ))
 timeout -k 20 $T python3 -m $SCRIPT --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
@@ -49,5 +53,6 @@ command -v nvidia-smi > /dev/null && { echo "GPU processes left:"; nvidia-smi --
 [ $SCRIPT = benchmarks.ttft ] && python3 -m benchmarks.report "$OUT" > /dev/null 2>&1 && rm -f "$OUT/ttft.png" && tail -n 40 "$OUT/ttft.md"
 # serving.png only where matplotlib is installed (the report skips it otherwise).
 [ $SCRIPT = benchmarks.serving ] && [ -f "$OUT/serving.json" ] && python3 -m benchmarks.serving_report "$OUT" > /dev/null 2>&1 && tail -n 60 "$OUT/serving.md"
+[ $SCRIPT = benchmarks.serve_bench ] && [ -f "$OUT/serve_gpu.json" ] && python3 -m benchmarks.serve_report "$OUT" > /dev/null 2>&1 && tail -n 60 "$OUT/serve_gpu.md"
 ( cd "$OUT" && tar -czf logs.tgz --remove-files $(ls -d logs gpus.txt install.log 2>/dev/null) )
 exit $rc

@@ -1,7 +1,8 @@
 """HF-style model dirs (config.json + generation_config.json, no weights) for `load_format="dummy"`.
 
 The shapes are the real ones, so compute and KV size match the real models; only the weight values
-are vLLM's dummy ones. With `skip_tokenizer_init=True` vLLM needs nothing else in the dir.
+are vLLM's dummy ones. With `skip_tokenizer_init=True` vLLM needs nothing else in the dir; the serve CLI
+benchmark (serve_bench.py) also writes a word-level tokenizer over the vocabulary (write_tokenizer).
 python -m benchmarks.models [DIR]   writes all of them (default /tmp/kvr_models)
 """
 import json
@@ -38,6 +39,12 @@ MODELS = {
                   num_key_value_heads=2, intermediate_size=128, vocab_size=512, rope_theta=10000.0,
                   max_position_embeddings=4096),
              "tiny Llama for CPU smoke runs (hidden 64, 2 layers, 4q/2kv heads of 32, vocab 512)"),
+    # CPU smoke of the `vllm serve` / `vllm bench` CLIs: `bench latency` draws prompt ids below 10000.
+    "tiny-serve": (dict(_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
+                        num_key_value_heads=2, intermediate_size=128, vocab_size=16384, rope_theta=10000.0,
+                        max_position_embeddings=4096),
+                   "tiny Llama for CPU smoke runs of the serve CLI (hidden 64, 2 layers, 4q/2kv heads of 32, "
+                   "vocab 16384)"),
 }
 
 
@@ -49,8 +56,31 @@ def note(name):
     return MODELS[name][1]
 
 
-def write_model(name, root="/tmp/kvr_models"):
-    """Write MODELS[name] to root/name and return that path (idempotent)."""
+def write_tokenizer(d, cfg):
+    """A word-level fast tokenizer over the model's whole vocabulary into dir d, for `vllm serve` and
+    `vllm bench serve` (text prompts) with dummy weights: token i is the word "t<i>" (bos/eos/unk are
+    special tokens at the config's ids), words are split on whitespace only and decoded joined by
+    spaces, so decode -> encode gives back the same ids (bench serve's random datasets rely on it)
+    and a k-word prompt is k tokens. Written with `tokenizers` (tokenizer.json) and a
+    tokenizer_config.json naming PreTrainedTokenizerFast, which transformers 4.x and 5.x both load."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models as tok_models, pre_tokenizers
+    bos, eos = cfg["bos_token_id"], cfg["eos_token_id"]
+    names = {0: "<unk>", bos: "<s>", eos: "</s>"}    # bos == eos (Falcon): one special token
+    vocab = {names.get(i, f"t{i}"): i for i in range(cfg["vocab_size"])}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # join with spaces, nothing else
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(names.values())])
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=names[bos], eos_token=names[eos],
+                       unk_token="<unk>", add_bos_token=False, add_eos_token=False,
+                       model_max_length=cfg["max_position_embeddings"]), f, indent=1)
+
+
+def write_model(name, root="/tmp/kvr_models", tokenizer=False):
+    """Write MODELS[name] to root/name and return that path (idempotent). tokenizer: also write the
+    word-level tokenizer (write_tokenizer), for the serve CLI."""
     cfg = MODELS[name][0]
     d = os.path.join(root, name)
     os.makedirs(d, exist_ok=True)
@@ -59,6 +89,8 @@ def write_model(name, root="/tmp/kvr_models"):
     # Without it vLLM logs a (harmless) lookup failure; it also pins the default sampling to plain greedy-able.
     with open(os.path.join(d, "generation_config.json"), "w") as f:
         json.dump(dict(bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"]), f)
+    if tokenizer:
+        write_tokenizer(d, cfg)
     return d
 
 

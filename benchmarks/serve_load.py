@@ -73,12 +73,12 @@ def stop_server(proc) -> None:
             pass
 
 
-def workload(n: int, seed: int = 0, vocab: int = 512) -> list[dict]:
-    """n requests; about 10% hang up mid-prefill or mid-decode."""
+def workload(n: int, seed: int = 0, vocab: int = 512, lengths: list[int] = LENGTHS) -> list[dict]:
+    """n requests of prompt lengths drawn from `lengths`; about 10% hang up mid-prefill or mid-decode."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        length = rng.choice(LENGTHS)
+        length = rng.choice(lengths)
         cancel = rng.choices([None, "prefill", "decode"], weights=[18, 1, 1])[0]
         out.append(dict(id=i, prompt=[rng.randrange(vocab) for _ in range(length)],
                         max_tokens=rng.randint(1, MAX_TOKENS), stream=cancel is not None or rng.random() < 0.5,
