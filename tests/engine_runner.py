@@ -71,6 +71,8 @@ def main(spec_path, out_path):
         # one prompt at a time: plain vLLM on CPU cannot rewind a seeded generator after a partial chunk
         outs = [llm.generate([{"prompt_token_ids": ids}], seeded, use_tqdm=False)[0] for ids in spec["seeded"]]
         out["seeded"].append([[list(c.token_ids) for c in o.outputs] for o in outs])
+    if spec.get("steps"):
+        out["steps"] = llm.collective_rpc("kvr_steps")[-1]  # the scheduler output the head received
     out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     if workers > 1:
         out["stats"] = llm.collective_rpc("kvr_stats")

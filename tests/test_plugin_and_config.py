@@ -58,9 +58,10 @@ def test_config_turns_pcp_into_chain_workers():
     cfg = engine_config(additional_config={"kv_runahead": {"partition": "even", "min_tokens": 100}})
     pc = cfg.parallel_config
     assert pc.world_size == 2 and pc.prefill_context_parallel_size == 1  # vLLM's PCP stays off
+    plain = engine_config(worker_cls="auto", prefill_context_parallel_size=1).scheduler_config
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
-        "profile": False, "refine": False}
+        "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens}
 
 
 def test_default_step_budget_scales_with_workers_and_a_users_is_kept(kvr_log):
@@ -72,7 +73,13 @@ def test_default_step_budget_scales_with_workers_and_a_users_is_kept(kvr_log):
         got = engine_config(prefill_context_parallel_size=n).scheduler_config.max_num_batched_tokens
         assert got == n * plain.max_num_batched_tokens
         assert f"step budget max_num_batched_tokens={got} (vLLM's default " in kvr_log.text
-    assert engine_config(max_num_batched_tokens=1000).scheduler_config.max_num_batched_tokens == 1000
+    assert engine_config(prefill_context_parallel_size=2).additional_config["kv_runahead"]["step_budget"] \
+        == plain.max_num_batched_tokens  # each step takes vLLM's default, more for the first prompt in line
+    users = engine_config(max_num_batched_tokens=1000)
+    assert users.scheduler_config.max_num_batched_tokens == 1000
+    assert users.additional_config["kv_runahead"]["step_budget"] is None   # the user's budget: fixed
+    mine = engine_config(additional_config={"kv_runahead": {"step_budget": 512}})
+    assert mine.additional_config["kv_runahead"]["step_budget"] == 512
 
 
 def test_without_the_worker_class_pcp_is_untouched():
@@ -91,6 +98,9 @@ def test_without_the_worker_class_pcp_is_untouched():
     (dict(additional_config={"kv_runahead": {"refine": "yes"}}), "refine must be true or false"),
     (dict(additional_config={"kv_runahead": {"recv_timeout_s": 0}}), "recv_timeout_s must be > 0"),
     (dict(additional_config={"kv_runahead": "fast"}), "must be an object"),
+    (dict(additional_config={"kv_runahead": {"step_budget": 0}}), "step_budget must be an integer >= 1"),
+    (dict(max_num_batched_tokens=1000, additional_config={"kv_runahead": {"step_budget": 2000}}),
+     "step_budget 2000 is more than --max-num-batched-tokens 1000"),
 ])
 def test_bad_configurations_refused(kw, message):
     with pytest.raises(ValueError, match=message):

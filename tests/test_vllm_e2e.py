@@ -171,6 +171,26 @@ def test_smollm2_tokens_and_kv_equal_one_worker(engines, smol_ref, workers):
     assert first == {"chunks_ahead": 2, "chunks_ahead_cached": 1, "tokens_ahead": len(smol_prompts()[0])}
 
 
+def steps_spec(workers):
+    # every prompt arrives at once; max_num_batched_tokens 4000 could hold them all in one step
+    p = rand_prompts(TINY_LENGTHS, 1)
+    return dict(model=tiny_llama(), workers=workers, block_size=BS, max_tokens=8, alone=[], steps=True,
+                engine=dict(TINY_ENGINE, max_num_batched_tokens=4000), kvr={"min_tokens": 0, "step_budget": 1000},
+                batch=[p[6], p[4], p[3], p[2]])
+
+
+def test_a_step_takes_one_long_prompt_whole_and_does_not_pack_the_next_ones_with_it(engines, tiny_ref):
+    """Per-step budget (kv_runahead.step_budget 1000, max 4000): the 2500-token prompt runs whole in the
+    first step, alone; the others follow at 1000 tokens a step, as with vLLM's default budget, instead of
+    all four in one step whose first tokens would all wait for it. Tokens equal one worker's."""
+    run = engines.get("tiny-steps-2", steps_spec(2))
+    assert run["batch"] == [tiny_ref["alone"][i] for i in (6, 4, 3, 2)]
+    assert run["steps"][0] == [2500], run["steps"][:4]
+    assert sum(run["steps"][1]) <= 1000 + 1 and 1000 in run["steps"][1] + run["steps"][2], run["steps"][:4]
+    head = run["stats"][-1]
+    assert head["chunks_ahead"] >= 2   # the long prompt (one chunk) and the 1000-token one ran on the chain
+
+
 def preempt_spec(workers):
     # 24 KV blocks for 4 requests that need 12 each by their end: all start, then the scheduler
     # preempts running ones as their decodes grow and resumes them later, recomputing prompt and

@@ -38,6 +38,10 @@ class KVRunaheadConfig:
     # busy times (bounded, logged). Implies profile's timing and one tiny gloo all-gather
     # per runahead step, so off by default.
     refine: bool = False
+    # Tokens every step may take; a step takes more, up to max_num_batched_tokens, only for the work
+    # running plus the first prompt in line (one long prompt in one step, several one after another).
+    # None: a fixed budget. Set to vLLM's default budget when --max-num-batched-tokens is not given.
+    step_budget: int | None = None
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -59,6 +63,10 @@ class KVRunaheadConfig:
                              f"decides), got {self.min_tokens!r}")
         if not isinstance(self.recv_timeout_s, (int, float)) or self.recv_timeout_s <= 0:
             raise ValueError(f"KV-Runahead: recv_timeout_s must be > 0, got {self.recv_timeout_s!r}")
+        if self.step_budget is not None and (isinstance(self.step_budget, bool) or not isinstance(self.step_budget, int)
+                                             or self.step_budget < 1):
+            raise ValueError(f"KV-Runahead: step_budget must be an integer >= 1 (or null: a fixed step budget), "
+                             f"got {self.step_budget!r}")
         for name in ("profile", "refine"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KV-Runahead: {name} must be true or false, got {getattr(self, name)!r}")

@@ -70,6 +70,22 @@ def num_kv_blocks(kv_cache_config) -> int:
     return kv_cache_config.num_blocks
 
 
+def scheduler_demand(scheduler) -> tuple[int, bool, int]:
+    """What the engine's scheduler is about to schedule: tokens its running requests want now, whether
+    one of them is still in its prompt, and the uncomputed tokens of the first waiting request."""
+    running, prefilling = 0, False
+    for r in scheduler.running:
+        running += max(0, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
+        prefilling = prefilling or r.num_computed_tokens < r.num_prompt_tokens
+    first = 0
+    for queue in (scheduler.waiting, getattr(scheduler, "skipped_waiting", None)):
+        if queue is not None and len(queue):
+            r = queue.peek_request()
+            first = r.num_tokens - r.num_computed_tokens
+            break
+    return running, prefilling, first
+
+
 def set_worker_transfer_config(vllm_config) -> None:
     """A worker-local KV transfer config: the connector base class wants one; the engine's
     scheduler never sees it (KV-Runahead plans on the workers)."""

@@ -34,9 +34,9 @@ def wrap_method(owner: type, name: str, make: Callable[[Callable], Callable]) ->
 
 
 def _registry() -> tuple[Patch, ...]:
-    from . import config_hook, executor_sizes, mq_writer_shutdown, step_budget
+    from . import config_hook, executor_sizes, mq_writer_shutdown, step_budget, step_schedule
 
-    return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, mq_writer_shutdown.PATCH)
+    return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, step_schedule.PATCH, mq_writer_shutdown.PATCH)
 
 
 _applied: set[str] = set()

@@ -58,6 +58,10 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
         if n > have:
             raise ValueError(f"KV-Runahead: {n} workers need {n} GPUs, only {have} visible; "
                              f"use --prefill-context-parallel-size {have} or fewer")
+    most = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
+    if cfg.step_budget is not None and most is not None and cfg.step_budget > most:
+        raise ValueError(f"KV-Runahead: step_budget {cfg.step_budget} is more than --max-num-batched-tokens "
+                         f"{most}; lower step_budget or raise --max-num-batched-tokens")
     if cfg.partition == "table":
         from ..lut import PartitionTable
 

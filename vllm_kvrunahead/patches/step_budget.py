@@ -12,7 +12,7 @@ as with one GPU at vLLM's default.
 """
 from __future__ import annotations
 
-from ..config import is_kvrunahead_worker
+from ..config import ADDITIONAL_CONFIG_KEY, is_kvrunahead_worker
 from ..log import logger
 from . import Patch, wrap_method
 
@@ -29,8 +29,18 @@ def _apply() -> None:
                 return
             default = self.max_num_batched_tokens
             self.max_num_batched_tokens = min(default * n, self.max_num_seqs * model_config.max_model_len)
-            logger.info("KV-Runahead: step budget max_num_batched_tokens=%d (vLLM's default %d x %d workers); "
-                        "--max-num-batched-tokens sets another", self.max_num_batched_tokens, default, n)
+            # Each step takes vLLM's default, and more only for the first prompt in line (budget.py).
+            extra = dict(self.additional_config or {})
+            options = extra.get(ADDITIONAL_CONFIG_KEY)
+            if options is None or isinstance(options, dict):
+                options = dict(options or {})
+                options.setdefault("step_budget", min(default, self.max_num_batched_tokens))
+                extra[ADDITIONAL_CONFIG_KEY] = options
+                self.additional_config = extra
+            logger.info("KV-Runahead: step budget max_num_batched_tokens=%d (vLLM's default %d x %d workers) for "
+                        "the first prompt in line, %d for the rest of a step; --max-num-batched-tokens sets a "
+                        "fixed one", self.max_num_batched_tokens, default, n,
+                        options.get("step_budget") if isinstance(options, dict) else default)
         return _set_default_max_num_seqs_and_batched_tokens_args
 
     wrap_method(EngineArgs, "_set_default_max_num_seqs_and_batched_tokens_args", make)
@@ -44,7 +54,8 @@ PATCH = Patch(
         "vs 3.29x in one step). Only EngineArgs knows whether the user set --max-num-batched-tokens.",
     how="Wraps the method that fills vLLM's defaults: when the worker class is KV-Runahead's, N > 1 and the "
         "user set no --max-num-batched-tokens, multiplies vLLM's default by N (capped at max_num_seqs x "
-        "max_model_len) and logs the value. A user's value is never changed.",
+        "max_model_len), records vLLM's default as kv_runahead.step_budget (unless the user gave one; see "
+        "step-budget-per-step) and logs both. A user's --max-num-batched-tokens is never changed.",
     upstream="Not upstream. vLLM already scales its CPU default budget with the worker count; a "
              "per-worker-count default for GPUs (or for PCP) would make this unnecessary.",
     remove_when="vLLM sizes the default budget by the workers that share a prefill, or the plugin can "
