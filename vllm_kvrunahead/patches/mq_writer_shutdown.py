@@ -76,7 +76,8 @@ PATCH = Patch(
         "collective_rpc fails, the engine core stops and clients get EngineDeadError / HTTP 500. An "
         "explicit timeout is honoured as before; vLLM's 60 s 'No available shared memory broadcast block' "
         "line is kept.",
-    upstream="Not upstream (vLLM 0.26.0): MessageQueue readers check shutting_down, the writer does not.",
+    upstream="Not upstream (vLLM 0.26.0, still so in 0.32.0): MessageQueue readers check shutting_down, "
+             "the writer does not.",
     remove_when="vLLM's MessageQueue writer checks shutting_down (or collective_rpc enqueues with a bound).",
     apply=_apply,
 )
