@@ -1,4 +1,4 @@
-"""KV-Runahead inside vLLM 0.26 on CPU, against plain vLLM with one worker.
+"""KV-Runahead inside vLLM on CPU (0.26.0; .ci/run runs it on 0.32.0 too), against plain vLLM with one worker.
 
 Each engine runs once per session in its own process (tests/engine_runner.py);
 tests compare greedy tokens, the head's KV blocks and per-worker accounting.

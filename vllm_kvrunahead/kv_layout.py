@@ -3,8 +3,10 @@
 The chain moves KV as whole paged blocks: a block's bytes are copied as they
 are, so the attention backend's layout inside a block (vLLM's CPU kernel
 keeps K and V tiled per ISA) never matters. vLLM 0.26's CPU, FlashAttention
-and Triton backends all put the block dimension first. A scheduler block may
-be split into several kernel blocks; they are consecutive.
+and Triton backends all put the block dimension first. vLLM 0.32 allocates one
+backing tensor for all layers and gives each layer a view; on CPU each view
+still holds whole contiguous blocks along dim 0, which the check below verifies.
+A scheduler block may be split into several kernel blocks; they are consecutive.
 """
 from __future__ import annotations
 
