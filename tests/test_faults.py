@@ -102,7 +102,7 @@ def test_dead_chain_peer_fails_requests_fast_and_server_exits():
         assert len(workers) == 2, [(p.name(), p.cmdline()) for p in kids]
         rng = random.Random(3)
         reqs = [dict(id=i, prompt=[rng.randrange(1, 512) for _ in range(2499)],  # valid ids: vocab 512
-                     max_tokens=300, stream=i % 2 == 0, cancel=None) for i in range(8)]
+                     max_tokens=1500, stream=i % 2 == 0, cancel=None) for i in range(8)]
 
         def timed(req):
             res = run_one(base, tiny_llama(), req)

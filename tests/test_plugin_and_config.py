@@ -186,3 +186,13 @@ def test_patch_registry_document_is_current():
 
     doc = (Path(__file__).resolve().parent.parent / "patches" / "README.md").read_text()
     assert doc.strip() == describe().strip(), "regenerate: python -m vllm_kvrunahead.patches > patches/README.md"
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_with_the_id_named():
+    from vllm_kvrunahead.patches.token_ids import check_prompt_ids
+
+    check_prompt_ids([0, 511], 512)
+    check_prompt_ids([], 512)
+    for ids, bad in (([1, 512, 3], 512), ([5, -1], -1)):
+        with pytest.raises(ValueError, match=f"Token id {bad} is out of vocabulary"):
+            check_prompt_ids(ids, 512)

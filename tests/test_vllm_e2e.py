@@ -256,6 +256,10 @@ def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_r
         client.completions.create(model=model, prompt=[1] * 5000, max_tokens=4)
     with pytest.raises(openai.BadRequestError):  # empty prompt
         client.completions.create(model=model, prompt=[], max_tokens=4)
+    # no tokenizer here (--skip-tokenizer-init): an id past the 512-token vocabulary is refused up front
+    # instead of killing the engine in the embedding
+    with pytest.raises(openai.BadRequestError, match="Token id 600 is out of vocabulary"):
+        client.completions.create(model=model, prompt=[1, 600, 2], max_tokens=4)
     assert complete(prompts[3], False) == tiny_ref["alone"][3]
     assert proc.poll() is None
 

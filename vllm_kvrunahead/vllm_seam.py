@@ -85,6 +85,14 @@ def num_kv_blocks(kv_cache_config) -> int:
     return kv_cache_config.num_blocks
 
 
+def frontend_tokenizer(input_processor):
+    """The tokenizer vLLM's frontend validates prompts with, or None (--skip-tokenizer-init):
+    0.26 keeps it on the input processor, 0.32 on its renderer."""
+    if V032:
+        return getattr(getattr(input_processor, "renderer", None), "tokenizer", None)
+    return input_processor.tokenizer
+
+
 def scheduler_demand(scheduler) -> tuple[int, bool, int]:
     """What the engine's scheduler is about to schedule: tokens its running requests want now, whether
     one of them is still in its prompt, and the uncomputed tokens of the first waiting request."""

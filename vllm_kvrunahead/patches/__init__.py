@@ -34,9 +34,10 @@ def wrap_method(owner: type, name: str, make: Callable[[Callable], Callable]) ->
 
 
 def _registry() -> tuple[Patch, ...]:
-    from . import config_hook, executor_sizes, mq_writer_shutdown, step_budget, step_schedule
+    from . import config_hook, executor_sizes, mq_writer_shutdown, step_budget, step_schedule, token_ids
 
-    return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, step_schedule.PATCH, mq_writer_shutdown.PATCH)
+    return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, step_schedule.PATCH, mq_writer_shutdown.PATCH,
+            token_ids.PATCH)
 
 
 _applied: set[str] = set()
