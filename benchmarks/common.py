@@ -80,6 +80,40 @@ def merge_records(path, new, key):
     os.replace(tmp, path)
 
 
+def write_report(out, name, markdown, plot, png=True):
+    """OUT/<name>.json -> OUT/<name>.md (returned) and, where matplotlib is installed, OUT/<name>.png."""
+    with open(os.path.join(out, f"{name}.json")) as f:
+        recs = json.load(f)
+    md = markdown(recs)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    if png:
+        try:
+            if plot(recs, os.path.join(out, f"{name}.png")):
+                print("wrote", os.path.join(out, f"{name}.png"))
+        except ImportError:
+            print(f"matplotlib missing: no {name}.png (pip install matplotlib)")
+    return md
+
+
+def report_main(doc, name, key, markdown, plot, argv=None):
+    """A report's command line: OUT [--merge A/<name>.json ...] [--no-png]; merged records replace
+    earlier ones with the same ``key`` fields."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help=f"dir with {name}.json; {name}.md and {name}.png are written next to it")
+    ap.add_argument("--merge", nargs="*", default=[], help=f"{name}.json files to merge into OUT/{name}.json first")
+    ap.add_argument("--no-png", action="store_true")
+    a = ap.parse_args(argv)
+    if a.merge:
+        os.makedirs(a.out, exist_ok=True)
+        for path in a.merge:
+            with open(path) as f:
+                merge_records(os.path.join(a.out, f"{name}.json"), json.load(f), key)
+    print(write_report(a.out, name, markdown, plot, png=not a.no_png))
+
+
 def probe_device():
     """(device name, vLLM version) without touching CUDA in this process (a CUDA context here would
     eat GPU memory that the children's gpu_memory_utilization counts on)."""

@@ -6,10 +6,9 @@ panel per workload, one colour per config).
 --merge first folds other runs' records (e.g. each device call's returned $OUT) into OUT/serve_gpu.json,
 later files replacing records with the same key.
 """
-import argparse
-import json
-import os
 from collections import defaultdict
+
+from benchmarks import common
 
 ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
 COLORS = {"1gpu": "black", "tp": "tab:orange", "kvr": "tab:green"}
@@ -200,34 +199,13 @@ def plot(recs, path):
 
 
 def write(out, png=True):
-    with open(os.path.join(out, "serve_gpu.json")) as f:
-        recs = json.load(f)
-    md = markdown(recs)
-    with open(os.path.join(out, "serve_gpu.md"), "w") as f:
-        f.write(md)
-    if png:
-        try:
-            if plot(recs, os.path.join(out, "serve_gpu.png")):
-                print("wrote", os.path.join(out, "serve_gpu.png"))
-        except ImportError:
-            print("matplotlib missing: no serve_gpu.png (pip install matplotlib)")
-    return md
+    return common.write_report(out, "serve_gpu", markdown, plot, png)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", help="dir with serve_gpu.json; serve_gpu.md and serve_gpu.png are written next to it")
-    ap.add_argument("--merge", nargs="*", default=[], help="serve_gpu.json files to merge into OUT/serve_gpu.json first")
-    ap.add_argument("--no-png", action="store_true")
-    a = ap.parse_args()
-    if a.merge:
-        from benchmarks import common
-        from benchmarks.serve_bench import KEY
-        os.makedirs(a.out, exist_ok=True)
-        for path in a.merge:
-            with open(path) as f:
-                common.merge_records(os.path.join(a.out, "serve_gpu.json"), json.load(f), KEY)
-    print(write(a.out, png=not a.no_png))
+    from benchmarks.serve_bench import KEY
+
+    common.report_main(__doc__, "serve_gpu", KEY, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@
 later files replacing records with the same key. Ratios are only taken within one device name, so give
 records from different machines distinct device names before merging them.
 """
-import argparse
-import json
-import os
 from collections import defaultdict
+
+from benchmarks import common
 
 ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
 
@@ -214,33 +213,13 @@ def plot(recs, path):
 
 
 def write(out, png=True):
-    with open(os.path.join(out, "serving.json")) as f:
-        recs = json.load(f)
-    md = markdown(recs)
-    with open(os.path.join(out, "serving.md"), "w") as f:
-        f.write(md)
-    if png:
-        try:
-            if plot(recs, os.path.join(out, "serving.png")):
-                print("wrote", os.path.join(out, "serving.png"))
-        except ImportError:
-            print("matplotlib missing: no serving.png (pip install matplotlib)")
-    return md
+    return common.write_report(out, "serving", markdown, plot, png)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", help="dir with serving.json; serving.md and serving.png are written next to it")
-    ap.add_argument("--merge", nargs="*", default=[], help="serving.json files to merge into OUT/serving.json first")
-    a = ap.parse_args()
-    if a.merge:
-        from benchmarks import common
-        from benchmarks.serving import KEY
-        os.makedirs(a.out, exist_ok=True)
-        for path in a.merge:
-            with open(path) as f:
-                common.merge_records(os.path.join(a.out, "serving.json"), json.load(f), KEY)
-    print(write(a.out))
+    from benchmarks.serving import KEY
+
+    common.report_main(__doc__, "serving", KEY, markdown, plot)
 
 
 if __name__ == "__main__":
