@@ -6,7 +6,7 @@ import torch
 
 from tests.dist_utils import run_ranks
 from vllm_kvrunahead.comm import ChainComm, ChainTimeout
-from vllm_kvrunahead.partition import partition
+from vllm_kvrunahead.partition import balanced_split, even_split
 from vllm_kvrunahead.reference import TinyConfig, TinyLlama
 
 
@@ -46,7 +46,7 @@ def _chain_prefill(rank, world, n, method):
     torch.manual_seed(0)
     model = TinyLlama(TinyConfig(), seed=1)
     tokens = torch.randint(0, model.cfg.vocab, (n,), generator=torch.Generator().manual_seed(2))
-    seg = partition(n, world, method)[rank]
+    seg = (even_split if method == "even" else balanced_split)(n, world)[rank]
     comm = ChainComm(rank - 1 if rank else None, rank + 1 if rank < world - 1 else None)
     logits, kv = model.prefill_segment(tokens, seg, comm)
     return seg, logits, kv

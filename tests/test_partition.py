@@ -6,7 +6,6 @@ from vllm_kvrunahead.partition import (
     balanced_split,
     even_split,
     from_fractions,
-    partition,
     predicted_ttft,
     worker_costs,
 )
@@ -23,17 +22,18 @@ def assert_cover(segs, n, k):
         assert a.end == b.start  # contiguous, disjoint, ordered
 
 
-@pytest.mark.parametrize("method", ["even", "balanced"])
+SPLITS = {"even": even_split, "balanced": balanced_split}
+
+
+@pytest.mark.parametrize("method", sorted(SPLITS))
 @pytest.mark.parametrize("n_workers", range(1, 9))
 @pytest.mark.parametrize("n", LENGTHS)
 def test_segments_cover_prompt_exactly(method, n_workers, n):
     if n_workers > n:
         with pytest.raises(ValueError, match="at most"):
-            partition(n, n_workers, method)
-        segs = partition(n, n_workers, method, clamp=True)  # short prompt: fewer workers
-        assert_cover(segs, n, n)
+            SPLITS[method](n, n_workers)
     else:
-        assert_cover(partition(n, n_workers, method), n, n_workers)
+        assert_cover(SPLITS[method](n, n_workers), n, n_workers)
 
 
 def test_even_split_lengths_differ_by_at_most_one():
@@ -75,25 +75,32 @@ def test_from_fractions_keeps_one_token_each():
     assert_cover(from_fractions(12345, [0.5, 0.3, 0.2]), 12345, 3)
 
 
+@pytest.mark.parametrize("split", sorted(SPLITS))
 @pytest.mark.parametrize("n_workers", [0, -1, 1.5, True])
-def test_bad_worker_count(n_workers):
+def test_bad_worker_count(split, n_workers):
     with pytest.raises(ValueError, match="number of workers must be an integer >= 1"):
-        partition(100, n_workers)
+        SPLITS[split](100, n_workers)
 
 
-def test_bad_prompt_length():
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_bad_prompt_length(split):
     with pytest.raises(ValueError, match="prompt length must be an integer >= 1"):
-        partition(0, 2)
+        SPLITS[split](0, 2)
 
 
-def test_more_workers_than_tokens():
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_more_workers_than_tokens(split):
     with pytest.raises(ValueError, match="cannot split 3 prompt tokens over 4 workers"):
-        partition(3, 4)
+        SPLITS[split](3, 4)
 
 
-def test_unknown_partition_name():
-    with pytest.raises(ValueError, match="unknown partition 'fastest'; choose one of even, balanced"):
-        partition(100, 2, "fastest")
+def test_cost_model_of_a_model_shape():
+    from vllm_kvrunahead.partition import ModelShape
+
+    llama3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
+    assert CostModel.for_shape(llama3) == CostModel.from_shape(
+        num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, head_dim=128)
+    assert CostModel.for_shape(None) == CostModel()
 
 
 def test_bad_cost_model():

@@ -5,7 +5,8 @@ import pytest
 
 from vllm_kvrunahead.lut import PartitionTable
 from vllm_kvrunahead.partition import CostModel, balanced_split, even_split
-from vllm_kvrunahead.partitioner import SHIPPED_TABLES, ModelShape, Partitioner, find_table
+from vllm_kvrunahead.partition import ModelShape
+from vllm_kvrunahead.partitioner import SHIPPED_TABLES, Partitioner, find_table
 from vllm_kvrunahead.refine import Refiner
 
 LLAMA3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)

@@ -14,16 +14,15 @@ makes earlier segments longer::
     chain is a pipeline over layers: finish_k(l) = max(finish_k(l-1),
     finish_{k-1}(l) + xfer_k) + compute_k.
 
-``partition(n, N, "even" | "balanced")`` returns frozen ``Segment`` s covering
-[0, n) exactly, in chain order (the last one is the head's).
+One vocabulary for the split: a model's ``ModelShape`` gives its ``CostModel``, which
+gives the ``Segment`` s (``even_split``, ``balanced_split``, or a whole step of
+``Chunk`` s with ``balanced_step_bounds``); segments cover [0, n) exactly, in chain
+order (the last one is the head's).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-PARTITION_METHODS = ("even", "balanced")
-
+from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Segment:
@@ -36,6 +35,27 @@ class Segment:
     @property
     def length(self) -> int:
         return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a split depends on besides N and the GPU: its cost model comes from it, and tables record it
+    under "model"."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    head_dim: int
+
+    def matches(self, recorded: object) -> bool:
+        """A table's "model" entry matches when every field it records equals ours (and it records some)."""
+        if not isinstance(recorded, dict):
+            return False
+        mine = asdict(self)
+        keys = [k for k in mine if k in recorded]
+        return bool(keys) and all(recorded[k] == mine[k] for k in keys)
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,14 @@ class CostModel:
     # (step set-up, per-layer hooks, launch latency): ~13 ms, from N=2 and N=4 TTFT at 1k-4k tokens
     # on 4x H200 (N=4: 0.6x of one GPU at 1k tokens, 1.05x at 2k). Decides what runs ahead.
     hop: float = 0.013
+
+    @classmethod
+    def for_shape(cls, shape: ModelShape | None) -> "CostModel":
+        """The cost model of a model shape (None, an unusual config: the Llama-3-8B default)."""
+        if shape is None:
+            return cls()
+        return cls.from_shape(num_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                              num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim)
 
     @classmethod
     def from_shape(
@@ -246,24 +274,6 @@ def balanced_split(n: int, n_workers: int, cost: CostModel | None = None) -> tup
     if n_workers == 1:
         return (Segment(0, 0, n),)
     return segments_from_lengths(_equal_cost(n, n_workers, cost))
-
-
-def partition(
-    n: int,
-    n_workers: int,
-    method: str = "balanced",
-    cost: CostModel | None = None,
-    *,
-    clamp: bool = False,
-) -> tuple[Segment, ...]:
-    """Segments in chain order. ``clamp`` uses min(n_workers, n) workers for short prompts."""
-    if method not in PARTITION_METHODS:
-        raise ValueError(f"unknown partition {method!r}; choose one of {', '.join(PARTITION_METHODS)}")
-    if clamp and isinstance(n, int) and isinstance(n_workers, int) and n_workers > n >= 1:
-        n_workers = n
-    if method == "even":
-        return even_split(n, n_workers)
-    return balanced_split(n, n_workers, cost)
 
 
 def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[Segment, ...]:

@@ -16,38 +16,18 @@ without exchanging it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from .config import PARTITIONS as METHODS
 from .lut import FORMAT, PartitionTable, TableError
-from .partition import (Chunk, CostModel, Segment, align_bounds, balanced_split, balanced_step_bounds, even_split,
+from .partition import (Chunk, CostModel, ModelShape, Segment, align_bounds, balanced_split, balanced_step_bounds, even_split,
                         from_fractions, runahead_gain)
 from .refine import Refiner
 
 from .log import logger
 
 SHIPPED_TABLES = Path(__file__).parent / "tables"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What a tuned split depends on (besides N and the GPU); tables record it under "model"."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    head_dim: int
-
-    def matches(self, recorded: object) -> bool:
-        """A table's "model" entry matches when every field it records equals ours (and it records some)."""
-        if not isinstance(recorded, dict):
-            return False
-        mine = asdict(self)
-        keys = [k for k in mine if k in recorded]
-        return bool(keys) and all(recorded[k] == mine[k] for k in keys)
 
 
 def find_table(shape: ModelShape, n_workers: int, device: str,

@@ -24,7 +24,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
-from .partitioner import ModelShape
+from .partition import ModelShape
 from .plan import ReqView, StepPlan
 
 VLLM_VERSION = vllm.__version__.split("+")[0]

@@ -21,7 +21,7 @@ from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
 from .holdings import ChainHoldings
 from .lut import PartitionTable
 from .partition import CostModel, balanced_split
-from .partitioner import ModelShape, Partitioner
+from .partitioner import Partitioner
 from .plan import StepPlan, make_plan
 from .refine import Refiner
 from .topology import ChainTopology
@@ -39,14 +39,6 @@ def runahead_config(vllm_config) -> KVRunaheadConfig:
     return KVRunaheadConfig(**d).validate()
 
 
-def cost_model_for(shape: ModelShape | None) -> CostModel:
-    if shape is None:
-        return CostModel()
-    return CostModel.from_shape(num_layers=shape.layers, hidden_size=shape.hidden,
-                                intermediate_size=shape.intermediate, num_heads=shape.heads,
-                                num_kv_heads=shape.kv_heads, head_dim=shape.head_dim)
-
-
 class Worker(vllm_seam.worker_base()):
     """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N."""
 
@@ -60,7 +52,7 @@ class Worker(vllm_seam.worker_base()):
         self.connector: KVRunaheadConnector | None = None
         self.book = vllm_seam.RequestBook()
         self.shape = vllm_seam.model_shape(vllm_config.model_config)
-        self.cost = cost_model_for(self.shape)
+        self.cost = CostModel.for_shape(self.shape)
         self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
         self._head_starts: dict[str, int] = {}  # the head's segment starts this step
