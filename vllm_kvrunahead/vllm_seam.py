@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401 (r
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.exceptions import VLLMValidationError as RequestError  # noqa: F401 (HTTP 400 on 0.26 and 0.32)
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
