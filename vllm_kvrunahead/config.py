@@ -89,6 +89,12 @@ class KVRunaheadConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def chain_options(vllm_config) -> dict | None:
+    """KV-Runahead's converted options when this engine runs a chain of >= 2 workers, else None."""
+    options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    return options if isinstance(options, dict) and options.get("num_workers", 1) >= 2 else None
+
+
 def is_kvrunahead_worker(worker_cls: Any) -> bool:
     """vllm_kvrunahead.Worker, or a user's subclass of it (given as a class or "module.Class")."""
     if isinstance(worker_cls, str):

@@ -7,7 +7,7 @@ request is refused with HTTP 400 instead, before it reaches any worker.
 """
 from __future__ import annotations
 
-from ..config import ADDITIONAL_CONFIG_KEY
+from ..config import chain_options
 from . import Patch, wrap_method
 
 
@@ -28,9 +28,8 @@ def _apply() -> None:
     def make(orig):
         def _validate_model_input(self, prompt_input, prompt_type, *args, **kwargs):
             orig(self, prompt_input, prompt_type, *args, **kwargs)
-            options = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-            if not isinstance(options, dict) or options.get("num_workers", 1) < 2 \
-                    or prompt_input.get("type") == "embeds" or frontend_tokenizer(self) is not None:
+            if (chain_options(self.vllm_config) is None or prompt_input.get("type") == "embeds"
+                    or frontend_tokenizer(self) is not None):
                 return  # plain vLLM, or vLLM checked the ids against its tokenizer itself
             check_prompt_ids(prompt_input.get("prompt_token_ids"), self.model_config.get_vocab_size(), RequestError)
         return _validate_model_input
