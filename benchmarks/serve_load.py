@@ -63,14 +63,18 @@ def start_server(model: str, workers: int, extra: list[str] = (), env: dict | No
 
 
 def stop_server(proc) -> None:
+    """SIGTERM (vLLM's clean shutdown), then SIGKILL to whatever of the group is left: vLLM 0.32's
+    engine processes can outlive the server process."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def workload(n: int, seed: int = 0, vocab: int = 512, lengths: list[int] = LENGTHS) -> list[dict]:

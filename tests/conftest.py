@@ -1,11 +1,10 @@
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procs import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,11 +15,10 @@ def run_engine(spec: dict, tmp: Path, name: str) -> dict:
 
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.pt"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    p = subprocess.run([sys.executable, "-m", "tests.engine_runner", str(spec_path), str(out_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if p.returncode != 0:
-        raise AssertionError(f"engine {name} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    done = run_python(["-m", "tests.engine_runner", str(spec_path), str(out_path)], tmp / f"{name}.log", 900)
+    if done.returncode != 0:
+        why = "no result within 900 s" if done.timed_out else f"exit {done.returncode}"
+        raise AssertionError(f"engine {name} failed ({why}):\n{done.output[-8000:]}")
     return torch.load(out_path, weights_only=False)
 
 

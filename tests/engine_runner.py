@@ -77,6 +77,10 @@ def main(spec_path, out_path):
     if workers > 1:
         out["stats"] = llm.collective_rpc("kvr_stats")
     torch.save(out, out_path)
+    # Stop the engine core and its workers before the os._exit below: they are separate processes, and
+    # vLLM 0.32's outlive a parent that leaves without its teardown (seen in the landing CI: orphans held
+    # the runner's output open and each test waited for its 900 s limit).
+    llm.llm_engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":

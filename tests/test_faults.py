@@ -8,19 +8,17 @@ fresh engine and asserts the error, its cause in the log, and the time it took.
 import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 
 from tests.models import tiny_llama
+from tests.procs import run_python
 
 BS = 128
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIED = re.compile(r"Worker proc \S+ died unexpectedly")
 
 
-def faulty_engine_run(fault: str, recv_timeout_s: float, max_tokens: int) -> tuple[str, str]:
+def faulty_engine_run(tmp_path, fault: str, recv_timeout_s: float, max_tokens: int) -> tuple[str, str]:
     """One generate() on an engine whose first chain worker misbehaves; (RESULT line, output)."""
     code = f"""
 import time
@@ -39,14 +37,11 @@ except Exception as e:
 """
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40",
                KVR_TEST_FAULT=fault)
-    try:
-        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        pytest.fail(f"fault {fault}: the engine hung (no result within 300 s):\n{out[-4000:]}")
-    result = [line for line in p.stdout.splitlines() if line.startswith("RESULT")]
-    return (result[0] if result else ""), p.stdout + p.stderr
+    done = run_python(["-c", code], tmp_path / f"{fault}.log", 300, env=env)
+    if done.timed_out:
+        pytest.fail(f"fault {fault}: the engine hung (no result within 300 s):\n{done.output[-4000:]}")
+    result = [line for line in done.output.splitlines() if line.startswith("RESULT")]
+    return (result[0] if result else ""), done.output
 
 
 def assert_failed_within(result: str, out: str, bound_s: float) -> None:
@@ -54,18 +49,18 @@ def assert_failed_within(result: str, out: str, bound_s: float) -> None:
     assert float(result.split()[-1]) < bound_s, result
 
 
-def test_stalled_chain_peer_fails_the_request_within_the_timeout():
+def test_stalled_chain_peer_fails_the_request_within_the_timeout(tmp_path):
     """A peer that stalls mid-prefill: the head's bounded receive fails the step with a
     clear error, vLLM then shuts the engine down (EngineDeadError); nothing hangs."""
-    result, out = faulty_engine_run("stall", 3, max_tokens=2)
+    result, out = faulty_engine_run(tmp_path, "stall", 3, max_tokens=2)
     assert_failed_within(result, out, 30)             # well before the peer's 40 s stall ends
     assert re.search(r"no KV from chain rank 0 within 3(\.0)? s", out), out[-4000:]
 
 
-def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once():
+def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once(tmp_path):
     """The forward raises (say, out of memory) before any KV is sent: the head would wait for
     that KV until its receive timeout (NCCL has none); the worker exits instead."""
-    result, out = faulty_engine_run("raise", 120, max_tokens=2)
+    result, out = faulty_engine_run(tmp_path, "raise", 120, max_tokens=2)
     assert_failed_within(result, out, 60)             # not the 120 s receive timeout
     assert "injected chain worker failure" in out and "failed mid-prefill" in out, out[-4000:]
 
@@ -75,11 +70,11 @@ def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once():
     ("raise_sample", "injected chain worker failure"),  # sampling raises; fail-fast exits
     ("exit_idle", "FAULT idle"),                        # dies while the head decodes alone
 ])
-def test_chain_worker_dying_outside_its_forward_stops_the_engine(fault, cause):
+def test_chain_worker_dying_outside_its_forward_stops_the_engine(tmp_path, fault, cause):
     """The head has its KV and decodes on without the chain: vLLM's monitor must turn the death
     into a failed engine. Without the step-broadcast patch these hang: the engine core spins in
     the step broadcast to the dead worker once the ring is full (max_tokens keeps it stepping)."""
-    result, out = faulty_engine_run(fault, 120, max_tokens=3000)
+    result, out = faulty_engine_run(tmp_path, fault, 120, max_tokens=3000)
     assert cause in out and DIED.search(out), out[-4000:]
     assert_failed_within(result, out, 90)
 

@@ -3,12 +3,11 @@ real (CPU) tuning run that writes a loadable table."""
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.models import tiny_llama
+from tests.procs import run_python
 from vllm_kvrunahead.lut import PartitionTable
 from vllm_kvrunahead.partition import CostModel, balanced_split, from_fractions, predicted_ttft
 from vllm_kvrunahead.tune import search
@@ -56,11 +55,11 @@ def test_search_refuses_bad_start():
 def test_tuner_cli_writes_a_loadable_table(tmp_path):
     out = tmp_path / "table.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    p = subprocess.run([sys.executable, "-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
-                        "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--search-repeats", "1", "--levels", "1",
-                        "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    done = run_python(["-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
+                       "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--search-repeats", "1", "--levels", "1",
+                       "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
+                      tmp_path / "tune.log", 600, env=env)
+    assert done.returncode == 0, done.output[-6000:]
     t = PartitionTable.load(out)
     assert t.n_workers == 2 and t.tokens == (600, 1200)
     d = json.loads(out.read_text())

@@ -1,0 +1,47 @@
+"""One way for tests to run a Python child that starts vLLM engines.
+
+Output goes to a file, not a pipe, and the child runs in its own process group, killed whole once it
+ends. vLLM's engine core and workers are separate processes; on vLLM 0.32 they outlive a parent that
+leaves without its teardown. Through a pipe they held each test of the landing CI until its 900 s limit,
+and left running they load the next test on a 2-core machine.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Finished:
+    returncode: int | None   # None: killed at the time limit
+    output: str              # stdout and stderr together
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def run_python(args: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> Finished:
+    """`python ARGS` from the repository root; the whole process group is killed when it ends."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    return Finished(rc, Path(log_path).read_text(errors="replace"))
