@@ -25,9 +25,11 @@ def rand_prompts(lengths, seed):
 
 
 def tiny_spec(workers):
-    # N=3 also runs online refinement: it moves the split, never the tokens
+    # N=3 also runs online refinement (it moves the split, never the tokens) and sends each layer's KV
+    # at its attention entry (early_send: the tokens and KV must not change either)
     return dict(model=tiny_llama(), workers=workers, block_size=BS, max_tokens=8, engine=TINY_ENGINE,
-                kvr={"min_tokens": 0, "profile": True, "refine": workers == 3}, alone=rand_prompts(TINY_LENGTHS, 1),
+                kvr={"min_tokens": 0, "profile": True, "refine": workers == 3, "early_send": workers == 3},
+                alone=rand_prompts(TINY_LENGTHS, 1),
                 batch=rand_prompts(TINY_LENGTHS + [1500, 900], 2), kv_layers=[0, 1],
                 # n=2 of each in one step (2 x 500 <= 1000): plain vLLM on CPU cannot rewind a seeded
                 # generator after a partial chunk
@@ -125,6 +127,9 @@ def test_tiny_each_worker_computes_only_its_segment(engines, workers):
     for s in chain:
         assert s["steps_run"] == s["chain_steps"] > 0    # non-head workers ran runahead steps only
         assert s["blocks_sent"] > 0
+        # early_send (N=3): every layer a chain worker sent went out at its attention entry; else none
+        assert s["layers_sent"] >= s["chain_steps"] > 0
+        assert s["layers_sent_on_entry"] == (s["layers_sent"] if workers == 3 else 0)
     # chain workers computed only segments of runahead chunks, and the head at least one token of each
     assert 0 < sum(s["tokens_run"] for s in chain) < head["tokens_ahead"]
     # the ring: the head receives segments and sends cached prefixes of later chunks to position 0

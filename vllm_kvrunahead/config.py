@@ -42,6 +42,10 @@ class KVRunaheadConfig:
     # running plus the first prompt in line (one long prompt in one step, several one after another).
     # None: a fixed budget. Set to vLLM's default budget when --max-num-batched-tokens is not given.
     step_budget: int | None = None
+    # Send each layer's KV on at the layer's attention entry (its K and V are already in the cache
+    # there) instead of after its attention, so a successor waits for this layer's QKV projection
+    # only, not its attention and MLP. Not yet measured on a GPU, so off by default.
+    early_send: bool = False
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -67,7 +71,7 @@ class KVRunaheadConfig:
                                              or self.step_budget < 1):
             raise ValueError(f"KV-Runahead: step_budget must be an integer >= 1 (or null: a fixed step budget), "
                              f"got {self.step_budget!r}")
-        for name in ("profile", "refine"):
+        for name in ("profile", "refine", "early_send"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KV-Runahead: {name} must be true or false, got {getattr(self, name)!r}")
         return self

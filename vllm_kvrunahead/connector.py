@@ -5,7 +5,10 @@ after each attention layer when a KV connector is installed; the model runner
 binds per-step metadata before the forward and calls ``wait_for_save`` after.
 Here, per layer: receive the prefix KV from the predecessor into this worker's
 own paged blocks (same slots on every worker: they share the block table),
-attend, then send prefix + own KV to the successor.
+attend, then send prefix + own KV to the successor. With ``send_on_entry`` the send
+goes out at the layer's attention entry instead: vLLM writes the layer's K and V
+into the cache in an op of its own just before, so they are final there, and a
+successor waits for this layer's QKV projection, not for its attention and MLP.
 """
 from __future__ import annotations
 
@@ -18,7 +21,15 @@ import torch
 from . import kv_layout
 from .comm import ChainComm
 from .profiling import StepProfiler
-from .vllm_seam import KVConnectorBase_V1, KVConnectorMetadata, connector_metadata, kv_block_count, layer_order
+from .log import logger
+from .vllm_seam import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    connector_metadata,
+    kv_block_count,
+    layer_order,
+    layers_writing_kv_in_forward,
+)
 
 
 @dataclass
@@ -26,7 +37,8 @@ class RunaheadMeta(KVConnectorMetadata):
     """This worker's chain traffic for one step (scheduler block ids, in message order).
 
     recv: per layer, from the predecessor (position 0: the head's cached prefix).
-    send: per layer, to the successor, once this layer's attention has run (chain workers).
+    send: per layer, to the successor, once this layer's attention has run (chain workers), or
+    at its attention entry (send_on_entry).
     send_ahead: per layer, to position 0, ahead of the head's own compute: the cached prefix.
     upfront_send / upfront_recv: once, all layers, before the forward: the block holding an
     unaligned chunk start (head -> position 0).
@@ -48,13 +60,18 @@ class ChainStats:
     steps: int = 0
     blocks_received: int = 0  # kernel blocks x layers
     blocks_sent: int = 0
+    layers_sent: int = 0           # per-layer sends (a layer of one step counts once)
+    layers_sent_on_entry: int = 0  # ... of them, sent at attention entry (send_on_entry)
 
 
 class KVRunaheadConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, profile: bool = False):
+    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, profile: bool = False,
+                 send_on_entry: bool = False):
         super().__init__(vllm_config, role, kv_cache_config)
+        self.vllm_config = vllm_config
         self.comm = comm
         self._profile = profile
+        self.send_on_entry = send_on_entry
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # layer names in forward order
         self.stats = ChainStats()
@@ -77,6 +94,12 @@ class KVRunaheadConnector(KVConnectorBase_V1):
                 f"KV-Runahead needs the same KV cache shape in every layer, got {sorted(map(str, shapes))}")
         self.kv_caches = dict(kv_caches)
         self.order = layer_order(list(kv_caches))
+        late = layers_writing_kv_in_forward(self.vllm_config, self.order) if self.send_on_entry else []
+        if late:
+            logger.warning("KV-Runahead: early_send is off: the attention backend of %d layer(s) (%s, ...) writes "
+                           "the KV cache inside its forward, so the KV is final only after attention", len(late),
+                           late[0])
+            self.send_on_entry = False
         any_cache = next(iter(kv_caches.values()))
         self.block_shape = tuple(any_cache.shape[1:])
         self.dtype, self.device = any_cache.dtype, any_cache.device
@@ -136,6 +159,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
     def _send_ahead(self, layer: int) -> None:
         self.comm.post_send(kv_layout.gather(self.kv_caches[self.order[layer]], self._ahead))
         self._layers_sent += 1
+        self.stats.layers_sent += 1
         self.stats.blocks_sent += len(self._ahead)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -148,25 +172,40 @@ class KVRunaheadConnector(KVConnectorBase_V1):
                     f"the order {self.order[:4]}...: the model's layers do not run in index order")
             if layer + AHEAD < len(self.order):
                 self._send_ahead(layer + AHEAD)
-        if self._recv is None:
-            return
-        if self._pending is None:
-            raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
-        work, buf = self._pending
-        # post the next layer's receive before waiting on this one (post, compute, wait)
-        self._pending = self._post_recv() if self._layer < len(self.order) else None
-        waited = self.profiler.around_wait()
-        self.comm.wait_recv(work)
-        waited()
-        kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
-        self.stats.blocks_received += len(self._recv)
+        if self._recv is not None:
+            if self._pending is None:
+                raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
+            work, buf = self._pending
+            self._pending = None
+            if not self.send_on_entry:
+                self._post_next_recv()  # post the next layer's receive before waiting on this one
+            waited = self.profiler.around_wait()
+            self.comm.wait_recv(work)
+            waited()
+            kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
+            self.stats.blocks_received += len(self._recv)
+        if self.send_on_entry:
+            # This layer's send before the next layer's receive: NCCL runs a group's point-to-point
+            # ops in issue order on one stream per rank, so a send posted after that receive would
+            # wait for the predecessor's next layer.
+            if self._send is not None:
+                self._post_layer_send(self.kv_caches[layer_name])
+                self.stats.layers_sent_on_entry += 1
+            if self._recv is not None:
+                self._post_next_recv()
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        if self._send is None:
-            return
+    def _post_next_recv(self) -> None:
+        self._pending = self._post_recv() if self._layer < len(self.order) else None
+
+    def _post_layer_send(self, kv_layer: torch.Tensor) -> None:
         self.comm.post_send(kv_layout.gather(kv_layer, self._send))
         self._layers_sent += 1
+        self.stats.layers_sent += 1
         self.stats.blocks_sent += len(self._send)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        if self._send is not None and not self.send_on_entry:
+            self._post_layer_send(kv_layer)
 
     def wait_for_save(self) -> None:
         self.comm.wait_sends()

@@ -154,6 +154,17 @@ def layer_order(layer_names: list[str]) -> list[str]:
     return sorted(layer_names, key=extract_layer_index)
 
 
+def layers_writing_kv_in_forward(vllm_config, layer_names: list[str]) -> list[str]:
+    """Those of the attention layers whose backend writes K and V into the paged cache inside its
+    forward. For every other layer vLLM runs the cache write as its own op (``unified_kv_cache_update``,
+    0.26 and 0.32) right before the attention op whose entry calls the connector's
+    ``wait_for_layer_load``: the layer's KV is final there, before its attention runs."""
+    layers = vllm_config.compilation_config.static_forward_context
+    return [n for n in layer_names
+            if getattr(layers[n].attn_backend, "forward_includes_kv_cache_update", True)
+            or getattr(layers[n], "kv_sharing_target_layer_name", None) is not None]
+
+
 def install_connector(connector) -> None:
     """Make ``connector`` the KV connector the attention op's hooks call."""
     if kv_transfer_state._KV_CONNECTOR_AGENT is not None:

@@ -84,7 +84,8 @@ class Worker(vllm_seam.worker_base()):
             vllm_seam.set_worker_transfer_config(self.vllm_config)
             self.connector = KVRunaheadConnector(self.vllm_config, vllm_seam.KVConnectorRole.WORKER,
                                                  kv_cache_config, comm,
-                                                 profile=self.kvr.profile or self.kvr.refine)
+                                                 profile=self.kvr.profile or self.kvr.refine,
+                                                 send_on_entry=self.kvr.early_send)
             vllm_seam.install_connector(self.connector)
         super().initialize_from_config(kv_cache_config)
         if self.connector is not None:
@@ -213,6 +214,8 @@ class Worker(vllm_seam.worker_base()):
             "live_requests": len(self.book),
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
+            "layers_sent": s.layers_sent if s else 0,
+            "layers_sent_on_entry": s.layers_sent_on_entry if s else 0,
             "bytes_sent": self.connector.comm.bytes_sent if self.connector else 0,
             "profile": dataclasses.asdict(self.connector.profiler.total)
             if self.connector and (self.kvr.profile or self.kvr.refine) else None,
