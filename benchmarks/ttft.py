@@ -47,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--tune-lengths", default="", help="kvr engine: tune a table at these lengths first")
     ap.add_argument("--tune-args", default="{}", help='JSON for vllm_kvrunahead.tune.tune, e.g. \'{"levels": 2}\'')
     ap.add_argument("--table", default=None, help="kvr-table without tuning: this lookup table JSON")
+    ap.add_argument("--early-send", action="store_true",
+                    help="kvr engine with early_send on; its records are named kvr-*-early (A/B against a run without)")
     # child-only
     ap.add_argument("--one-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
@@ -60,6 +62,11 @@ def parse_args(argv=None):
 
 
 KVR_VARIANTS = {"kvr-even": "even", "kvr-balanced": "model", "kvr-table": None}   # None: the table
+
+
+def kvr_name(a, variant):
+    """The config name a kvr variant's records carry (-early: measured with early_send on)."""
+    return variant + ("-early" if a.early_send else "")
 
 
 def base_record(a, config):
@@ -76,6 +83,8 @@ def run_one(a):
     max_len = max(a.lengths) + 128   # room for the 65-token decode probe
     kw = common.engine_kwargs(cfg, os.path.join(a.models_dir, a.model), max_len, a.n_gpus, a.interconnect,
                               a.backend, json.loads(a.engine_args))
+    if cfg == "kvr" and a.early_send:
+        kw["additional_config"]["kv_runahead"]["early_send"] = True
     print("ENGINE", json.dumps(kw), flush=True)
     t0 = time.perf_counter()
     llm = LLM(**kw)
@@ -125,8 +134,8 @@ def run_one(a):
             return [dict(pos=x["chain_pos"], step_s=x["profile"]["last_step_s"],
                          stall_s=x["profile"]["last_stall_s"], segment=(x["last_segments"] or [None])[-1])
                     for x in st if x["profile"]]
-        measure_lengths(a, variant, gen, dict(dtype=kw["dtype"], parallel=parallel,
-                                              engine_start_s=round(start_s, 1), partition=desc), profile)
+        measure_lengths(a, kvr_name(a, variant), gen, dict(dtype=kw["dtype"], parallel=parallel,
+                                                          engine_start_s=round(start_s, 1), partition=desc), profile)
     common.shutdown(llm)
 
 
@@ -170,7 +179,7 @@ def main(a):
         raise SystemExit(f"unknown config(s) {unknown}; known: 1gpu, tp, {', '.join(KVR_VARIANTS)}")
     children = [c for c in a.configs if not c.startswith("kvr-")] + (["kvr"] if a.kvr_variants else [])
     for cfg in children:
-        names = a.kvr_variants if cfg == "kvr" else [cfg]
+        names = [kvr_name(a, v) for v in a.kvr_variants] if cfg == "kvr" else [cfg]
         tag = f"{a.model}_{cfg}_n{a.n_gpus}_{a.interconnect}_{a.backend}"
         log = os.path.join(a.out, "logs", tag + ".log")
         left = deadline - time.time() if deadline else None
@@ -203,7 +212,8 @@ def _pass_through(a):
             "--interconnect", a.interconnect, "--backend", a.backend, "--repeats", str(a.repeats),
             "--out", a.out, "--engine-args", a.engine_args, "--models-dir", a.models_dir,
             "--configs", ",".join(a.configs), "--tune-lengths", ",".join(map(str, a.tune_lengths)),
-            "--tune-args", a.tune_args] + (["--table", a.table] if a.table else [])
+            "--tune-args", a.tune_args] + (["--table", a.table] if a.table else []) + \
+        (["--early-send"] if a.early_send else [])
 
 
 if __name__ == "__main__":
