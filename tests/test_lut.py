@@ -56,3 +56,65 @@ def test_bad_files_refused(tmp_path):
     p.write_text("[1, 2]")
     with pytest.raises(TableError, match="top level must be a JSON object"):
         PartitionTable.load(p)
+
+
+# -- entries after cached tokens (offset) ---------------------------------------------------------
+
+def offset_table(**kw):
+    d = {"format": FORMAT, "n_workers": 2,
+         "entries": [{"tokens": 1000, "fractions": [0.6, 0.4]},
+                     {"tokens": 3000, "fractions": [0.7, 0.3]},
+                     {"offset": 4000, "tokens": 1000, "fractions": [0.4, 0.6]},
+                     {"offset": 4000, "tokens": 2000, "fractions": [0.5, 0.5]}]}
+    d.update(kw)
+    return d
+
+
+def test_offset_rows_interpolate_in_tokens_then_offset():
+    t = PartitionTable.from_dict(offset_table())
+    assert t.offsets == (0, 4000) and t.tokens == (1000, 3000) and t.row(4000).tokens == (1000, 2000)
+    # at a measured offset: that row only
+    assert t.fractions_for(1500, 4000) == pytest.approx((0.45, 0.55))
+    assert t.fractions_for(1000) == pytest.approx((0.6, 0.4))
+    # between offsets: each row at 1500 tokens ((0.625, 0.375) and (0.45, 0.55)), then 1/4 of the way
+    assert t.fractions_for(1500, 1000) == pytest.approx((0.58125, 0.41875))
+    assert [s.length for s in t.segments_for(1500, 4000)] == [675, 825]
+    # beyond the last offset: the nearest row
+    assert t.fractions_for(1000, 9000) == pytest.approx((0.4, 0.6))
+
+
+def test_covers_only_what_was_measured():
+    t = PartitionTable.from_dict(offset_table())
+    assert t.covers(1000) and t.covers(3000) and not t.covers(999) and not t.covers(3001)
+    assert t.covers(2000, 4000) and not t.covers(2500, 4000)
+    # between offsets the token range both rows measured
+    assert t.covers(1500, 2000) and not t.covers(2500, 2000)
+    assert not t.covers(1500, 4001)
+    cold = PartitionTable.from_dict(table())
+    assert cold.covers(2000) and not cold.covers(2000, 128)      # a cold-only table: offsets are not its
+    later = PartitionTable.from_dict(offset_table(entries=offset_table()["entries"][2:]))
+    assert later.tokens == () and not later.covers(1000) and later.covers(1000, 4000)
+
+
+def test_version_1_tables_still_load_and_refuse_offsets():
+    t = PartitionTable.from_dict(table(format="kvrunahead-lut/1"))
+    assert t.offsets == (0,) and t.fractions_for(2000) == pytest.approx((0.65, 0.35))
+    with pytest.raises(TableError, match=r"entries\[2\].offset needs 'format' 'kvrunahead-lut/2'"):
+        PartitionTable.from_dict(offset_table(format="kvrunahead-lut/1"))
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([{"offset": -1, "tokens": 10, "fractions": [0.5, 0.5]}], r"entries\[0\].offset must be an integer >= 0, got -1"),
+    ([{"offset": 1.5, "tokens": 10, "fractions": [0.5, 0.5]}], r"entries\[0\].offset must be an integer"),
+    ([{"offset": True, "tokens": 10, "fractions": [0.5, 0.5]}], r"entries\[0\].offset must be an integer"),
+    ([{"offset": "8", "tokens": 10, "fractions": [0.5, 0.5]}], r"entries\[0\].offset must be an integer"),
+    ([{"offset": 8, "tokens": 10, "fractions": [0.5, 0.5]},
+      {"offset": 8, "tokens": 10, "fractions": [0.6, 0.4]}], r"entries\[1\].tokens=10 must be greater than the "
+                                                             r"previous 10 at offset 8"),
+    ([{"offset": 8, "tokens": 10, "fractions": [0.5, 0.5]},
+      {"tokens": 20, "fractions": [0.5, 0.5]}], r"entries\[1\].offset=0 must not be less than the previous 8"),
+])
+def test_malformed_offsets_refused(entries, message):
+    with pytest.raises(TableError, match=message) as e:
+        PartitionTable.from_dict(offset_table(entries=entries), "t.json")
+    assert "lookup table t.json" in str(e.value)

@@ -89,3 +89,52 @@ def test_shipped_tables_load_and_are_found_by_their_own_key():
         found = find_table(shape, t.n_workers, t.info("device"))
         assert found is not None and found.source == str(f), f
         assert t.info("vllm_version") and t.info("measured"), f  # says where its numbers come from
+
+
+def test_lone_chunk_after_cached_tokens_uses_the_table_where_it_measured_that_offset():
+    from vllm_kvrunahead.partition import Chunk, align_bounds, balanced_step_bounds
+    table = PartitionTable.from_dict({
+        "format": "kvrunahead-lut/2", "n_workers": 2,
+        "entries": [{"tokens": 1000, "fractions": [0.6, 0.4]}, {"tokens": 4000, "fractions": [0.6, 0.4]},
+                    {"offset": 8192, "tokens": 1000, "fractions": [0.3, 0.7]},
+                    {"offset": 8192, "tokens": 4000, "fractions": [0.3, 0.7]}]}, "t.json")
+    p = Partitioner("table", 2, COST, table, block_size=16)
+    assert "t.json" in p.describe() and "after 8192 cached" in p.describe()
+
+    def split(chunk, head_only=()):
+        return p.split_step([chunk], list(head_only))[0]
+
+    def model(chunk, head_only=()):
+        extra = sum(COST.layer_compute(c.start, c.end) for c in head_only)
+        return align_bounds(chunk, balanced_step_bounds([chunk], 2, COST, extra)[0], 16)
+
+    at = Chunk(8192, 8192 + 2000, 8192 + 2000)
+    assert [(s.start, s.end) for s in split(at)] == [(8192, 8192 + 608), (8192 + 608, 10192)]  # 0.3: 600, to a block
+    between = Chunk(4096, 4096 + 2000, 6096)                                         # half way: 0.45
+    assert split(between)[0].end == 4096 + 896
+    assert split(Chunk(0, 2000, 2000))[0].end == 1200                                 # cold: unchanged
+    # outside the measured offsets or lengths, with other work on the head: the cost model
+    for chunk, head_only in [(Chunk(9000, 11000, 11000), ()), (Chunk(8192, 8192 + 6000, 14192), ()),
+                             (at, [Chunk(50, 51, 100)])]:
+        assert split(chunk, head_only) == model(chunk, head_only), chunk
+        assert split(chunk, head_only)[0].length != 608
+    # a cold-only table leaves offset chunks to the cost model, as before
+    cold = Partitioner("table", 2, COST, PartitionTable.from_dict(
+        {"format": "kvrunahead-lut/1", "n_workers": 2, "entries": [{"tokens": 1000, "fractions": [0.3, 0.7]},
+                                                                  {"tokens": 4000, "fractions": [0.3, 0.7]}]}),
+        block_size=16)
+    assert cold.split_step([at], [])[0] == model(at) and cold.split_step([Chunk(0, 2000, 2000)], [])[0][0].end == 608
+
+
+def test_override_cuts_a_lone_chunk_at_any_offset():
+    from vllm_kvrunahead.partition import Chunk
+    p = Partitioner("model", 2, COST, block_size=16)
+    chunk = Chunk(8192, 8192 + 2000, 10192, held=(4096,))
+    before = p.split_step([chunk], [])[0]
+    p.set_override([0.8, 0.2])
+    assert p.split_step([chunk], [])[0][0].end == 8192 + 1600 != before[0].end
+    assert p.split_step([Chunk(0, 2000, 2000)], [])[0][0].end == 1600
+    # not with other work in the step: that is balanced as one job
+    assert p.split_step([chunk, Chunk(0, 2000, 2000)], [])[0][0].end != 8192 + 1600
+    p.set_override(None)
+    assert p.split_step([chunk], [])[0] == before

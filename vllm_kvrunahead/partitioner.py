@@ -6,13 +6,21 @@
               = "even"  equal segments
               = "table" the lookup table at ``table_path``
 
-A table is used between its first and last length (interpolated); outside that
-range the cost model splits, since it extrapolates better than an entry does.
+The configured split (table, override, refinement) cuts a chunk that is alone in its step with
+no other work on the head: what tables and the tuner measure. A cold prompt (offset 0) uses the
+table's cold entries; a chunk after c cached tokens (a prefix-cache hit, a later turn, a later
+chunk) uses the entries at offsets around c (measured with chain workers holding what the
+prefix's own runahead step left them, as in a conversation's next turn: ``tune._ttft``; the
+lookup itself does not look at holdings). A table is used only inside what it measured:
+between its first and last length, and between its first and last offset (interpolated, see
+``lut.py``); outside that the cost model splits, since it extrapolates better than an entry does
+and it knows the chunk's offset and what chain workers already hold. A step with several chunks
+or with head-only work is balanced as one job by the cost model.
 
-On top of that split: the tuner's fixed override (``set_override``) and, when
-on, the online refiner's per-length-bucket correction. Every worker builds the
-same Partitioner from the same inputs, so every worker computes the same plan
-without exchanging it.
+On top of that split: the tuner's fixed override (``set_override``, any lone chunk, any offset)
+and, when on, the online refiner's per-length-bucket correction (cold prompts only: it learns
+from cold prompts, keyed by length). Every worker builds the same Partitioner from the same
+inputs, so every worker computes the same plan without exchanging it.
 """
 from __future__ import annotations
 
@@ -86,8 +94,10 @@ class Partitioner:
 
     def describe(self) -> str:
         if self.table is not None:
-            return (f"{self.method}: table {self.table.source} for {self.table.tokens[0]}-{self.table.tokens[-1]} "
-                    "tokens, cost model outside")
+            rows = "; ".join(f"{r.tokens[0]}-{r.tokens[-1]} tokens " +
+                             ("cold" if r.offset == 0 else f"after {r.offset} cached")
+                             for r in self.table.rows)
+            return f"{self.method}: table {self.table.source} for lone chunks ({rows}), cost model outside"
         if self.method == "auto":
             return "auto: cost model (no shipped table for this model shape, worker count and GPU)"
         return self.method
@@ -97,15 +107,23 @@ class Partitioner:
         if fractions is not None:
             fractions = PartitionTable.from_dict(
                 {"format": FORMAT, "n_workers": self.n_workers,
-                 "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "override").fractions[0]
+                 "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "override").rows[0].fractions[0]
         self.override = fractions
 
-    def base_fractions(self, n: int) -> tuple[float, ...]:
-        """The configured split of an n-token prompt, before refinement."""
+    def measured_fractions(self, n: int, offset: int = 0) -> tuple[float, ...] | None:
+        """The override's or the table's split of n new tokens after ``offset`` cached ones; None where
+        neither applies (no override, no table, or outside what the table measured)."""
         if self.override is not None:
             return self.override
-        if self.table is not None and self.table.tokens[0] <= n <= self.table.tokens[-1]:
-            return self.table.fractions_for(n)
+        if self.table is not None and self.table.covers(n, offset):
+            return self.table.fractions_for(n, offset)
+        return None
+
+    def base_fractions(self, n: int) -> tuple[float, ...]:
+        """The configured split of an n-token cold prompt, before refinement."""
+        measured = self.measured_fractions(n)
+        if measured is not None:
+            return measured
         # Outside the measured lengths the cost model extrapolates better than the nearest entry
         # (Llama-2-7B, 4x H200: the 32k entry used at 64k was 4% slower than the cost model).
         segs = even_split(n, self.n_workers) if self.method == "even" else \
@@ -127,12 +145,17 @@ class Partitioner:
 
     def split_step(self, chunks: list[Chunk], head_only: list[Chunk]) -> list[tuple[Segment, ...]]:
         """Segments of every runahead chunk of a step, block aligned. One cold prompt alone in its
-        step gets the configured split (table, tuner override, refinement: what those were measured
-        on); anything else is balanced as one job by the cost model, the head's other work included,
-        or cut evenly for partition "even"."""
-        if len(chunks) == 1 and chunks[0].start == 0 and not head_only:
-            n = chunks[0].end
-            bounds = [[float(s.end) for s in self(n)[:-1]]]
+        step gets the configured split (table, tuner override, refinement); one chunk after cached
+        tokens alone in its step gets the override or the table where it measured that offset and
+        length (what those were measured on); anything else is balanced as one job by the cost
+        model, the head's other work and what chain workers hold included, or cut evenly for
+        partition "even"."""
+        lone = chunks[0] if len(chunks) == 1 and not head_only else None
+        measured = self.measured_fractions(lone.length, lone.start) if lone is not None and lone.start > 0 else None
+        if lone is not None and lone.start == 0:
+            bounds = [[float(s.end) for s in self(lone.end)[:-1]]]
+        elif measured is not None:
+            bounds = [[lone.start + float(s.end) for s in from_fractions(lone.length, measured)[:-1]]]
         elif self.method == "even":
             bounds = [[c.start + c.length * (k + 1) / self.n_workers for k in range(self.n_workers - 1)]
                       for c in chunks]
