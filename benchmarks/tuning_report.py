@@ -20,7 +20,9 @@ def markdown(paths):
         for e in t["measured"]:
             s = e["ttft_s"]
             table = min(s.values())  # the table keeps the fastest re-measured split
-            out.append(f"| {e['tokens']} | {table:.4f} s ({e.get('chosen', 'best')}) | {s['model']:.4f} s | "
+            # a chunk after cached tokens (tune --offsets): "cached + new"
+            prompt = f"{e['offset']} + {e['tokens']}" if e.get("offset") else f"{e['tokens']}"
+            out.append(f"| {prompt} | {table:.4f} s ({e.get('chosen', 'best')}) | {s['model']:.4f} s | "
                        f"{s['even']:.4f} s | {s['even'] / table:.2f}x | "
                        f"{', '.join(f'{x:.3f}' for x in e['fractions'])} | {e['measurements']} |")
         out.append("")

@@ -52,20 +52,44 @@ def test_search_refuses_bad_start():
         search(lambda f: 1.0, (0.5, 0.6))
 
 
+def test_tuner_refuses_offsets_it_cannot_measure():
+    from types import SimpleNamespace
+
+    from vllm_kvrunahead.tune import tune
+
+    def llm(prefix_caching):
+        cache = SimpleNamespace(block_size=128, enable_prefix_caching=prefix_caching)
+        return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache)))
+
+    with pytest.raises(ValueError, match="needs an engine with prefix caching"):
+        tune(llm(False), 2, [600], offsets=[0, 512])
+    with pytest.raises(ValueError, match="offset 600 must be >= 0 and a multiple of the KV block size 128"):
+        tune(llm(True), 2, [600], offsets=[0, 600])
+
+
 def test_tuner_cli_writes_a_loadable_table(tmp_path):
+    # one engine: cold prompts and chunks after a 512-token prefix-cache hit (4 blocks)
     out = tmp_path / "table.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
     done = run_python(["-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
-                       "--lengths", "600,1200", "--out", str(out), "--repeats", "1", "--search-repeats", "1", "--levels", "1",
+                       "--lengths", "600,1200", "--offsets", "0,512", "--out", str(out),
+                       "--repeats", "1", "--search-repeats", "1", "--levels", "1",
                        "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
                       tmp_path / "tune.log", 600, env=env)
     assert done.returncode == 0, done.output[-6000:]
     t = PartitionTable.load(out)
-    assert t.n_workers == 2 and t.tokens == (600, 1200)
+    assert t.n_workers == 2 and t.offsets == (0, 512) and t.tokens == (600, 1200) and t.row(512).tokens == (600, 1200)
     d = json.loads(out.read_text())
+    assert d["format"] == "kvrunahead-lut/2"
+    assert [(e.get("offset", 0), e["tokens"]) for e in d["entries"]] == [(0, 600), (0, 1200), (512, 600), (512, 1200)]
     for e, entry in zip(d["measured"], d["entries"]):
         # no timing claims on a shared CPU: the table holds the split that re-measured fastest
         assert set(e["ttft_s"]) == {"best", "model", "even"} and all(v > 0 for v in e["ttft_s"].values())
         assert e["chosen"] == min(e["ttft_s"], key=e["ttft_s"].get)
         assert entry["fractions"] == e["fractions"] and entry["tokens"] == e["tokens"]
+        assert entry.get("offset", 0) == e["offset"]
         assert e["measurements"] >= 3
+        # the search started from the split the engine ran (read back; the tuner checked it ran
+        # [offset, offset + tokens) ahead): its inner bound is a block bound of the prompt
+        bound = e["offset"] + e["model_fractions"][0] * e["tokens"]
+        assert bound == pytest.approx(round(bound / 128) * 128) and e["offset"] < bound < e["offset"] + e["tokens"]

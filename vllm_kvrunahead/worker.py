@@ -20,7 +20,7 @@ from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
 from .connector import EMPTY_META, KVRunaheadConnector, RunaheadMeta
 from .holdings import ChainHoldings
 from .lut import PartitionTable
-from .partition import CostModel, balanced_split
+from .partition import CostModel
 from .partitioner import Partitioner
 from .plan import StepPlan, make_plan
 from .refine import Refiner
@@ -244,10 +244,6 @@ class Worker(vllm_seam.worker_base()):
         self.partitioner = self._build_partitioner(
             method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
         return self.partitioner.describe()
-
-    def kvr_model_fractions(self, n: int) -> list:
-        """The cost-model split of an n-token prompt, as fractions (the tuner's start)."""
-        return [s.length / n for s in balanced_split(n, self.kvr.num_workers, self.cost)]
 
     def shutdown(self) -> None:
         if self.connector is not None:
