@@ -128,19 +128,24 @@ def probe_device():
     return json.loads(out.strip().splitlines()[-1])
 
 
+def kill_groups_on_sigterm(groups, who: str) -> None:
+    """When told to stop (`timeout` in device_run.sh), kill the process groups of ``groups`` (a list or
+    dict of Popen, read at signal time) and leave: each child runs in its own session, so nothing else
+    would stop it (engine, workers, NCCL); records already merged stay on disk."""
+    def handler(signum, frame):
+        procs = list(groups.values()) if isinstance(groups, dict) else list(groups)
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"[{who}] signal {signum}: killed {len(procs)} process group(s)", flush=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 _running = []   # the child run_child is waiting on (at most one)
-
-
-def _on_sigterm(signum, frame):
-    """The parent was told to stop (e.g. `timeout` in device_run.sh): the child runs in its own session,
-    so nothing else would stop it; kill its group (engine, workers, NCCL) before leaving."""
-    for p in _running:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    print(f"[parent] signal {signum}: killed the running child's process group", flush=True)
-    os._exit(128 + signum)
 
 
 def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
@@ -153,7 +158,7 @@ def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
                              stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         _running[:] = [p]
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            kill_groups_on_sigterm(_running, "parent")
 
         def pump():
             for line in p.stdout:

@@ -198,17 +198,6 @@ def parse_args(argv=None):
 _groups = {}   # name -> Popen of a running process group (server, bench client)
 
 
-def _on_sigterm(signum, frame):
-    """Stopped from outside (`timeout` in device_run.sh): kill our running groups; records are on disk."""
-    for p in list(_groups.values()):
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    print(f"[serve_bench] signal {signum}: killed {sorted(_groups)}", flush=True)
-    os._exit(128 + signum)
-
-
 def _group_alive(pgid):
     """Processes of group pgid that are not zombies (a zombie holds no memory; PID 1 may never reap it)."""
     alive = []
@@ -456,7 +445,7 @@ class Run:
             print(f"[{tag}] server stopped in {dt:.0f} s; GPU processes left: {left or 'none'}", flush=True)
 
     def bench(self, cfg, n, base, tag, name, w, i, rate, info, stats, proc):
-        a, p = self.a, self.p
+        p = self.p
         ds_args, ins, outs = bench_args(w)
         num = num_prompts(w, rate, p)
         rec = self.base(cfg, n, workload=name, request_rate=rate, input_len=None, num_prompts=num,
@@ -614,7 +603,7 @@ def main(a):
     models.write_model(a.model, a.models_dir, tokenizer=True)
     t_start = time.time()
     deadline = t_start + a.budget_s if a.budget_s else 0
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    common.kill_groups_on_sigterm(_groups, "serve_bench")
     dev, ver = common.probe_device()
     cpu = dev == "cpu"
     p = dict(CPU if cpu or a.smoke else GPU)
