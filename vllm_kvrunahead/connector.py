@@ -172,25 +172,25 @@ class KVRunaheadConnector(KVConnectorBase_V1):
                     f"the order {self.order[:4]}...: the model's layers do not run in index order")
             if layer + AHEAD < len(self.order):
                 self._send_ahead(layer + AHEAD)
+        # Sending this layer at its entry: the send goes before the next layer's receive. NCCL runs a
+        # group's point-to-point ops in issue order on one stream per rank, so a send posted after that
+        # receive would wait for the predecessor's next layer.
+        send_now = self.send_on_entry and self._send is not None
         if self._recv is not None:
             if self._pending is None:
                 raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
             work, buf = self._pending
             self._pending = None
-            if not self.send_on_entry:
+            if not send_now:
                 self._post_next_recv()  # post the next layer's receive before waiting on this one
             waited = self.profiler.around_wait()
             self.comm.wait_recv(work)
             waited()
             kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
             self.stats.blocks_received += len(self._recv)
-        if self.send_on_entry:
-            # This layer's send before the next layer's receive: NCCL runs a group's point-to-point
-            # ops in issue order on one stream per rank, so a send posted after that receive would
-            # wait for the predecessor's next layer.
-            if self._send is not None:
-                self._post_layer_send(self.kv_caches[layer_name])
-                self.stats.layers_sent_on_entry += 1
+        if send_now:
+            self._post_layer_send(self.kv_caches[layer_name])
+            self.stats.layers_sent_on_entry += 1
             if self._recv is not None:
                 self._post_next_recv()
 
