@@ -30,14 +30,15 @@ def head_counts(llm):
 def main(spec_path, out_path):
     spec = json.loads(open(spec_path).read())
     workers = spec["workers"]
+    tp = spec.get("tp", 1)  # TP ranks per stage (workers 1: plain vLLM TP)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # test-only: collective_rpc(read_blocks)
-    if workers > 1:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(workers))
+    if workers * tp > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(workers * tp))
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
-              disable_log_stats=False, **spec.get("engine", {}))
+              disable_log_stats=False, tensor_parallel_size=tp, **spec.get("engine", {}))
     if workers > 1:
         kw.update(worker_cls="tests.recording_worker.RecordingKVRWorker", prefill_context_parallel_size=workers,
                   additional_config={"kv_runahead": spec.get("kvr", {})})
@@ -56,13 +57,17 @@ def main(spec_path, out_path):
         if before is not None:
             out["ahead"].append({k: v - before[k] for k, v in head_counts(llm).items()})
         recs = llm.collective_rpc("kvr_request_blocks")
-        head = len(recs) - 1
+        head = len(recs) - 1  # with TP: the head stage's ranks are the last tp ranks
         reqs = recs[head][seen:]
         seen += len(reqs)
         prompt_len, block_ids = reqs[-1]
         full = block_ids[: prompt_len // spec["block_size"]]  # whole blocks inside the prompt
         layers = spec.get("kv_layers")
-        out["kv"].append(llm.collective_rpc(read_blocks, args=(full, layers))[head] if layers else None)
+        if not layers:
+            out["kv"].append(None)
+        else:
+            kv = llm.collective_rpc(read_blocks, args=(full, layers))
+            out["kv"].append(kv[head] if tp == 1 else kv[len(kv) - tp:])  # TP: one list per TP rank
     if spec.get("batch"):
         outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["batch"]], sp, use_tqdm=False)
         out["batch"] = [list(o.outputs[0].token_ids) for o in outs]

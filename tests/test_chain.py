@@ -167,3 +167,55 @@ def test_ring_closes_through_the_head_on_a_group_of_its_own(world):
         for layer, buf in enumerate(got):
             want = [float(layer)] * 2 + [float(10 * (r + 1) + layer) for r in range(pos) for _ in range(2)]
             assert buf == want
+
+
+def test_topology_of_stages_of_tp_groups_follows_vllms_rank_layout():
+    """S=3 stages x T=2 TP ranks: rank = stage * T + tp_rank (vLLM's TP-innermost layout); the head
+    stage is the last (vLLM's output rank world - T is its TP rank 0); one chain per TP rank."""
+    from vllm_kvrunahead.topology import ChainTopology
+
+    S, T = 3, 2
+    topos = [ChainTopology(S, S * T - T, r, T) for r in range(S * T)]
+    assert [(t.stage, t.tp_rank, t.pos, t.is_head) for t in topos] == [
+        (0, 0, 0, False), (0, 1, 0, False), (1, 0, 1, False), (1, 1, 1, False), (2, 0, 2, True), (2, 1, 2, True)]
+    assert topos[0].chain() == [0, 2, 4] and topos[1].chain() == [1, 3, 5]
+    assert [(t.prev_rank, t.next_rank) for t in topos] == [(4, 2), (5, 3), (0, 4), (1, 5), (2, 0), (3, 1)]
+    assert all(t.ring_links() == [(4, 0), (5, 1)] for t in topos)
+    # T = 1 is plain KV-Runahead: positions are ranks, the head is the last
+    plain = [ChainTopology(3, 2, r) for r in range(3)]
+    assert [(t.pos, t.prev_rank, t.next_rank, t.is_head) for t in plain] == [
+        (0, 2, 1, False), (1, 0, 2, False), (2, 1, 0, True)]
+    with pytest.raises(ValueError, match="not TP rank 0"):
+        ChainTopology(2, 3, 0, 2)
+
+
+def _tp_ring(rank, world, tp, layers):
+    """Two chains side by side (S = world / tp stages, T = tp): each rank relays its own 'KV shard'
+    down its TP rank's chain; the heads send their prefix to position 0 over their own ring link."""
+    from vllm_kvrunahead.topology import ChainTopology
+
+    s = world // tp
+    topo = ChainTopology(s, world - tp, rank, tp)
+    comm = ChainComm.for_ring(topo, dist.group.WORLD, timeout_s=30)
+    got = []
+    for layer in range(layers):
+        if topo.is_head:
+            comm.post_send(torch.full((2,), float(100 * topo.tp_rank + layer)))
+        buf = torch.empty(2 + 2 * topo.pos)
+        comm.wait_recv(comm.post_recv(buf))
+        got.append(buf.tolist())
+        if not topo.is_head:
+            comm.post_send(torch.cat([buf, torch.full((2,), float(1000 * topo.tp_rank + 10 * (topo.stage + 1) + layer))]))
+    comm.wait_sends()
+    times = comm.gather_times(1.0 + topo.tp_rank, topo.pos, s, tp)
+    return topo.tp_rank, topo.pos, got, times
+
+
+def test_tp_stages_make_independent_chains_one_per_tp_rank():
+    world, tp = 6, 2   # S=3 x T=2
+    for r, pos, got, times in run_ranks(_tp_ring, world, tp, 2):
+        for layer, buf in enumerate(got):
+            want = [float(100 * r + layer)] * 2 + [float(1000 * r + 10 * (st + 1) + layer)
+                                                   for st in range(pos) for _ in range(2)]
+            assert buf == want, (r, pos, layer)
+        assert times == [1.5, 1.5, 1.5]   # a position's time: the mean over its TP ranks

@@ -91,7 +91,6 @@ def test_without_the_worker_class_pcp_is_untouched():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(tensor_parallel_size=2), "tensor-parallel-size > 1 is not supported"),
     (dict(pipeline_parallel_size=2), "pipeline-parallel-size > 1 is not supported"),
     (dict(additional_config={"kv_runahead": {"partition": "fastest"}}), "unknown partition 'fastest'"),
     (dict(additional_config={"kv_runahead": {"workers": 3}}), r"unknown option\(s\) workers"),

@@ -68,8 +68,14 @@ class ChainComm:
         one stream per rank; with the whole ring on one group, the head's prefix sends queued
         behind its receives and position 0's sends queued behind its prefix receives waited on
         each other around the ring (4x H100: the first chunk after a cached prefix hung). On its
-        own group the closing link is a FIFO of its own, and the rest is the plain chain."""
-        ring = dist.new_group(sorted({topo.head_rank, topo.rank_of(0)}), backend=dist.get_backend(group))
+        own group the closing link is a FIFO of its own, and the rest is the plain chain.
+
+        With T tensor-parallel ranks per stage there are T chains, one per TP rank; every rank
+        makes all T closing-link groups in the same order (``new_group`` is collective over the
+        world) and keeps its own chain's."""
+        backend = dist.get_backend(group)
+        rings = [dist.new_group(sorted({head, first}), backend=backend) for head, first in topo.ring_links()]
+        ring = rings[getattr(topo, "tp_rank", 0)]
         return cls(topo.prev_rank, topo.next_rank, group, timeout_s, cpu_group,
                    prev_group=ring if topo.pos == 0 else group,
                    next_group=ring if topo.is_head else group)
@@ -113,13 +119,14 @@ class ChainComm:
         for work, _ in sends:
             work.wait()
 
-    def gather_times(self, seconds: float, chain_pos: int, n_workers: int) -> list[float]:
-        """Every worker's ``seconds``, in chain order (a few bytes over the CPU group; each
-        worker has finished its forward by then, so nothing waits on a GPU)."""
+    def gather_times(self, seconds: float, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[float]:
+        """Every chain position's ``seconds``, in chain order (a few bytes over the CPU group; each
+        worker has finished its forward by then, so nothing waits on a GPU). With T TP ranks per
+        stage, a position's time is the mean of its T ranks' (the same list on every rank)."""
         t = torch.zeros(n_workers, dtype=torch.float64)
         t[chain_pos] = seconds
         dist.all_reduce(t, group=self.cpu_group)
-        return t.tolist()
+        return (t / tp_size).tolist() if tp_size > 1 else t.tolist()
 
     def warm_up(self, device: torch.device, first: bool) -> int:
         """One tiny message around the ring, so the links (NCCL's per-pair communicators are

@@ -21,6 +21,7 @@ order (the last one is the head's).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -82,12 +83,33 @@ class CostModel:
     hop: float = 0.013
 
     @classmethod
-    def for_shape(cls, shape: ModelShape | None) -> "CostModel":
-        """The cost model of a model shape (None, an unusual config: the Llama-3-8B default)."""
+    def for_shape(cls, shape: ModelShape | None, tp_size: int = 1) -> "CostModel":
+        """The cost model of a model shape (None, an unusual config: the Llama-3-8B default), for a
+        stage of ``tp_size`` tensor-parallel ranks (see ``tensor_parallel``)."""
         if shape is None:
-            return cls()
+            return cls().tensor_parallel(tp_size, 4096)
         return cls.from_shape(num_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                              num_heads=shape.heads, num_kv_heads=shape.kv_heads, head_dim=shape.head_dim)
+                              num_heads=shape.heads, num_kv_heads=shape.kv_heads,
+                              head_dim=shape.head_dim).tensor_parallel(tp_size, shape.hidden)
+
+    def tensor_parallel(self, tp_size: int, hidden_size: int, dtype_bytes: int = 2,
+                        allreduce_bytes_per_s: float = 300e9) -> "CostModel":
+        """This model for one runahead stage of ``tp_size`` TP ranks (KV-Runahead x TP).
+
+        Each rank computes 1/T of every projection, MLP and attention head (linear and attn / T)
+        and moves only its 1/T of the KV heads to the next stage's same TP rank (xfer / T; the T
+        chains run side by side on their own links). Per layer and token, TP adds two all-reduces
+        of the hidden state (after attention and after the MLP); a ring all-reduce moves
+        2 (T-1)/T of the bytes through each rank, counted on the linear term. T = 1: unchanged.
+        """
+        if tp_size == 1:
+            return self
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        t = float(tp_size)
+        allreduce = 2 * (2 * (t - 1) / t) * hidden_size * dtype_bytes / allreduce_bytes_per_s
+        return dataclasses.replace(self, linear=self.linear / t + allreduce, attn=self.attn / t,
+                                   xfer=self.xfer / t)
 
     @classmethod
     def from_shape(

@@ -55,6 +55,13 @@ def head_rank(parallel_config) -> int:
         parallel_config.tensor_parallel_size * parallel_config.prefill_context_parallel_size)
 
 
+def tp_size(parallel_config) -> int:
+    """Tensor-parallel ranks per runahead stage. The config hook keeps vLLM's TP size and sets PCP
+    back to 1 (world_size stays S x T), so vLLM lays ranks out as [-1 (the S stages), DP=1, PP=1,
+    PCP=1, TP]: its TP groups are the stages, exactly as for TP x PCP (TP innermost)."""
+    return parallel_config.tensor_parallel_size
+
+
 def model_shape(model_config) -> ModelShape | None:
     """What a tuned split depends on, from vLLM's model config (None: an unusual config)."""
     hf = model_config.hf_text_config

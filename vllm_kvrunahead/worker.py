@@ -48,11 +48,12 @@ class Worker(vllm_seam.worker_base()):
         self.kvr = runahead_config(vllm_config)
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                          is_driver_worker=is_driver_worker)
-        self.topo = ChainTopology(self.kvr.num_workers, vllm_seam.head_rank(vllm_config.parallel_config), rank)
+        pc = vllm_config.parallel_config
+        self.topo = ChainTopology(self.kvr.num_workers, vllm_seam.head_rank(pc), rank, vllm_seam.tp_size(pc))
         self.connector: KVRunaheadConnector | None = None
         self.book = vllm_seam.RequestBook()
         self.shape = vllm_seam.model_shape(vllm_config.model_config)
-        self.cost = CostModel.for_shape(self.shape)
+        self.cost = CostModel.for_shape(self.shape, self.topo.tp_size)
         self.partitioner: Partitioner | None = None  # built once the device is known
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds
         self._head_starts: dict[str, int] = {}  # the head's segment starts this step
@@ -92,8 +93,9 @@ class Worker(vllm_seam.worker_base()):
             if self.is_head:
                 vllm_seam.follow_rewritten_starts(self.model_runner, lambda: self._head_starts)
             self.partitioner = self._build_partitioner()  # after the KV caches: the device is known
-            logger.info("KV-Runahead: rank %d is chain position %d of %d%s (partition %s, %s%s)",
+            logger.info("KV-Runahead: rank %d is chain position %d of %d%s%s (partition %s, %s%s)",
                         self.rank, self.chain_pos, self.kvr.num_workers, " (head)" if self.is_head else "",
+                        f", TP rank {self.topo.tp_rank} of {self.topo.tp_size}" if self.topo.tp_size > 1 else "",
                         self.partitioner.describe(),
                         "chunks run ahead where the cost model predicts a gain" if self.kvr.min_tokens is None
                         else f"chunks of >= {self.kvr.min_tokens} tokens run ahead",
@@ -185,7 +187,7 @@ class Worker(vllm_seam.worker_base()):
             return
         p = self.connector.profiler.total
         busy = self.connector.comm.gather_times(p.last_step_s - p.last_stall_s, self.chain_pos,
-                                                self.kvr.num_workers)
+                                                self.kvr.num_workers, self.topo.tp_size)
         used = tuple(s.length / n for s in req.segments)
         if r.observe(n, used, busy, self.partitioner.base_fractions(n)) and self.is_head:
             logger.info("KV-Runahead refine: %d-token prompt, busy ms per worker %s -> fractions %s",
@@ -206,6 +208,7 @@ class Worker(vllm_seam.worker_base()):
         s = self.connector.stats if self.connector else None
         return {
             "rank": self.rank, "chain_pos": self.chain_pos, "is_head": self.is_head,
+            "tp_rank": self.topo.tp_rank, "tp_size": self.topo.tp_size,
             "steps_run": self.steps_run, "tokens_run": self.tokens_run,
             "chain_steps": s.steps if s else 0,
             "last_segments": self.last_segments,

@@ -1,13 +1,23 @@
 """Turn --prefill-context-parallel-size N into N KV-Runahead workers.
 
 vLLM sizes its worker pool as TP x PP x PCP, so PCP=N is the one existing flag
-that starts N full-model workers. But vLLM's own PCP (MLA-only) then reshapes
+that starts N full-model workers (with --tensor-parallel-size T: N runahead
+stages of T tensor-parallel ranks each, N x T workers). But vLLM's own PCP (MLA-only) then reshapes
 KV blocks in the scheduler, the block tables and the attention backend
-selection. When the worker class is KV-Runahead's, this hook keeps the N
+selection. When the worker class is KV-Runahead's, this hook keeps the N (x T)
 workers (world_size) and sets PCP back to 1 before the rest of VllmConfig's
 post-init runs, so every other part of vLLM behaves as with one worker; the
 worker count and options travel in additional_config["kv_runahead"].
 It also refuses unsupported combinations with one clear error each.
+
+Rank layout. vLLM's initialize_model_parallel lays world ranks out as
+[ExternalDP, DP, PP, PCP, TP] (TP innermost). For TP x PCP that gives rank
+s*T + r to PCP rank s, TP rank r, TP groups [s*T .. s*T+T-1]. With PCP set back
+to 1 and world_size S x T kept, the S stages land on the leading (external DP)
+axis instead: the TP groups are the same ranks, [s*T .. s*T+T-1]; vLLM's PCP
+groups become single ranks (the chain does not use them: ChainComm talks over
+the world group). The output rank, world_size - T x PCP = (S-1) x T, is TP rank
+0 of the last stage: the head stage. So no further patch is needed for TP.
 """
 from __future__ import annotations
 
@@ -20,11 +30,9 @@ from . import Patch, wrap_method
 def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
     pc, mc = vllm_config.parallel_config, vllm_config.model_config
     n = cfg.num_workers
-    if pc.tensor_parallel_size > 1:
-        raise ValueError("KV-Runahead: --tensor-parallel-size > 1 is not supported (each KV-Runahead "
-                         "worker holds the whole model); use --tensor-parallel-size 1")
     if pc.pipeline_parallel_size > 1:
-        raise ValueError("KV-Runahead: --pipeline-parallel-size > 1 is not supported; use 1")
+        raise ValueError("KV-Runahead: --pipeline-parallel-size > 1 is not supported (runahead stages may be "
+                         "tensor-parallel, not pipeline-parallel); use --pipeline-parallel-size 1")
     if pc.data_parallel_size > 1:
         raise ValueError("KV-Runahead: --data-parallel-size > 1 is not supported; use 1")
     if pc.decode_context_parallel_size > 1:
@@ -55,9 +63,10 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
 
     if current_platform.is_cuda_alike() and pc.nnodes == 1:
         have = current_platform.device_count()
-        if n > have:
-            raise ValueError(f"KV-Runahead: {n} workers need {n} GPUs, only {have} visible; "
-                             f"use --prefill-context-parallel-size {have} or fewer")
+        tp = pc.tensor_parallel_size
+        if n * tp > have:
+            raise ValueError(f"KV-Runahead: {n} stages x {tp} TP ranks need {n * tp} GPUs, only {have} visible; "
+                             f"use --prefill-context-parallel-size {max(1, have // tp)} or fewer")
     most = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
     if cfg.step_budget is not None and most is not None and cfg.step_budget > most:
         raise ValueError(f"KV-Runahead: step_budget {cfg.step_budget} is more than --max-num-batched-tokens "
@@ -82,7 +91,10 @@ def convert(vllm_config) -> None:
     cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY))
     if n > 1:
         check_supported(vllm_config, cfg)
-        pc.prefill_context_parallel_size = 1  # world_size (= N) was computed with it and stays
+        # world_size (= S x T) was computed with it and stays; vLLM then lays the ranks out as
+        # [S, DP=1, PP=1, PCP=1, TP] (parallel_state.initialize_model_parallel): the same TP groups
+        # as TP x PCP, one per stage, with none of PCP's MLA-only paths
+        pc.prefill_context_parallel_size = 1
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
@@ -105,8 +117,10 @@ PATCH = Patch(
     symbol="vllm.config.VllmConfig.__post_init__",
     why="A plugin cannot change how many workers vLLM starts; --prefill-context-parallel-size is the "
         "flag that starts N full-model workers, but vLLM's own PCP machinery (MLA-only) must then stay off.",
-    how="Wraps __post_init__: for worker_cls vllm_kvrunahead.*, validates, keeps world_size=N, sets "
-        "PCP back to 1 and stores the worker count in additional_config['kv_runahead'].",
+    how="Wraps __post_init__: for worker_cls vllm_kvrunahead.*, validates, keeps world_size=N x TP, sets "
+        "PCP back to 1 and stores the worker (stage) count in additional_config['kv_runahead']. With "
+        "--tensor-parallel-size T, vLLM's TP groups stay one per stage (TP is the innermost rank dimension "
+        "with or without PCP); only its PCP groups shrink to single ranks, which the chain does not use.",
     upstream="Not upstream. vLLM has no plugin hook for the worker count; a generic "
              "'world size from worker class' hook or dense-model PCP would make this unnecessary. "
              "0.32.0 refuses PCP > 1 later in the same __post_init__ (model runner V1, the CPU runner: "

@@ -1,0 +1,67 @@
+"""KV-Runahead x tensor parallel on CPU: S=2 runahead stages of T=2 TP ranks (4 processes).
+
+Compared with one worker (TP=1, one process) and with plain vLLM TP=2: greedy tokens (prompts
+one by one, a chunked prompt, concurrent prefill + decode steps) and the head stage's KV per TP
+rank, which must equal plain TP=2's rank for rank (each rank holds its own KV heads).
+The tiny model here has 2 KV heads (MHA), so each TP rank holds a different one.
+"""
+import pytest
+import torch
+
+from tests.models import tiny_llama
+from tests.test_vllm_e2e import BS, TINY_ENGINE, rand_prompts
+
+# 2500: three chunks at budget 1000 (later chunks start inside a block), each run ahead
+LENGTHS = [2, 300, 1027, 2500]
+
+
+def tp_spec(workers, tp):
+    return dict(model=tiny_llama(kv_heads=2), workers=workers, tp=tp, block_size=BS, max_tokens=8,
+                engine=TINY_ENGINE, kvr={"min_tokens": 0}, alone=rand_prompts(LENGTHS, 1),
+                batch=rand_prompts(LENGTHS + [1500, 900], 2), kv_layers=[0, 1])
+
+
+@pytest.fixture(scope="module")
+def runs(engines):
+    return {name: engines.get(f"tiny-kv2-{name}", tp_spec(w, t))
+            for name, (w, t) in {"one": (1, 1), "tp2": (1, 2), "s2t2": (2, 2)}.items()}
+
+
+def test_s2_t2_tokens_equal_one_worker_and_plain_tp2(runs):
+    one, tp2, run = runs["one"], runs["tp2"], runs["s2t2"]
+    assert run["alone"] == tp2["alone"] == one["alone"]
+    assert run["batch"] == tp2["batch"] == one["batch"]   # concurrent: mixed prefill + decode steps
+    for got, want in zip(run["logprobs"], tp2["logprobs"]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_s2_t2_head_kv_equals_plain_tp2_per_rank_and_one_worker(runs):
+    one, tp2, run = runs["one"], runs["tp2"], runs["s2t2"]
+    for n, kv, ref, full in zip(LENGTHS, run["kv"], tp2["kv"], one["kv"]):
+        assert len(kv) == len(ref) == 2   # the head stage's two TP ranks
+        for r in range(2):
+            for layer, (a, b) in enumerate(zip(kv[r], ref[r])):
+                assert a.shape == b.shape and a.shape[0] == n // BS
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"prompt {n}, TP rank {r}, layer {layer}")
+        # TP rank r holds KV head r of the one-worker cache: the two ranks' heads together are one
+        # worker's (the CPU cache's inner layout is per head; compared by head below)
+        for layer in range(2):
+            a0, a1, f = kv[0][layer], kv[1][layer], full[layer]
+            assert f.numel() == a0.numel() + a1.numel()
+            assert not torch.equal(a0, a1)  # distinct KV heads
+
+
+def test_s2_t2_chain_is_two_chains_one_per_tp_rank(runs):
+    stats = runs["s2t2"]["stats"]
+    assert [(s["rank"], s["chain_pos"], s["tp_rank"], s["is_head"]) for s in stats] == [
+        (0, 0, 0, False), (1, 0, 1, False), (2, 1, 0, True), (3, 1, 1, True)]
+    head = stats[2]
+    assert head["chunks_ahead"] >= len(LENGTHS) + 2   # 2500 (3 chunks), 1027 (2), 300
+    # one plan on every rank; every rank moved KV on its own chain; both TP ranks of a stage computed
+    # the same tokens and moved the same bytes (each its own KV head)
+    assert all(s["chunks_ahead"] == head["chunks_ahead"] for s in stats)
+    for a, b in ((stats[0], stats[1]), (stats[2], stats[3])):
+        for k in ("tokens_run", "steps_run", "blocks_sent", "blocks_received", "bytes_sent"):
+            assert a[k] == b[k], k
+    assert stats[0]["blocks_sent"] > 0 and stats[2]["blocks_received"] > 0
+    assert all(s["live_requests"] == 0 for s in stats)
