@@ -67,6 +67,25 @@ def test_config_turns_pcp_into_chain_workers():
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens}
 
 
+def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_stage():
+    """--tensor-parallel-size 2 --prefill-context-parallel-size 3: 3 runahead stages of 2 TP ranks."""
+    from vllm_kvrunahead import vllm_seam
+    from vllm_kvrunahead.topology import ChainTopology
+
+    cfg = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=3)
+    pc = cfg.parallel_config
+    assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (6, 2, 1)
+    assert cfg.additional_config["kv_runahead"]["num_workers"] == 3
+    assert vllm_seam.head_rank(pc) == 4 and vllm_seam.tp_size(pc) == 2   # TP rank 0 of the last stage
+    assert ChainTopology(3, vllm_seam.head_rank(pc), 5, vllm_seam.tp_size(pc)).is_head
+    # vLLM's own layout ([-1, DP, PP, PCP, TP] after the hook): TP groups are the stages, as for TP x PCP
+    import torch
+
+    after = torch.arange(6).reshape(-1, 1, 1, pc.prefill_context_parallel_size, 2).view(-1, 2).tolist()
+    tp_x_pcp = torch.arange(6).reshape(-1, 1, 1, 3, 2).view(-1, 2).tolist()
+    assert after == tp_x_pcp == [[0, 1], [2, 3], [4, 5]]
+
+
 def test_default_step_budget_scales_with_workers_and_a_users_is_kept(kvr_log):
     import logging
 
@@ -169,6 +188,11 @@ def test_more_workers_than_gpus_refused(monkeypatch):
     monkeypatch.setattr(type(current_platform), "device_count", classmethod(lambda cls: 2), raising=False)
     with pytest.raises(ValueError, match="4 workers need 4 GPUs, only 2 visible"):
         check_supported(stub_config(), KVRunaheadConfig(num_workers=4))
+    tp2 = stub_config()
+    tp2.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(ValueError, match="2 stages x 2 TP ranks need 4 GPUs, only 2 visible; use "
+                                         "--prefill-context-parallel-size 1 or fewer"):
+        check_supported(tp2, KVRunaheadConfig(num_workers=2))
 
 
 def test_worker_without_plugin_says_what_to_do():

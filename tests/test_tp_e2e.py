@@ -43,18 +43,21 @@ def test_s2_t2_head_kv_equals_plain_tp2_per_rank_and_one_worker(runs):
             for layer, (a, b) in enumerate(zip(kv[r], ref[r])):
                 assert a.shape == b.shape and a.shape[0] == n // BS
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"prompt {n}, TP rank {r}, layer {layer}")
-        # TP rank r holds KV head r of the one-worker cache: the two ranks' heads together are one
-        # worker's (the CPU cache's inner layout is per head; compared by head below)
+        # TP rank r holds KV head r of one worker's cache (CPU layout: blocks, KV heads, ...)
         for layer in range(2):
-            a0, a1, f = kv[0][layer], kv[1][layer], full[layer]
-            assert f.numel() == a0.numel() + a1.numel()
-            assert not torch.equal(a0, a1)  # distinct KV heads
+            f = full[layer]
+            assert f.shape[1] == 2 and kv[0][layer].shape[1] == 1
+            for r in range(2):
+                torch.testing.assert_close(kv[r][layer], f[:, r:r + 1], atol=1e-5, rtol=1e-5,
+                                           msg=f"prompt {n}, TP rank {r}, layer {layer} vs one worker")
 
 
 def test_s2_t2_chain_is_two_chains_one_per_tp_rank(runs):
     stats = runs["s2t2"]["stats"]
     assert [(s["rank"], s["chain_pos"], s["tp_rank"], s["is_head"]) for s in stats] == [
         (0, 0, 0, False), (1, 0, 1, False), (2, 1, 0, True), (3, 1, 1, True)]
+    # vLLM built its TP groups per stage, as for TP x PCP (TP innermost): [0, 1] and [2, 3]
+    assert [s["tp_group"] for s in stats] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     head = stats[2]
     assert head["chunks_ahead"] >= len(LENGTHS) + 2   # 2500 (3 chunks), 1027 (2), 300
     # one plan on every rank; every rank moved KV on its own chain; both TP ranks of a stage computed

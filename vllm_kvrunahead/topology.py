@@ -89,3 +89,9 @@ class ChainTopology:
     @property
     def next_rank(self) -> int:
         return self.rank_of(self.pos + 1)
+
+
+def stage_device(device: str, tp_size: int) -> str:
+    """What a runahead stage runs on, as partition tables are keyed ("device"): the GPU's name, and
+    for a stage of T > 1 TP ranks "<GPU> x T" (a table tuned on single GPUs does not fit it)."""
+    return device if tp_size == 1 else f"{device} x {tp_size}"

@@ -141,6 +141,13 @@ def world_device_group():
     return get_world_group().device_group
 
 
+def tp_group_ranks() -> list[int]:
+    """The global ranks of this worker's vLLM tensor-parallel group (its runahead stage)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    return list(get_tp_group().ranks)
+
+
 def world_cpu_group():
     from vllm.distributed.parallel_state import get_world_group
 

@@ -24,7 +24,7 @@ from .partition import CostModel
 from .partitioner import Partitioner
 from .plan import StepPlan, make_plan
 from .refine import Refiner
-from .topology import ChainTopology
+from .topology import ChainTopology, stage_device
 
 from .log import logger
 
@@ -208,7 +208,7 @@ class Worker(vllm_seam.worker_base()):
         s = self.connector.stats if self.connector else None
         return {
             "rank": self.rank, "chain_pos": self.chain_pos, "is_head": self.is_head,
-            "tp_rank": self.topo.tp_rank, "tp_size": self.topo.tp_size,
+            "tp_rank": self.topo.tp_rank, "tp_size": self.topo.tp_size, "tp_group": vllm_seam.tp_group_ranks(),
             "steps_run": self.steps_run, "tokens_run": self.tokens_run,
             "chain_steps": s.steps if s else 0,
             "last_segments": self.last_segments,
@@ -234,7 +234,7 @@ class Worker(vllm_seam.worker_base()):
         if table is not None:
             return Partitioner("table", n, self.cost, table, refiner, **kw)
         return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape,
-                                 vllm_seam.device_name(self.connector.device),
+                                 stage_device(vllm_seam.device_name(self.connector.device), self.topo.tp_size),
                                  self.kvr.table_path if method is None else None, refiner, **kw)
 
     def kvr_set_fractions(self, fractions) -> None:

@@ -65,7 +65,8 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
         have = current_platform.device_count()
         tp = pc.tensor_parallel_size
         if n * tp > have:
-            raise ValueError(f"KV-Runahead: {n} stages x {tp} TP ranks need {n * tp} GPUs, only {have} visible; "
+            what = f"{n} workers" if tp == 1 else f"{n} stages x {tp} TP ranks"
+            raise ValueError(f"KV-Runahead: {what} need {n * tp} GPUs, only {have} visible; "
                              f"use --prefill-context-parallel-size {max(1, have // tp)} or fewer")
     most = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
     if cfg.step_budget is not None and most is not None and cfg.step_budget > most:
