@@ -144,3 +144,24 @@ def test_fit_recovers_measured_one_gpu_ttft():
     assert default.attn == pytest.approx(fitted.attn, rel=0.15)
     with pytest.raises(ValueError, match=">= 3 prompt lengths"):
         CostModel.fit({1: 1.0, 2: 2.0}, num_layers=2)
+
+
+def test_cost_model_of_a_tensor_parallel_stage():
+    """S stages of T TP ranks: a stage computes at TP=T speed plus two all-reduces per layer and token,
+    and each rank moves 1/T of the KV (its KV heads) to the next stage."""
+    from vllm_kvrunahead.partition import ModelShape
+
+    llama3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
+    one, tp2 = CostModel.for_shape(llama3), CostModel.for_shape(llama3, 2)
+    assert CostModel.for_shape(llama3, 1) == one and one.tensor_parallel(1, 4096) is one
+    allreduce = 2 * (2 * 1 / 2) * 4096 * 2 / 300e9
+    assert tp2.linear == pytest.approx(one.linear / 2 + allreduce)
+    assert tp2.attn == pytest.approx(one.attn / 2) and tp2.xfer == pytest.approx(one.xfer / 2)
+    assert (tp2.num_layers, tp2.hop) == (one.num_layers, one.hop)
+    # a 2-stage chain of TP=2 stages beats one of single GPUs; the split still puts more tokens first
+    n = 32_768
+    s1, s2 = balanced_split(n, 2, one), balanced_split(n, 2, tp2)
+    assert predicted_ttft(s2, tp2) < predicted_ttft(s1, one)
+    assert s2[0].length > s2[1].length
+    with pytest.raises(ValueError, match="tp_size must be >= 1"):
+        one.tensor_parallel(0, 4096)

@@ -68,3 +68,41 @@ def test_s2_t2_chain_is_two_chains_one_per_tp_rank(runs):
             assert a[k] == b[k], k
     assert stats[0]["blocks_sent"] > 0 and stats[2]["blocks_received"] > 0
     assert all(s["live_requests"] == 0 for s in stats)
+
+
+def smol_tp_spec(workers, tp):
+    """SmolLM2-135M has 9 query and 3 KV heads: TP=2 cannot shard it (vLLM refuses: 9 % 2), so its
+    hybrid runs S=2 stages of T=3 (6 processes). A two-chunk prompt (budget 2048) with prefix caching
+    on, then a second prompt whose prefix hits the cache; 10 decode steps each."""
+    from tests.test_vllm_e2e import smol_prompts
+
+    from tests.models import smollm2
+
+    p = smol_prompts()
+    return dict(model=smollm2(), workers=workers, tp=tp, block_size=BS, max_tokens=10,
+                engine=dict(max_model_len=4096, max_num_batched_tokens=2048, block_size=BS,
+                            enable_prefix_caching=True),
+                kvr={"min_tokens": 512}, alone=[p[0], p[3]], batch=[], kv_layers=[0, 29])
+
+
+@pytest.fixture(scope="module")
+def smol_runs(engines):
+    return {name: engines.get(f"smol-tp-{name}", smol_tp_spec(w, t))
+            for name, (w, t) in {"one": (1, 1), "tp3": (1, 3), "s2t3": (2, 3)}.items()}
+
+
+def test_smollm2_s2_t3_tokens_and_head_kv_equal_plain_tp3_and_one_worker(smol_runs):
+    one, tp3, run = smol_runs["one"], smol_runs["tp3"], smol_runs["s2t3"]
+    assert run["alone"] == tp3["alone"] == one["alone"]
+    assert run["cached"] == tp3["cached"] and run["cached"][-1] > 0   # the second prompt hit the cache
+    for logprobs, ref in zip(run["logprobs"], tp3["logprobs"]):
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref), atol=1e-3, rtol=0)
+    for kv, ref, full in zip(run["kv"], tp3["kv"], one["kv"]):
+        assert len(kv) == len(ref) == 3
+        for r in range(3):
+            for layer in range(2):
+                torch.testing.assert_close(kv[r][layer], ref[r][layer], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(kv[r][layer], full[layer][:, r:r + 1], atol=1e-4, rtol=1e-4)
+    head = run["stats"][3]
+    assert head["is_head"] and head["tp_group"] == [3, 4, 5]
+    assert head["chunks_ahead"] == 3 and head["chunks_ahead_cached"] == 2   # 2 chunks, then after the cache
