@@ -40,7 +40,9 @@ def runahead_config(vllm_config) -> KVRunaheadConfig:
 
 
 class Worker(vllm_seam.worker_base()):
-    """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N."""
+    """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N
+    [--tensor-parallel-size T: N stages of T TP ranks; each TP rank of a stage plans the same step
+    from the same scheduler output and moves its own KV heads along its TP rank's chain]."""
 
     _kvrunahead_worker = True  # subclasses are recognized by the config hook too
 

@@ -2,8 +2,9 @@
 
 MultiprocExecutor (and RayExecutorV2, its subclass) assert
 world_size == TP x PP x PCP. After ``config_hook`` the N KV-Runahead workers
-are world_size = N with PCP = 1, so the check is answered with the KV-Runahead
-worker count in PCP's place. Nothing else reads these sizes.
+(stages; with --tensor-parallel-size T, N x T workers) are world_size = N x T with
+PCP = 1, so the check is answered with the KV-Runahead stage count in PCP's place
+(TP x 1 x N = world_size). Nothing else reads these sizes.
 """
 from __future__ import annotations
 
