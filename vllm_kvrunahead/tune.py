@@ -10,7 +10,8 @@ moving mass between any two segments). The fractions under test are set on the
 workers by RPC, so no engine restarts. Writes a lookup table (``lut.py`` format,
 keyed by model shape, N and GPU, which ``partition: auto`` picks up when the file
 is in ``vllm_kvrunahead/tables/``) with the re-measured TTFT of the best, the
-even and the cost-model split per offset and length.
+even and the cost-model split per offset and length. With --engine-args '{"tensor_parallel_size": T}'
+it tunes N stages of T TP ranks; the table's device is then "<GPU> x T" (``topology.stage_device``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Callable
 
 from .lut import FORMAT, FORMAT_COLD, PartitionTable
 from .partition import even_split
+from .topology import stage_device
 
 Fractions = tuple[float, ...]
 
@@ -182,7 +184,9 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
     # cold entries only: the /1 format, which plugins that predate offsets read too
     table = dict(format=FORMAT if offsets != [0] else FORMAT_COLD, n_workers=n_workers,
                  vllm_version=vllm.__version__,
-                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 # a stage's device: "<GPU> x T" with --tensor-parallel-size T (tables are per stage)
+                 device=stage_device(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                                     llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size),
                  model=dict(name=os.path.basename(str(llm.llm_engine.model_config.model).rstrip("/")),
                             **(dataclasses.asdict(shape) if shape else {})),
                  dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
