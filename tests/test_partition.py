@@ -163,5 +163,7 @@ def test_cost_model_of_a_tensor_parallel_stage():
     s1, s2 = balanced_split(n, 2, one), balanced_split(n, 2, tp2)
     assert predicted_ttft(s2, tp2) < predicted_ttft(s1, one)
     assert s2[0].length > s2[1].length
+    # 8 KV heads over 16 TP ranks: each rank holds (and moves) a copy of one KV head, 1/8 of the KV
+    assert CostModel.for_shape(llama3, 16).xfer == pytest.approx(one.xfer / 8)
     with pytest.raises(ValueError, match="tp_size must be >= 1"):
         one.tensor_parallel(0, 4096)

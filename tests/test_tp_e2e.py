@@ -60,6 +60,9 @@ def test_s2_t2_chain_is_two_chains_one_per_tp_rank(runs):
     assert [s["tp_group"] for s in stats] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     head = stats[2]
     assert head["chunks_ahead"] >= len(LENGTHS) + 2   # 2500 (3 chunks), 1027 (2), 300
+    ahead = dict(zip(LENGTHS, runs["s2t2"]["ahead"]))
+    # the chunked prompt: all 3 chunks ran on the chains, the later two after the head's cached prefix
+    assert (ahead[2500]["chunks_ahead"], ahead[2500]["chunks_ahead_cached"], ahead[2500]["tokens_ahead"]) == (3, 2, 2500)
     # one plan on every rank; every rank moved KV on its own chain; both TP ranks of a stage computed
     # the same tokens and moved the same bytes (each its own KV head)
     assert all(s["chunks_ahead"] == head["chunks_ahead"] for s in stats)

@@ -90,17 +90,19 @@ class CostModel:
             return cls().tensor_parallel(tp_size, 4096)
         return cls.from_shape(num_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                               num_heads=shape.heads, num_kv_heads=shape.kv_heads,
-                              head_dim=shape.head_dim).tensor_parallel(tp_size, shape.hidden)
+                              head_dim=shape.head_dim).tensor_parallel(tp_size, shape.hidden, kv_heads=shape.kv_heads)
 
     def tensor_parallel(self, tp_size: int, hidden_size: int, dtype_bytes: int = 2,
-                        allreduce_bytes_per_s: float = 300e9) -> "CostModel":
+                        allreduce_bytes_per_s: float = 300e9, kv_heads: int | None = None) -> "CostModel":
         """This model for one runahead stage of ``tp_size`` TP ranks (KV-Runahead x TP).
 
         Each rank computes 1/T of every projection, MLP and attention head (linear and attn / T)
         and moves only its 1/T of the KV heads to the next stage's same TP rank (xfer / T; the T
         chains run side by side on their own links). Per layer and token, TP adds two all-reduces
         of the hidden state (after attention and after the MLP); a ring all-reduce moves
-        2 (T-1)/T of the bytes through each rank, counted on the linear term. T = 1: unchanged.
+        2 (T-1)/T of the bytes through each rank, counted on the linear term. With fewer KV heads
+        than TP ranks (``kv_heads`` < T) vLLM gives each rank a copy of one KV head, so a rank moves
+        1/kv_heads of the KV, not 1/T. T = 1: unchanged.
         """
         if tp_size == 1:
             return self
@@ -108,8 +110,9 @@ class CostModel:
             raise ValueError(f"tp_size must be >= 1, got {tp_size}")
         t = float(tp_size)
         allreduce = 2 * (2 * (t - 1) / t) * hidden_size * dtype_bytes / allreduce_bytes_per_s
+        kv_share = 1 / t if kv_heads is None else max(1, kv_heads // tp_size) / kv_heads
         return dataclasses.replace(self, linear=self.linear / t + allreduce, attn=self.attn / t,
-                                   xfer=self.xfer / t)
+                                   xfer=self.xfer * kv_share)
 
     @classmethod
     def from_shape(
