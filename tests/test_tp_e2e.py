@@ -90,17 +90,24 @@ def smol_tp_spec(workers, tp):
 
 @pytest.fixture(scope="module")
 def smol_runs(engines):
-    return {name: engines.get(f"smol-tp-{name}", smol_tp_spec(w, t))
-            for name, (w, t) in {"one": (1, 1), "tp3": (1, 3), "s2t3": (2, 3)}.items()}
+    from tests.test_vllm_e2e import smol_spec
+
+    runs = {name: engines.get(f"smol-tp-{name}", smol_tp_spec(w, t)) for name, (w, t) in {"tp3": (1, 3), "s2t3": (2, 3)}.items()}
+    # one worker: test_vllm_e2e's SmolLM2 engine (same engine settings), which ran all four prompts
+    # (p[0] .. p[3]: the two here are its first and last) and saved layers 0, 15 and 29
+    runs["one"] = engines.get("smol-1", smol_spec(1))
+    return runs
 
 
 def test_smollm2_s2_t3_tokens_and_head_kv_equal_plain_tp3_and_one_worker(smol_runs):
     one, tp3, run = smol_runs["one"], smol_runs["tp3"], smol_runs["s2t3"]
-    assert run["alone"] == tp3["alone"] == one["alone"]
+    mine = [0, 3]    # one worker's prompts that this spec sends
+    assert run["alone"] == tp3["alone"] == [one["alone"][i] for i in mine]
     assert run["cached"] == tp3["cached"] and run["cached"][-1] > 0   # the second prompt hit the cache
     for logprobs, ref in zip(run["logprobs"], tp3["logprobs"]):
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref), atol=1e-3, rtol=0)
-    for kv, ref, full in zip(run["kv"], tp3["kv"], one["kv"]):
+    for kv, ref, full in zip(run["kv"], tp3["kv"], [one["kv"][i] for i in mine]):
+        full = [full[0], full[2]]   # layers 0 and 29 of one worker's 0, 15, 29
         assert len(kv) == len(ref) == 3
         for r in range(3):
             for layer in range(2):
