@@ -64,7 +64,7 @@ def test_config_turns_pcp_into_chain_workers():
     plain = engine_config(worker_cls="auto", prefill_context_parallel_size=1).scheduler_config
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
-        "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens}
+        "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False}
 
 
 def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_stage():
