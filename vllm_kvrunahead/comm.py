@@ -75,7 +75,7 @@ class ChainComm:
         world) and keeps its own chain's."""
         backend = dist.get_backend(group)
         rings = [dist.new_group(sorted({head, first}), backend=backend) for head, first in topo.ring_links()]
-        ring = rings[getattr(topo, "tp_rank", 0)]
+        ring = rings[topo.tp_rank]
         return cls(topo.prev_rank, topo.next_rank, group, timeout_s, cpu_group,
                    prev_group=ring if topo.pos == 0 else group,
                    next_group=ring if topo.is_head else group)
@@ -126,7 +126,7 @@ class ChainComm:
         t = torch.zeros(n_workers, dtype=torch.float64)
         t[chain_pos] = seconds
         dist.all_reduce(t, group=self.cpu_group)
-        return (t / tp_size).tolist() if tp_size > 1 else t.tolist()
+        return (t / tp_size).tolist()
 
     def warm_up(self, device: torch.device, first: bool) -> int:
         """One tiny message around the ring, so the links (NCCL's per-pair communicators are

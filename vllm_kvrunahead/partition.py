@@ -21,9 +21,8 @@ order (the last one is the head's).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class Segment:
@@ -111,7 +110,7 @@ class CostModel:
         t = float(tp_size)
         allreduce = 2 * (2 * (t - 1) / t) * hidden_size * dtype_bytes / allreduce_bytes_per_s
         kv_share = 1 / t if kv_heads is None else max(1, kv_heads // tp_size) / kv_heads
-        return dataclasses.replace(self, linear=self.linear / t + allreduce, attn=self.attn / t,
+        return replace(self, linear=self.linear / t + allreduce, attn=self.attn / t,
                                    xfer=self.xfer * kv_share)
 
     @classmethod
