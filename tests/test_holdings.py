@@ -38,6 +38,7 @@ class Sim:
         self.free, self.refs, self.cache = list(range(1, NUM_BLOCKS)), {}, {}
         self.live, self.done, self.next_id = [], [], 0
         self.held_tokens = 0
+        self.not_final = 0  # chunks kept on the head: their prefix was computed in the same step
 
     def alloc(self):
         b = self.free.pop(self.rng.randrange(len(self.free)))  # any freed block: stale contents everywhere
@@ -46,10 +47,15 @@ class Sim:
         return b
 
     def add(self):
+        """Admit a new request into the step being scheduled (None: no room). Its prefix-cache hits
+        may be blocks that requests scheduled before it compute in this same step."""
         rng = self.rng
         done = [s for s in self.done if len(s) < 100]
         if done and rng.random() < 0.6:  # the next turn of a finished conversation
             seq = rng.choice(done) + [rng.randrange(50) for _ in range(rng.randrange(8, 60))]
+        elif self.live and rng.random() < 0.3:  # shares a live request's prefix (a system prompt, a document)
+            other = rng.choice(self.live).seq
+            seq = other[: rng.randrange(1, len(other) + 1)] + [rng.randrange(50) for _ in range(rng.randrange(8, 60))]
         else:
             seq = [rng.randrange(50) for _ in range(rng.randrange(8, 90))]
         blocks = []
@@ -65,10 +71,12 @@ class Sim:
         if len(self.free) < growth + -(-(len(seq) + 6) // BS):  # no preemption here: admit what fits
             for b in blocks:
                 self.release(b)
-            return
-        self.live.append(Req(f"r{self.next_id}", seq, len(seq), len(blocks) * BS, blocks,
-                             eligible=rng.random() < 0.85, max_new=rng.randrange(1, 6)))
+            return None
+        r = Req(f"r{self.next_id}", seq, len(seq), len(blocks) * BS, blocks,
+                eligible=rng.random() < 0.85, max_new=rng.randrange(1, 6))
+        self.live.append(r)
         self.next_id += 1
+        return r
 
     def release(self, b):
         self.refs[b] -= 1
@@ -78,20 +86,28 @@ class Sim:
     def slot(self, r, t):
         return r.blocks[t // BS], t % BS
 
+    def schedule(self, r):
+        """This step's tokens of ``r``, its blocks, and (vLLM's rule) the hashes of the blocks they
+        fill, cached now, when scheduled, not once computed."""
+        if r.computed < r.prompt_len:
+            m = min(r.prompt_len - r.computed, self.rng.choice([3, 9, 17, 40, 200]))
+        else:
+            r.seq.append(self.rng.randrange(50))
+            m = 1
+        while len(r.blocks) * BS < r.computed + m:
+            r.blocks.append(self.alloc())
+        for i in range((r.computed + m) // BS):
+            self.cache.setdefault(hash(tuple(r.seq[: (i + 1) * BS])), r.blocks[i])
+        return ReqView(r.rid, r.computed, m, r.prompt_len, tuple(r.blocks),
+                       eligible=r.eligible and r.computed < r.prompt_len)
+
     def step(self):
         rng, n = self.rng, self.n
         sched = [r for r in self.live if rng.random() < 0.8]
-        views = []
-        for r in sched:
-            if r.computed < r.prompt_len:
-                m = min(r.prompt_len - r.computed, rng.choice([3, 9, 17, 40, 200]))
-            else:
-                r.seq.append(rng.randrange(50))
-                m = 1
-            while len(r.blocks) * BS < r.computed + m:
-                r.blocks.append(self.alloc())
-            views.append(ReqView(r.rid, r.computed, m, r.prompt_len, tuple(r.blocks),
-                                 eligible=r.eligible and r.computed < r.prompt_len))
+        views = [self.schedule(r) for r in sched]
+        while len(self.live) < 4 and (r := self.add()) is not None:  # admitted after the running ones
+            sched.append(r)
+            views.append(self.schedule(r))
         plan = make_plan(views, n, splitter=self.split, block_size=BS, holdings=self.holdings)
         self.holdings.record(plan, views)
         reqs = {r.rid: r for r in sched}
@@ -108,25 +124,34 @@ class Sim:
                 for t in range(seg.start, seg.end):
                     self.chain[pos][self.slot(r, t)] = r.kv(t)
         self.head[plan.recv_blocks(n - 1)] = self.chain[n - 2][plan.recv_blocks(n - 1)]
-        for v in views:
+        for v in views:  # each layer writes the whole batch's KV before its attention reads any
             r = reqs[v.req_id]
             first = ahead[v.req_id].segments[-1].start if v.req_id in ahead else v.num_computed
             for t in range(first, v.num_computed + v.num_scheduled):
                 self.head[self.slot(r, t)] = r.kv(t)
+        for v in views:
+            r = reqs[v.req_id]
             for t in range(v.num_computed + v.num_scheduled):  # the head ends with the whole KV
                 assert self.head[self.slot(r, t)] == r.kv(t), (v.req_id, t)
             r.computed += v.num_scheduled
-            for i in range(r.computed // BS):
-                self.cache.setdefault(hash(tuple(r.seq[: (i + 1) * BS])), r.blocks[i])
             if r.computed >= r.prompt_len and v.num_scheduled == 1:
                 r.left -= 1
+        self.check_held()
         self.held_tokens += sum(sum(p.held) for p in plan.requests)
+        self.not_final += len(plan.prefix_not_final)
         for r in [r for r in self.live if r.left == 0]:
             self.live.remove(r)
             self.done.append(r.seq)
             for b in reversed(r.blocks):
                 self.release(b)
         return plan
+
+    def check_held(self):
+        """Every block the record says a position holds in full equals the head's, slot for slot."""
+        for pos in range(self.n - 1):
+            full = np.flatnonzero(self.holdings._valid[pos] == BS)
+            bad = full[(self.chain[pos, full] != self.head[full]).any(axis=1)]
+            assert not len(bad), (pos, bad[:8])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -135,12 +160,11 @@ def test_positions_attend_over_the_heads_exact_prefix_receiving_only_what_they_l
     sim = Sim(n, seed)
     ran_cached = 0
     for _ in range(400):
-        if len(sim.live) < 4:
-            sim.add()
         plan = sim.step()
         ran_cached += sum(p.start > 0 for p in plan.requests)
     assert ran_cached > 20          # later chunks and cache hits did run ahead ...
-    assert sim.held_tokens > 0      # ... and positions skipped prefix KV they held
+    assert sim.held_tokens > 0      # ... and positions skipped prefix KV they held ...
+    assert sim.not_final > 0        # ... and hits on blocks computed in the same step stayed on the head
 
 
 def test_multi_turn_receives_only_the_part_of_history_a_position_lacks():

@@ -54,6 +54,26 @@ def test_which_chunks_run_ahead():
     assert r.segments[-1].start <= 2000
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_prefix_computed_in_the_same_step_keeps_its_chunk_on_the_head(n):
+    """vLLM caches a block when it schedules it: B (A[:1600] + 300) is admitted in the step that
+    computes A's [1024, 1700) and hits A's blocks of [1024, 1600) before they hold any KV. B runs
+    on the head, where each layer writes the batch's KV before attention reads it; C, whose
+    cached prefix was computed in an earlier step, runs ahead beside them."""
+    bs = 64
+    a_blocks = tuple(range(100, 127))                        # A: 1700 tokens, 27 blocks
+    a = ReqView("A", 1024, 676, 1700, a_blocks)
+    b = ReqView("B", 1600, 300, 1900, a_blocks[:25] + (200, 201, 202, 203, 204))
+    c = ReqView("C", 1024, 400, 1424, a_blocks[:16] + (300, 301, 302, 303, 304, 305, 306))
+    split = Partitioner("model", n, COST, min_tokens=0, block_size=bs)
+    plan = make_plan([a, b, c], n, splitter=split, block_size=bs)
+    assert [r.req_id for r in plan.requests] == ["A", "C"] and plan.prefix_not_final == ("B",)
+    # the next step, A's blocks are final: B's next chunk may run ahead
+    b2 = ReqView("B", 1900, 600, 2500, b.block_ids + tuple(range(205, 215)))
+    later = make_plan([b2], n, splitter=split, block_size=bs)
+    assert [r.req_id for r in later.requests] == ["B"] and later.prefix_not_final == ()
+
+
 def test_cost_model_decides_by_gain():
     auto = Partitioner("model", 4, COST, block_size=BS)
     assert not auto.runs_ahead(Chunk(0, 1024, 1024))              # the chain's fixed cost outweighs it

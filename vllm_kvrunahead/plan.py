@@ -21,6 +21,13 @@ blocks; c need not be, so the block holding c (head's tokens before c, pos 0's
 after) goes to pos 0 once, for all layers, before the forward ("upfront"),
 because the attention backend may write pos 0's own KV into that block before
 the per-layer hook runs.
+
+A chunk runs ahead only over a prefix that is final before the step (``prefix_final``):
+vLLM caches a block's hash when it *schedules* the block, so a request admitted later in
+the same step can hit blocks another request computes in this very step. The ring sends
+[0, c) ahead of compute, and ordering that prefix after its producers would close a cycle
+(the head's layer l waits for position N-2's, which would wait for the head's), so such a
+chunk runs on the head, where each layer writes the whole batch's KV before attention reads it.
 """
 from __future__ import annotations
 
@@ -78,6 +85,7 @@ class StepPlan:
     n_workers: int
     requests: tuple[RunaheadReq, ...]
     block_size: int = 1
+    prefix_not_final: tuple[str, ...] = ()  # chunks kept on the head: their cached prefix is computed this step
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -109,21 +117,41 @@ class StepPlan:
         return self._blocks([(r.start // bs, r.start // bs + (r.start % bs > 0)) for r in self.requests])
 
 
+def blocks_written(reqs: list[ReqView], block_size: int) -> set[int]:
+    """The KV blocks this step writes: those of every scheduled token, on whichever worker."""
+    out: set[int] = set()
+    for r in reqs:
+        if r.num_scheduled > 0:
+            out.update(r.block_ids[r.num_computed // block_size: -(-(r.num_computed + r.num_scheduled) // block_size)])
+    return out
+
+
+def prefix_final(r: ReqView, written: set[int], block_size: int) -> bool:
+    """Whether the whole blocks of ``r``'s cached prefix [0, c) hold their final KV before the step
+    (no request writes them now). The block holding an unaligned c is ``r``'s own: its slots before
+    c are from ``r``'s earlier steps (prefix-cache hits are whole blocks)."""
+    return written.isdisjoint(r.block_ids[: r.num_computed // block_size])
+
+
 def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int,
               holdings: Holdings | None = None) -> StepPlan:
-    """Chunks the splitter finds worth running ahead, cut as one job with the head's other work
-    (``holdings``: what chain positions keep from earlier steps; None: nothing)."""
+    """Chunks the splitter finds worth running ahead over a final prefix, cut as one job with the
+    head's other work (``holdings``: what chain positions keep from earlier steps; None: nothing)."""
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
-    chunks = {}
+    written = blocks_written(reqs, block_size)
+    chunks, not_final = {}, []
     for r in reqs:
         if r.eligible and r.num_scheduled > 0 and r.chunk.block_bounds(block_size) >= n_workers - 1:
+            if not prefix_final(r, written, block_size):
+                not_final.append(r.req_id)
+                continue
             held = holdings.held(r.block_ids, r.num_computed) if holdings is not None else ()
             chunk = dataclasses.replace(r.chunk, held=held)
             if splitter.runs_ahead(chunk):
                 chunks[r.req_id] = chunk
     if not chunks:
-        return StepPlan(n_workers, (), block_size)
+        return StepPlan(n_workers, (), block_size, tuple(not_final))
     ahead = [r for r in reqs if r.req_id in chunks]
     head_only = [r.chunk for r in reqs if r.req_id not in chunks and r.num_scheduled > 0]
     out = []
@@ -131,4 +159,4 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
         if len(r.block_ids) * block_size < r.chunk.end:
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids), chunks[r.req_id].held))
-    return StepPlan(n_workers, tuple(out), block_size)
+    return StepPlan(n_workers, tuple(out), block_size, tuple(not_final))

@@ -67,6 +67,7 @@ class Worker(vllm_seam.worker_base()):
         self.chunks_ahead_cached = 0   # ... of them, chunks after cached tokens (later chunk, cache hit, resumed)
         self.tokens_ahead = 0          # ... and their tokens
         self.prefix_tokens_held = 0    # cached-prefix tokens chain positions did not need to receive
+        self.chunks_prefix_not_final = 0  # chunks kept on the head: their cached prefix was computed that step
 
     @property
     def chain_pos(self) -> int:
@@ -131,6 +132,7 @@ class Worker(vllm_seam.worker_base()):
         self.book.update(scheduler_output)
         plan = self.plan(scheduler_output)
         meta = self._meta(plan)
+        self.chunks_prefix_not_final += len(plan.prefix_not_final)
         if plan:
             self.last_segments = [[(g.start, g.end) for g in r.segments] for r in plan.requests]
             self.chunks_ahead += len(plan.requests)
@@ -216,6 +218,7 @@ class Worker(vllm_seam.worker_base()):
             "last_segments": self.last_segments,
             "chunks_ahead": self.chunks_ahead, "chunks_ahead_cached": self.chunks_ahead_cached,
             "tokens_ahead": self.tokens_ahead, "prefix_tokens_held": self.prefix_tokens_held,
+            "chunks_prefix_not_final": self.chunks_prefix_not_final,
             "live_requests": len(self.book),
             "blocks_received": s.blocks_received if s else 0,
             "blocks_sent": s.blocks_sent if s else 0,
