@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch
 
 from tests.dist_utils import run_ranks
-from vllm_kvrunahead.comm import ChainComm, ChainTimeout
+from vllm_kvrunahead.comm import ChainComm, ChainPeerLost, ChainTimeout
 from vllm_kvrunahead.partition import balanced_split, even_split
 from vllm_kvrunahead.reference import TinyConfig, TinyLlama
 
@@ -88,6 +88,27 @@ def _stalled_peer(rank, world):
 def test_receive_from_stalled_peer_times_out():
     _, msg = run_ranks(_stalled_peer, 2)
     assert "no KV from chain rank 0 within 2.0 s" in msg
+
+
+def _vanishing_peer(rank, world):
+    import time
+
+    comm = ChainComm(rank - 1 if rank else None, None, timeout_s=60.0)
+    if rank == 0:
+        time.sleep(1)
+        return "left"  # its process group is destroyed: the connection closes, nothing was sent
+    t0 = time.monotonic()
+    try:
+        comm.wait_recv(comm.post_recv(torch.empty(4)))
+    except ChainPeerLost as e:
+        return str(e), time.monotonic() - t0
+    return "no error"
+
+
+def test_receive_from_a_peer_that_closed_the_connection_says_so_at_once():
+    _, (msg, waited) = run_ranks(_vanishing_peer, 2)
+    assert waited < 30, waited   # not the 60 s receive timeout
+    assert "chain rank 0 closed the connection" in msg and "within" not in msg, msg
 
 
 def _warm(rank, world):

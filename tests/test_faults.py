@@ -119,5 +119,11 @@ def test_dead_chain_peer_fails_requests_fast_and_server_exits():
         assert max(t for _, t in results) - t_kill < 120, server_log
         proc.wait(timeout=120)  # vLLM shuts the server down once its engine is dead
         assert any(DIED.search(line) for line in log), "".join(log[-60:])
+        # a head that was waiting for the dead peer's KV says the peer closed the connection, at once,
+        # and that the step was aborted, not that it timed out or that the model hides layers
+        text = "".join(log)
+        assert "no KV from chain rank" not in text and "were never consumed" not in text, text[-6000:]
+        if "closed the connection" in text:
+            assert "step aborted at attention layer" in text, text[-6000:]
     finally:
         stop_server(proc)

@@ -14,6 +14,7 @@ collective, ``gather_times`` (online refinement only), runs on a CPU group.
 """
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -21,7 +22,11 @@ import torch.distributed as dist
 
 
 class ChainTimeout(RuntimeError):
-    """A chain peer did not deliver in time (dead, stalled or out of step)."""
+    """A chain peer did not deliver in time (stalled or out of step)."""
+
+
+class ChainPeerLost(ChainTimeout):
+    """A chain peer closed its connection (its process died) before delivering."""
 
 
 class ChainComm:
@@ -88,16 +93,21 @@ class ChainComm:
         return dist.irecv(buf, src=self.prev_rank, group=self.prev_group)
 
     def wait_recv(self, work: dist.Work) -> None:
+        t0 = time.monotonic()
         try:
             if self._bounded:
                 ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
             else:
                 ok = work.wait()
-        except RuntimeError as e:  # gloo raises on timeout / peer loss
+        except RuntimeError as e:  # gloo raises on timeout and on a closed connection
+            waited = time.monotonic() - t0
+            if self.timeout_s is None or waited < 0.9 * self.timeout_s:
+                raise ChainPeerLost(
+                    f"KV-Runahead: chain rank {self.prev_rank} closed the connection after {waited:.1f} s "
+                    f"of waiting for its KV (its process died or failed): {e}") from e
             raise ChainTimeout(
-                f"KV-Runahead: no KV from chain rank {self.prev_rank} within "
-                f"{self.timeout_s} s ({e}); the peer died or stalled"
-            ) from e
+                f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s; "
+                f"the peer stalled ({e})") from e
         if ok is False:
             raise ChainTimeout(
                 f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s"
@@ -118,6 +128,11 @@ class ChainComm:
         sends, self._sends = self._sends, []
         for work, _ in sends:
             work.wait()
+
+    def drop_sends(self) -> None:
+        """Forget the sends in flight without waiting (an aborted step: the peer may be gone, and
+        waiting on a send to it could block the error's way out)."""
+        self._sends = []
 
     def gather_times(self, seconds: float, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[float]:
         """Every chain position's ``seconds``, in chain order (a few bytes over the CPU group; each

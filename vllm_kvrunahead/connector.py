@@ -12,6 +12,7 @@ successor waits for this layer's QKV projection, not for its attention and MLP.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,13 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             self._post_layer_send(kv_layer)
 
     def wait_for_save(self) -> None:
+        if sys.exc_info()[1] is not None:  # vLLM calls this on the way out of a forward that raised
+            if self._busy:
+                logger.error("KV-Runahead: step aborted at attention layer %d of %d; its chain traffic is dropped",
+                             self._layer, len(self.order))
+            self.comm.drop_sends()
+            self._reset()
+            return
         self.comm.wait_sends()
         if self._recv is not None and self._layer != len(self.order):
             raise RuntimeError(
