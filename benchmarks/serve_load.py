@@ -78,13 +78,17 @@ def stop_server(proc) -> None:
 
 
 def workload(n: int, seed: int = 0, vocab: int = 512, lengths: list[int] = LENGTHS) -> list[dict]:
-    """n requests of prompt lengths drawn from `lengths`; about 10% hang up mid-prefill or mid-decode."""
+    """n requests of prompt lengths drawn from `lengths`; about 10% hang up mid-prefill or mid-decode.
+    A third start with a shared prefix, as served traffic does: a 300-token system prompt or one of two
+    1200-token documents (with prefix caching, some arrive in the step that computes that prefix)."""
     rng = random.Random(seed)
+    shared = [[rng.randrange(vocab) for _ in range(k)] for k in (300, 1200, 1200)]
     out = []
     for i in range(n):
         length = rng.choice(lengths)
+        prefix = rng.choice(shared) if rng.random() < 1 / 3 else []
         cancel = rng.choices([None, "prefill", "decode"], weights=[18, 1, 1])[0]
-        out.append(dict(id=i, prompt=[rng.randrange(vocab) for _ in range(length)],
+        out.append(dict(id=i, prompt=prefix + [rng.randrange(vocab) for _ in range(length)],
                         max_tokens=rng.randint(1, MAX_TOKENS), stream=cancel is not None or rng.random() < 0.5,
                         cancel=cancel))
     return out
@@ -94,16 +98,18 @@ def run_one(base: str, model: str, req: dict) -> dict:
     import httpx
 
     body = dict(model=model, prompt=req["prompt"], max_tokens=req["max_tokens"], temperature=0,
-                ignore_eos=True, return_token_ids=True, stream=req["stream"])
+                ignore_eos=True, return_token_ids=True, stream=req["stream"], logprobs=1,
+                return_tokens_as_token_ids=True)  # logprobs without a tokenizer (--skip-tokenizer-init)
     t0 = time.perf_counter()
-    res = dict(id=req["id"], status="ok", tokens=[], ttft_s=None)
+    res = dict(id=req["id"], status="ok", tokens=[], logprobs=[], ttft_s=None)
     try:
         with httpx.Client(timeout=300) as c:
             if not req["stream"]:
                 r = c.post(base + "/v1/completions", json=body)
                 if r.status_code != 200:
                     return dict(res, status=f"http {r.status_code}", error=r.text[:300])
-                res["tokens"] = r.json()["choices"][0]["token_ids"]
+                choice = r.json()["choices"][0]
+                res["tokens"], res["logprobs"] = choice["token_ids"], choice["logprobs"]["token_logprobs"]
                 res["ttft_s"] = time.perf_counter() - t0
                 return res
             with c.stream("POST", base + "/v1/completions", json=body) as r:
@@ -115,10 +121,12 @@ def run_one(base: str, model: str, req: dict) -> dict:
                     chunk = json.loads(line[6:])
                     if "error" in chunk:  # the server reports a failure inside the stream
                         return dict(res, status="error", error=json.dumps(chunk["error"])[:300])
-                    toks = chunk["choices"][0].get("token_ids") or []
+                    choice = chunk["choices"][0]
+                    toks = choice.get("token_ids") or []
                     if toks and res["ttft_s"] is None:
                         res["ttft_s"] = time.perf_counter() - t0
                     res["tokens"] += toks
+                    res["logprobs"] += (choice.get("logprobs") or {}).get("token_logprobs") or []
                     if req["cancel"] == "decode" and res["tokens"]:
                         return dict(res, status="cancelled")  # hang up after the first token
         return res

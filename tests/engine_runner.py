@@ -6,7 +6,9 @@ SPEC: model, workers (1 = plain vLLM), alone (prompts sent one by one; after eac
 the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
 chunks ran ahead), batch (prompts sent at once: mixed prefill/decode steps), seeded
 (prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2),
-max_tokens, engine kwargs.
+max_tokens, engine kwargs; rounds (lists of prompts, each list sent at once, one after the other:
+tokens, every token's logprob and cached tokens per request; with KV-Runahead, after each round every
+KV block a chain position's record says it holds is compared with the head's, byte for byte).
 """
 import json
 import os
@@ -20,6 +22,31 @@ def read_blocks(worker, block_ids, layers):
     caches = worker.model_runner.kv_caches
     idx = torch.tensor(block_ids, dtype=torch.long)
     return [caches[i].index_select(0, idx).clone() for i in layers]
+
+
+def num_layers(worker):
+    return len(worker.model_runner.kv_caches)
+
+
+def held_mismatches(llm, block_size):
+    """Per chain position: (blocks its record says it holds in full, of them how many differ from the
+    head's in any byte of any layer). Every worker keeps the same record; T = 1 here: rank = position."""
+    import numpy as np
+
+    valid = llm.collective_rpc("kvr_holdings")[-1]
+    layers = list(range(llm.collective_rpc(num_layers)[-1]))
+    out = []
+    for pos in range(len(valid)):
+        full = [int(b) for b in np.flatnonzero(valid[pos] == block_size)]
+        if not full:
+            out.append((0, 0))
+            continue
+        kv = llm.collective_rpc(read_blocks, args=(full, layers))
+        differ = torch.zeros(len(full), dtype=torch.bool)
+        for mine, head in zip(kv[pos], kv[-1]):
+            differ |= (mine.view(torch.uint8) != head.view(torch.uint8)).flatten(1).any(dim=1)
+        out.append((len(full), int(differ.sum())))
+    return out
 
 
 def head_counts(llm):
@@ -68,6 +95,14 @@ def main(spec_path, out_path):
         else:
             kv = llm.collective_rpc(read_blocks, args=(full, layers))
             out["kv"].append(kv[head] if tp == 1 else kv[len(kv) - tp:])  # TP: one list per TP rank
+    out["rounds"] = []
+    for prompts in spec.get("rounds", []):
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False)
+        out["rounds"].append(dict(
+            tokens=[list(o.outputs[0].token_ids) for o in outs],
+            logprobs=[[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
+            cached=[o.num_cached_tokens or 0 for o in outs],
+            held=held_mismatches(llm, spec["block_size"]) if workers > 1 else None))
     if spec.get("batch"):
         outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["batch"]], sp, use_tqdm=False)
         out["batch"] = [list(o.outputs[0].token_ids) for o in outs]

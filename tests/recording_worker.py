@@ -37,4 +37,6 @@ class RecordingWorker(_Recorder, CPUWorker):
 
 
 class RecordingKVRWorker(_Recorder, Worker):
-    pass
+    def kvr_holdings(self):
+        """Per chain position and KV block: the leading slots the record says equal the head's."""
+        return self.holdings._valid.copy()
