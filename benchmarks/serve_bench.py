@@ -77,9 +77,8 @@ import sys
 import time
 import urllib.request
 
-from benchmarks import common, models
+from benchmarks import common, models, serve_report
 
-KEY = ("device", "model", "workload", "request_rate", "config", "n_gpus", "input_len")
 CONFIGS = ("1gpu", "tp", "kvr")
 MODES = ("serve", "load", "latency")
 WORKLOADS = ("random", "longmix", "prefix")
@@ -381,7 +380,7 @@ class Run:
                     config=cfg, n_gpus=n, smoke=self.a.smoke, **kw)
 
     def emit(self, recs):
-        common.merge_records(self.json, recs, KEY)
+        common.merge_records(self.json, recs, serve_report.KEY)
         keep = ("config", "n_gpus", "workload", "request_rate", "input_len", "num_prompts", "median_ttft_ms",
                 "p99_ttft_ms", "mean_tpot_ms", "request_throughput", "failed", "avg_latency_s", "passed", "error")
         for r in recs:
@@ -636,7 +635,6 @@ def main(a):
                 r.emit([rec])
     print(f"done in {time.time() - t_start:.0f} s -> {r.json}", flush=True)
     if os.path.exists(r.json):
-        from benchmarks import serve_report
         serve_report.write(a.out, png=False)
 
 

@@ -41,9 +41,8 @@ import statistics
 import time
 import traceback
 
-from benchmarks import common, models
+from benchmarks import common, models, serving_report
 
-KEY = ("device", "model", "scenario", "prompt_tokens", "max_tokens", "config", "n_gpus", "interconnect")
 SCENARIOS = ("default-budget", "concurrent", "multi-turn")
 SERVING_CONFIGS = ("1gpu", "tp", "kvr")
 
@@ -243,7 +242,7 @@ def run_one(a):
     print(f"RESULT {cfg} N={n}: warm-up done, per-request metrics {'on' if have_metrics else 'OFF'}", flush=True)
 
     def emit(rec):
-        common.merge_records(out_json, [rec], KEY)
+        common.merge_records(out_json, [rec], serving_report.KEY)
         print("RESULT " + json.dumps(rec), flush=True)
 
     def timed(scenario, prompt_tokens, max_tokens, num_requests, repeats, make_prompts, note):
@@ -398,10 +397,9 @@ def main(a):
         missing = [dict(base_record(a, cfg, n, s, pt, mt, nr), error=why)
                    for s, pt, mt, nr in plan(a.params, a.scenarios) if (s, pt, mt) not in done]
         if missing:
-            common.merge_records(out_json, missing, KEY)
+            common.merge_records(out_json, missing, serving_report.KEY)
     print(f"done in {time.time() - t_start:.0f} s -> {out_json}", flush=True)
     if os.path.exists(out_json):
-        from benchmarks import serving_report
         serving_report.write(a.out, png=False)
 
 
