@@ -9,6 +9,8 @@ import sys
 import threading
 import traceback
 
+from benchmarks import procs
+
 CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
 
 
@@ -133,13 +135,10 @@ def kill_groups_on_sigterm(groups, who: str) -> None:
     dict of Popen, read at signal time) and leave: each child runs in its own session, so nothing else
     would stop it (engine, workers, NCCL); records already merged stay on disk."""
     def handler(signum, frame):
-        procs = list(groups.values()) if isinstance(groups, dict) else list(groups)
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        print(f"[{who}] signal {signum}: killed {len(procs)} process group(s)", flush=True)
+        children = list(groups.values()) if isinstance(groups, dict) else list(groups)
+        for p in children:
+            procs.signal_group(p, signal.SIGKILL)   # no wait here: the main thread may be inside p.wait()
+        print(f"[{who}] signal {signum}: killed {len(children)} process group(s)", flush=True)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -173,11 +172,7 @@ def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
-        try:
-            os.killpg(p.pid, signal.SIGKILL)   # our own child's group only
-        except ProcessLookupError:
-            pass
-        p.wait()
+        procs.end_group(p)
         _running.clear()
         t.join(timeout=5)
         if rc != 0:

@@ -70,14 +70,13 @@ import json
 import math
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from benchmarks import common, models, serve_report
+from benchmarks import common, models, procs, serve_report
 
 CONFIGS = ("1gpu", "tp", "kvr")
 MODES = ("serve", "load", "latency")
@@ -197,23 +196,6 @@ def parse_args(argv=None):
 _groups = {}   # name -> Popen of a running process group (server, bench client)
 
 
-def _group_alive(pgid):
-    """Processes of group pgid that are not zombies (a zombie holds no memory; PID 1 may never reap it)."""
-    alive = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        fields = st[st.rindex(")") + 2:].split()   # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(pid))
-    return alive
-
-
 def gpu_processes():
     """[(pid, used MiB)] of GPU compute processes, [] without nvidia-smi."""
     try:
@@ -226,28 +208,9 @@ def gpu_processes():
 
 def stop_group(name, p, term_wait=60):
     """SIGTERM the whole group, SIGKILL what is left after term_wait s; return once none of it runs."""
-    t = time.time()
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        p.wait(timeout=term_wait)
-    except subprocess.TimeoutExpired:
-        pass
-    while _group_alive(p.pid) and time.time() - t < term_wait:
-        time.sleep(0.5)
-    if _group_alive(p.pid):
-        print(f"[{name}] still running after SIGTERM + {term_wait} s: SIGKILL", flush=True)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    p.wait()
-    while _group_alive(p.pid):
-        time.sleep(0.2)
+    dt = procs.end_group(p, term_wait, name)
     _groups.pop(name, None)
-    return time.time() - t
+    return dt
 
 
 def wait_gpus_free(timeout=60):

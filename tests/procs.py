@@ -8,11 +8,12 @@ and left running they load the next test on a 2-core machine.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.procs import end_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +40,5 @@ def run_python(args: list[str], log_path: Path, timeout_s: float, env: dict | No
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            end_group(p)
     return Finished(rc, Path(log_path).read_text(errors="replace"))
