@@ -7,9 +7,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
-from benchmarks import procs
+from benchmarks import models, procs
 
 CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
 
@@ -128,6 +129,18 @@ def probe_device():
             "print(json.dumps([n, v]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def start_parent(a):
+    """A runner's first steps before its children: OUT/logs, the model's files, and the device probed once
+    (into a.device_name unless given, and a.vllm_version). Returns (start time, deadline from a.budget_s or 0
+    for none, whether it runs on CPU)."""
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    models.write_model(a.model, a.models_dir)
+    t_start = time.time()
+    dev, a.vllm_version = probe_device()
+    a.device_name = a.device_name or dev
+    return t_start, t_start + a.budget_s if a.budget_s else 0, dev == "cpu"
 
 
 def kill_groups_on_sigterm(groups, who: str) -> None:

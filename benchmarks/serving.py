@@ -356,15 +356,8 @@ MIN_START_S = 120   # do not start an engine with less left: ~60-90 s start + on
 
 
 def main(a):
-    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
-    models.write_model(a.model, a.models_dir)
-    t_start = time.time()
-    deadline = t_start + a.budget_s if a.budget_s else 0
-    dev, ver = common.probe_device()
-    a.device_name = a.device_name or dev
-    a.vllm_version = ver
-    cpu = dev == "cpu"
-    print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} configs={a.configs} "
+    t_start, deadline, cpu = common.start_parent(a)
+    print(f"device={a.device_name} vllm={a.vllm_version} model={a.model} n_gpus={a.n_gpus} configs={a.configs} "
           f"scenarios={a.scenarios} smoke={a.smoke} interconnect={a.interconnect}", flush=True)
     # kvr before tp at each N: if the budget runs out, the comparison (tp) is what is lost.
     runs = ([("1gpu", 1)] if "1gpu" in a.configs else []) + \
@@ -379,7 +372,7 @@ def main(a):
             why = "skipped: time budget"
         else:
             argv = ["benchmarks.serving", "--one-config", f"{cfg}:{n}", "--device-name", a.device_name,
-                    "--vllm-version", str(ver), "--deadline", str(deadline)] + _pass_through(a)
+                    "--vllm-version", str(a.vllm_version), "--deadline", str(deadline)] + _pass_through(a)
             env = common.child_env(cfg, n, a.interconnect, cpu)
             if cpu:
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the default (4+) is a lot on a small box
