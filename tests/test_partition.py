@@ -66,10 +66,10 @@ def test_balanced_follows_the_cost_model():
     assert segs[0].length / segs[1].length == pytest.approx(2.414, rel=0.01)  # 1 + sqrt(2)
 
 
-def test_from_shape_gives_positive_constants():
+def test_from_shape_of_llama3_8b_gives_the_default_cost_model():
     c = CostModel.from_shape(num_layers=32, hidden_size=4096, intermediate_size=14336,
                              num_heads=32, num_kv_heads=8, head_dim=128)
-    assert c.linear > 0 and c.attn > 0 and c.xfer > 0 and c.num_layers == 32
+    assert c == CostModel()
 
 
 def test_from_fractions_keeps_one_token_each():
@@ -127,12 +127,6 @@ def test_check_fractions_gives_floats_of_a_split():
 def test_bad_cost_model():
     with pytest.raises(ValueError, match="CostModel.attn must be >= 0"):
         balanced_split(100, 2, CostModel(attn=-1.0))
-
-
-def test_segment_is_frozen():
-    s = Segment(0, 0, 4)
-    with pytest.raises(Exception):
-        s.start = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("n_workers", [2, 3, 4, 8])
