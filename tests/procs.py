@@ -1,9 +1,9 @@
 """One way for tests to run a Python child that starts vLLM engines.
 
-Output goes to a file, not a pipe, and the child runs in its own process group, killed whole once it
-ends. vLLM's engine core and workers are separate processes; on vLLM 0.32 they outlive a parent that
-leaves without its teardown. Through a pipe they held each test of the landing CI until its 900 s limit,
-and left running they load the next test on a 2-core machine.
+vLLM's engine core and workers are separate processes, and on vLLM 0.32 they outlive a parent that
+leaves without its teardown. So output goes to a file (survivors would hold a pipe open, and the test
+would wait for them), and the child runs in its own process group, killed whole once it ends (left
+running, they would slow the next test).
 """
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class KVRunaheadConfig:
         if unknown:
             raise ValueError(
                 f"KV-Runahead: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if options.get("partition") == "balanced":   # users' configs may still call the cost model so
+        if options.get("partition") == "balanced":   # the cost model's other name, still in users' configs
             options = {**options, "partition": "model"}
         return cls(num_workers=num_workers, **options).validate()
 
