@@ -6,8 +6,8 @@ For each (config, N) this starts the real CLI, `python3 -m vllm.entrypoints.cli.
 /health, warms it up, then runs `python3 -m vllm.entrypoints.cli.main bench serve --backend vllm` once
 per (workload, request rate), each with --save-result; the numbers in OUT/serve_gpu.json are vLLM's
 own (mean/median/P99 TTFT, mean TPOT, request and output-token throughput, failed requests). The
-server is then stopped: SIGTERM to its whole process group, SIGKILL after 60 s, and we wait until no
-process of the group is left and (GPU) nvidia-smi lists no compute process, so no GPU memory is left
+server is then stopped: SIGTERM to its whole process group, SIGKILL to what is left once the server
+process exits or after 60 s, and we wait until no process of the group is left and (GPU) nvidia-smi lists no compute process, so no GPU memory is left
 behind for the next config.
 
 Configs: 1gpu (plain `vllm serve`, once, N=1), tp (--tensor-parallel-size N), kvr (--worker-cls
@@ -207,7 +207,7 @@ def gpu_processes():
 
 
 def stop_group(name, p, term_wait=60):
-    """SIGTERM the whole group, SIGKILL what is left after term_wait s; return once none of it runs."""
+    """procs.end_group with term_wait s of grace, then forget the group; returns the seconds it took."""
     dt = procs.end_group(p, term_wait, name)
     _groups.pop(name, None)
     return dt
