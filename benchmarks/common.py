@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
+
+from benchmarks import models, procs
 
 CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
 
@@ -128,18 +131,27 @@ def probe_device():
     return json.loads(out.strip().splitlines()[-1])
 
 
+def start_parent(a):
+    """A runner's first steps before its children: OUT/logs, the model's files, and the device probed once
+    (into a.device_name unless given, and a.vllm_version). Returns (start time, deadline from a.budget_s or 0
+    for none, whether it runs on CPU)."""
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    models.write_model(a.model, a.models_dir)
+    t_start = time.time()
+    dev, a.vllm_version = probe_device()
+    a.device_name = a.device_name or dev
+    return t_start, t_start + a.budget_s if a.budget_s else 0, dev == "cpu"
+
+
 def kill_groups_on_sigterm(groups, who: str) -> None:
     """When told to stop (`timeout` in device_run.sh), kill the process groups of ``groups`` (a list or
     dict of Popen, read at signal time) and leave: each child runs in its own session, so nothing else
     would stop it (engine, workers, NCCL); records already merged stay on disk."""
     def handler(signum, frame):
-        procs = list(groups.values()) if isinstance(groups, dict) else list(groups)
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        print(f"[{who}] signal {signum}: killed {len(procs)} process group(s)", flush=True)
+        children = list(groups.values()) if isinstance(groups, dict) else list(groups)
+        for p in children:
+            procs.signal_group(p, signal.SIGKILL)   # no wait here: the main thread may be inside p.wait()
+        print(f"[{who}] signal {signum}: killed {len(children)} process group(s)", flush=True)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
@@ -173,11 +185,7 @@ def run_child(argv, env, log_path, timeout=None, echo=("RESULT", "ERROR")):
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
-        try:
-            os.killpg(p.pid, signal.SIGKILL)   # our own child's group only
-        except ProcessLookupError:
-            pass
-        p.wait()
+        procs.end_group(p)
         _running.clear()
         t.join(timeout=5)
         if rc != 0:

@@ -6,8 +6,8 @@ For each (config, N) this starts the real CLI, `python3 -m vllm.entrypoints.cli.
 /health, warms it up, then runs `python3 -m vllm.entrypoints.cli.main bench serve --backend vllm` once
 per (workload, request rate), each with --save-result; the numbers in OUT/serve_gpu.json are vLLM's
 own (mean/median/P99 TTFT, mean TPOT, request and output-token throughput, failed requests). The
-server is then stopped: SIGTERM to its whole process group, SIGKILL after 60 s, and we wait until no
-process of the group is left and (GPU) nvidia-smi lists no compute process, so no GPU memory is left
+server is then stopped: SIGTERM to its whole process group, SIGKILL to what is left once the server
+process exits or after 60 s, and we wait until no process of the group is left and (GPU) nvidia-smi lists no compute process, so no GPU memory is left
 behind for the next config.
 
 Configs: 1gpu (plain `vllm serve`, once, N=1), tp (--tensor-parallel-size N), kvr (--worker-cls
@@ -70,16 +70,14 @@ import json
 import math
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from benchmarks import common, models
+from benchmarks import common, models, procs, serve_report
 
-KEY = ("device", "model", "workload", "request_rate", "config", "n_gpus", "input_len")
 CONFIGS = ("1gpu", "tp", "kvr")
 MODES = ("serve", "load", "latency")
 WORKLOADS = ("random", "longmix", "prefix")
@@ -198,23 +196,6 @@ def parse_args(argv=None):
 _groups = {}   # name -> Popen of a running process group (server, bench client)
 
 
-def _group_alive(pgid):
-    """Processes of group pgid that are not zombies (a zombie holds no memory; PID 1 may never reap it)."""
-    alive = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        fields = st[st.rindex(")") + 2:].split()   # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(pid))
-    return alive
-
-
 def gpu_processes():
     """[(pid, used MiB)] of GPU compute processes, [] without nvidia-smi."""
     try:
@@ -226,29 +207,10 @@ def gpu_processes():
 
 
 def stop_group(name, p, term_wait=60):
-    """SIGTERM the whole group, SIGKILL what is left after term_wait s; return once none of it runs."""
-    t = time.time()
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        p.wait(timeout=term_wait)
-    except subprocess.TimeoutExpired:
-        pass
-    while _group_alive(p.pid) and time.time() - t < term_wait:
-        time.sleep(0.5)
-    if _group_alive(p.pid):
-        print(f"[{name}] still running after SIGTERM + {term_wait} s: SIGKILL", flush=True)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    p.wait()
-    while _group_alive(p.pid):
-        time.sleep(0.2)
+    """procs.end_group with term_wait s of grace, then forget the group; returns the seconds it took."""
+    dt = procs.end_group(p, term_wait, name)
     _groups.pop(name, None)
-    return time.time() - t
+    return dt
 
 
 def wait_gpus_free(timeout=60):
@@ -381,7 +343,7 @@ class Run:
                     config=cfg, n_gpus=n, smoke=self.a.smoke, **kw)
 
     def emit(self, recs):
-        common.merge_records(self.json, recs, KEY)
+        common.merge_records(self.json, recs, serve_report.KEY)
         keep = ("config", "n_gpus", "workload", "request_rate", "input_len", "num_prompts", "median_ttft_ms",
                 "p99_ttft_ms", "mean_tpot_ms", "request_throughput", "failed", "avg_latency_s", "passed", "error")
         for r in recs:
@@ -636,7 +598,6 @@ def main(a):
                 r.emit([rec])
     print(f"done in {time.time() - t_start:.0f} s -> {r.json}", flush=True)
     if os.path.exists(r.json):
-        from benchmarks import serve_report
         serve_report.write(a.out, png=False)
 
 

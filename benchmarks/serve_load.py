@@ -13,13 +13,14 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+from benchmarks import procs
 
 LENGTHS = [1, 5, 60, 300, 700, 1500, 2500]
 MAX_TOKENS = 12
@@ -63,18 +64,9 @@ def start_server(model: str, workers: int, extra: list[str] = (), env: dict | No
 
 
 def stop_server(proc) -> None:
-    """SIGTERM (vLLM's clean shutdown), then SIGKILL to whatever of the group is left: vLLM 0.32's
-    engine processes can outlive the server process."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    """SIGTERM (vLLM's clean shutdown), then SIGKILL to whatever of the group is left after 60 s: vLLM
+    0.32's engine processes can outlive the server process."""
+    procs.end_group(proc, grace_s=60)
 
 
 def workload(n: int, seed: int = 0, vocab: int = 512, lengths: list[int] = LENGTHS) -> list[dict]:

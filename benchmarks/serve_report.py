@@ -10,6 +10,7 @@ from collections import defaultdict
 
 from benchmarks import common
 
+KEY = ("device", "model", "workload", "request_rate", "config", "n_gpus", "input_len")
 ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
 COLORS = {"1gpu": "black", "tp": "tab:orange", "kvr": "tab:green"}
 
@@ -203,8 +204,6 @@ def write(out, png=True):
 
 
 def main():
-    from benchmarks.serve_bench import KEY
-
     common.report_main(__doc__, "serve_gpu", KEY, markdown, plot)
 
 

@@ -41,9 +41,8 @@ import statistics
 import time
 import traceback
 
-from benchmarks import common, models
+from benchmarks import common, models, serving_report
 
-KEY = ("device", "model", "scenario", "prompt_tokens", "max_tokens", "config", "n_gpus", "interconnect")
 SCENARIOS = ("default-budget", "concurrent", "multi-turn")
 SERVING_CONFIGS = ("1gpu", "tp", "kvr")
 
@@ -243,7 +242,7 @@ def run_one(a):
     print(f"RESULT {cfg} N={n}: warm-up done, per-request metrics {'on' if have_metrics else 'OFF'}", flush=True)
 
     def emit(rec):
-        common.merge_records(out_json, [rec], KEY)
+        common.merge_records(out_json, [rec], serving_report.KEY)
         print("RESULT " + json.dumps(rec), flush=True)
 
     def timed(scenario, prompt_tokens, max_tokens, num_requests, repeats, make_prompts, note):
@@ -357,15 +356,8 @@ MIN_START_S = 120   # do not start an engine with less left: ~60-90 s start + on
 
 
 def main(a):
-    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
-    models.write_model(a.model, a.models_dir)
-    t_start = time.time()
-    deadline = t_start + a.budget_s if a.budget_s else 0
-    dev, ver = common.probe_device()
-    a.device_name = a.device_name or dev
-    a.vllm_version = ver
-    cpu = dev == "cpu"
-    print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} configs={a.configs} "
+    t_start, deadline, cpu = common.start_parent(a)
+    print(f"device={a.device_name} vllm={a.vllm_version} model={a.model} n_gpus={a.n_gpus} configs={a.configs} "
           f"scenarios={a.scenarios} smoke={a.smoke} interconnect={a.interconnect}", flush=True)
     # kvr before tp at each N: if the budget runs out, the comparison (tp) is what is lost.
     runs = ([("1gpu", 1)] if "1gpu" in a.configs else []) + \
@@ -380,7 +372,7 @@ def main(a):
             why = "skipped: time budget"
         else:
             argv = ["benchmarks.serving", "--one-config", f"{cfg}:{n}", "--device-name", a.device_name,
-                    "--vllm-version", str(ver), "--deadline", str(deadline)] + _pass_through(a)
+                    "--vllm-version", str(a.vllm_version), "--deadline", str(deadline)] + _pass_through(a)
             env = common.child_env(cfg, n, a.interconnect, cpu)
             if cpu:
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the default (4+) is a lot on a small box
@@ -398,10 +390,9 @@ def main(a):
         missing = [dict(base_record(a, cfg, n, s, pt, mt, nr), error=why)
                    for s, pt, mt, nr in plan(a.params, a.scenarios) if (s, pt, mt) not in done]
         if missing:
-            common.merge_records(out_json, missing, KEY)
+            common.merge_records(out_json, missing, serving_report.KEY)
     print(f"done in {time.time() - t_start:.0f} s -> {out_json}", flush=True)
     if os.path.exists(out_json):
-        from benchmarks import serving_report
         serving_report.write(a.out, png=False)
 
 

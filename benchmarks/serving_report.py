@@ -10,6 +10,7 @@ from collections import defaultdict
 
 from benchmarks import common
 
+KEY = ("device", "model", "scenario", "prompt_tokens", "max_tokens", "config", "n_gpus", "interconnect")
 ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
 
 
@@ -217,8 +218,6 @@ def write(out, png=True):
 
 
 def main():
-    from benchmarks.serving import KEY
-
     common.report_main(__doc__, "serving", KEY, markdown, plot)
 
 

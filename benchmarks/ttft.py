@@ -164,15 +164,8 @@ def measure_lengths(a, cfg, gen, extra, profile=None):
 
 # ---------------------------------------------------------------- parent: one child per config
 def main(a):
-    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
-    models.write_model(a.model, a.models_dir)
-    t_start = time.time()
-    deadline = t_start + a.budget_s if a.budget_s else 0
-    dev, ver = common.probe_device()
-    a.device_name = a.device_name or dev
-    a.vllm_version = ver
-    cpu = dev == "cpu"
-    print(f"device={a.device_name} vllm={ver} model={a.model} n_gpus={a.n_gpus} "
+    t_start, deadline, cpu = common.start_parent(a)
+    print(f"device={a.device_name} vllm={a.vllm_version} model={a.model} n_gpus={a.n_gpus} "
           f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths}", flush=True)
     unknown = [c for c in a.kvr_variants if c not in KVR_VARIANTS]
     if unknown:
@@ -188,7 +181,7 @@ def main(a):
             rc, why = "skipped", "skipped: time budget"
         else:
             argv = ["benchmarks.ttft", "--one-config", cfg, "--device-name", a.device_name,
-                    "--vllm-version", str(ver), "--deadline", str(deadline)] + _pass_through(a)
+                    "--vllm-version", str(a.vllm_version), "--deadline", str(deadline)] + _pass_through(a)
             t = time.time()
             rc, lines = common.run_child(argv, common.child_env(cfg, a.n_gpus, a.interconnect, cpu), log,
                                          timeout=left)

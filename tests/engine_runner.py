@@ -118,16 +118,14 @@ def main(spec_path, out_path):
         out["stats"] = llm.collective_rpc("kvr_stats")
     torch.save(out, out_path)
     # Stop the engine core and its workers before the os._exit below: they are separate processes, and
-    # vLLM 0.32's outlive a parent that leaves without its teardown (seen in the landing CI: orphans held
-    # the runner's output open and each test waited for its 900 s limit).
+    # vLLM 0.32's outlive a parent that leaves without its teardown, holding the runner's output open.
     llm.llm_engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Results are saved; leave without the interpreter's teardown. Seen once in a fresh-clone CI run: the
-    # plain one-worker SmolLM2 engine aborted there ("terminate called without an active exception", exit -6)
-    # after its run had finished, a C++ thread of the CPU build torn down at exit.
+    # Results are saved; leave without the interpreter's teardown, where a C++ thread of vLLM's CPU build
+    # can abort a finished run ("terminate called without an active exception", exit -6).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -1,18 +1,19 @@
 """One way for tests to run a Python child that starts vLLM engines.
 
-Output goes to a file, not a pipe, and the child runs in its own process group, killed whole once it
-ends. vLLM's engine core and workers are separate processes; on vLLM 0.32 they outlive a parent that
-leaves without its teardown. Through a pipe they held each test of the landing CI until its 900 s limit,
-and left running they load the next test on a 2-core machine.
+vLLM's engine core and workers are separate processes, and on vLLM 0.32 they outlive a parent that
+leaves without its teardown. So output goes to a file (survivors would hold a pipe open, and the test
+would wait for them), and the child runs in its own process group, killed whole once it ends (left
+running, they would slow the next test).
 """
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.procs import end_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,9 +40,5 @@ def run_python(args: list[str], log_path: Path, timeout_s: float, env: dict | No
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            end_group(p)
     return Finished(rc, Path(log_path).read_text(errors="replace"))

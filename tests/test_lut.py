@@ -19,8 +19,6 @@ def test_interpolates_between_entries_and_clamps_outside():
     assert t.fractions_for(1500) == pytest.approx((0.625, 0.375))
     assert t.fractions_for(10) == pytest.approx((0.6, 0.4))
     assert t.fractions_for(10**6) == pytest.approx((0.7, 0.3))
-    segs = t.segments_for(2000)
-    assert [s.length for s in segs] == [1300, 700]
 
 
 def test_load_from_file(tmp_path):
@@ -36,7 +34,7 @@ def test_load_from_file(tmp_path):
     ({"entries": []}, "'entries' must be a non-empty list"),
     ({"entries": [{"tokens": 10, "fractions": [0.5]}]}, r"entries\[0\].fractions must be a list of 2"),
     ({"entries": [{"tokens": 10, "fractions": [0.5, 0.6]}]}, "must sum to 1"),
-    ({"entries": [{"tokens": 10, "fractions": [1.0, 0.0]}]}, "must all be > 0"),
+    ({"entries": [{"tokens": 10, "fractions": [1.0, 0.0]}]}, "must all be finite and > 0"),
     ({"entries": [{"tokens": 0, "fractions": [0.5, 0.5]}]}, r"entries\[0\].tokens must be an integer >= 1"),
     ({"entries": [{"tokens": 10, "fractions": [0.5, 0.5]},
                   {"tokens": 10, "fractions": [0.5, 0.5]}]}, "must be greater than the previous"),
@@ -78,7 +76,6 @@ def test_offset_rows_interpolate_in_tokens_then_offset():
     assert t.fractions_for(1000) == pytest.approx((0.6, 0.4))
     # between offsets: each row at 1500 tokens ((0.625, 0.375) and (0.45, 0.55)), then 1/4 of the way
     assert t.fractions_for(1500, 1000) == pytest.approx((0.58125, 0.41875))
-    assert [s.length for s in t.segments_for(1500, 4000)] == [675, 825]
     # beyond the last offset: the nearest row
     assert t.fractions_for(1000, 9000) == pytest.approx((0.4, 0.6))
 

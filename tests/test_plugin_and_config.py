@@ -67,6 +67,10 @@ def test_config_turns_pcp_into_chain_workers():
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False}
 
 
+def test_partition_balanced_is_read_as_model():
+    assert KVRunaheadConfig.from_dict(2, {"partition": "balanced"}).partition == "model"
+
+
 def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_stage():
     """--tensor-parallel-size 2 --prefill-context-parallel-size 3: 3 runahead stages of 2 TP ranks."""
     from vllm_kvrunahead import vllm_seam

@@ -11,9 +11,9 @@ from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "kv_runahead"
 WORKER_CLS_PREFIX = "vllm_kvrunahead"
-# auto: the shipped table for this model shape, N and GPU, else the cost model ("model";
-# "balanced" is its older name); even; table: the lookup table at table_path.
-PARTITIONS = ("auto", "model", "balanced", "even", "table")
+# auto: the shipped table for this model shape, N and GPU, else the cost model ("model");
+# even; table: the lookup table at table_path.
+PARTITIONS = ("auto", "model", "even", "table")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class KVRunaheadConfig:
         if unknown:
             raise ValueError(
                 f"KV-Runahead: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if options.get("partition") == "balanced":   # the cost model's other name, still in users' configs
+            options = {**options, "partition": "model"}
         return cls(num_workers=num_workers, **options).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .partition import Segment, from_fractions
+from .partition import check_fractions
 
 FORMAT = "kvrunahead-lut/2"
 FORMAT_COLD = "kvrunahead-lut/1"   # entries without offsets only
@@ -112,14 +112,11 @@ class PartitionTable:
             toks, fracs = rows.setdefault(o, ([], []))
             if toks and t <= toks[-1]:
                 raise bad(f"entries[{i}].tokens={t} must be greater than the previous {toks[-1]} at offset {o}")
-            if not isinstance(f, list) or len(f) != n:
-                raise bad(f"entries[{i}].fractions must be a list of {n} numbers")
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in f):
-                raise bad(f"entries[{i}].fractions must all be > 0, got {f}")
-            if abs(sum(f) - 1.0) > 1e-6:
-                raise bad(f"entries[{i}].fractions must sum to 1, sum is {sum(f):.9f}")
+            try:
+                fracs.append(check_fractions(f, n, f"entries[{i}].fractions"))
+            except ValueError as e:
+                raise bad(str(e)) from None
             toks.append(t)
-            fracs.append(tuple(float(x) for x in f))
             prev_offset = o
         meta = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in ("entries",)))
         return cls(n, tuple(Row(o, tuple(t), tuple(f)) for o, (t, f) in sorted(rows.items())), meta, source)
@@ -177,7 +174,3 @@ class PartitionTable:
         if lo is hi:
             return a
         return _mix(a, hi.fractions_for(tokens), (offset - lo.offset) / (hi.offset - lo.offset))
-
-    def segments_for(self, tokens: int, offset: int = 0) -> tuple[Segment, ...]:
-        """Segments of the new tokens, numbered from 0 (add ``offset`` for positions in the prompt)."""
-        return from_fractions(tokens, self.fractions_for(tokens, offset))

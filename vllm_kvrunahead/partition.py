@@ -185,7 +185,7 @@ def _check(n: int, n_workers: int) -> None:
     if n_workers > n:
         raise ValueError(
             f"cannot split {n} prompt tokens over {n_workers} workers: every worker "
-            f"needs >= 1 token; use at most {n} workers (or pass clamp=True)"
+            f"needs >= 1 token; use at most {n} workers"
         )
 
 
@@ -431,3 +431,25 @@ def runahead_gain(chunk: Chunk, n_workers: int, cost: CostModel) -> float:
         busy.append(cost.layer_compute(a, b) + cost.xfer * got)
     chain = (cost.num_layers + n_workers - 1) * max(busy) + (n_workers - 1) * cost.hop
     return alone - chain
+
+
+# -- fractions: a split as shares of the tokens, in chain order ------------------------------------
+
+def check_fractions(fractions, n_workers: int | None = None, name: str = "fractions") -> tuple[float, ...]:
+    """``fractions`` as floats when they are a split (``n_workers`` of them, if given; each a finite
+    number > 0; summing to 1 within 1e-6), else a ValueError that starts with ``name``."""
+    if not isinstance(fractions, (list, tuple)) or (n_workers is not None and len(fractions) != n_workers):
+        count = "" if n_workers is None else f"{n_workers} "
+        raise ValueError(f"{name} must be a list of {count}numbers, got {fractions!r}")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+               for x in fractions):
+        raise ValueError(f"{name} must all be finite and > 0, got {list(fractions)}")
+    if abs(math.fsum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must sum to 1, sum is {math.fsum(fractions):.9f}")
+    return tuple(float(x) for x in fractions)
+
+
+def fractions_of(segments) -> tuple[float, ...]:
+    """Each segment's share of the tokens that ``segments`` (contiguous, in chain order) cover."""
+    n = segments[-1].end - segments[0].start
+    return tuple(s.length / n for s in segments)

@@ -2,7 +2,7 @@
 
     partition = "auto"  (default) the shipped lookup table tuned for this model shape,
                         worker count and GPU, if there is one; else the cost model
-              = "model" the cost model (``balanced`` is the same, its older name)
+              = "model" the cost model
               = "even"  equal segments
               = "table" the lookup table at ``table_path``
 
@@ -24,18 +24,39 @@ inputs, so every worker computes the same plan without exchanging it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .config import PARTITIONS as METHODS
-from .lut import FORMAT, PartitionTable, TableError
-from .partition import (Chunk, CostModel, ModelShape, Segment, align_bounds, balanced_split, balanced_step_bounds, even_split,
-                        from_fractions, runahead_gain)
+from .lut import PartitionTable, TableError
+from .partition import (Chunk, CostModel, ModelShape, Segment, align_bounds, balanced_split, balanced_step_bounds,
+                        check_fractions, even_split, fractions_of, from_fractions, runahead_gain)
 from .refine import Refiner
 
 from .log import logger
 
 SHIPPED_TABLES = Path(__file__).parent / "tables"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split that needs no table, in its two forms: ``prompt`` cuts one cold prompt into segments;
+    ``step`` gives every chunk of a step its inner bounds, given the per-layer cost of the work only
+    the head does."""
+
+    prompt: Callable[[int, int, CostModel], tuple[Segment, ...]]
+    step: Callable[[list[Chunk], int, CostModel, float], list[list[float]]]
+
+
+def _even_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel, head_extra: float) -> list[list[float]]:
+    """Every chunk in N equal parts; cost and the head's other work play no part."""
+    return [[c.start + c.length * (k + 1) / n_workers for k in range(n_workers - 1)] for c in chunks]
+
+
+# "auto" and "table" use the cost model outside what their table measured.
+SPLITS = {"even": Split(lambda n, n_workers, cost: even_split(n, n_workers), _even_step_bounds),
+          "model": Split(balanced_split, balanced_step_bounds)}
 
 
 def find_table(shape: ModelShape, n_workers: int, device: str,
@@ -68,6 +89,7 @@ class Partitioner:
         if table is not None and table.n_workers != n_workers:
             raise ValueError(f"table {table.source} is for {table.n_workers} workers, not {n_workers}")
         self.method, self.n_workers, self.cost = method, n_workers, cost
+        self.split = SPLITS.get(method, SPLITS["model"])
         self.table = table if method in ("auto", "table") else None
         self.refiner = refiner
         self.min_tokens, self.block_size = min_tokens, block_size
@@ -104,11 +126,7 @@ class Partitioner:
 
     def set_override(self, fractions) -> None:
         """Tuner hook: cut every prompt by these fractions (None: back to the configured split)."""
-        if fractions is not None:
-            fractions = PartitionTable.from_dict(
-                {"format": FORMAT, "n_workers": self.n_workers,
-                 "entries": [{"tokens": 1, "fractions": list(fractions)}]}, "override").rows[0].fractions[0]
-        self.override = fractions
+        self.override = None if fractions is None else check_fractions(fractions, self.n_workers, "override")
 
     def measured_fractions(self, n: int, offset: int = 0) -> tuple[float, ...] | None:
         """The override's or the table's split of n new tokens after ``offset`` cached ones; None where
@@ -126,9 +144,7 @@ class Partitioner:
             return measured
         # Outside the measured lengths the cost model extrapolates better than the nearest entry
         # (Llama-2-7B, 4x H200: the 32k entry used at 64k was 4% slower than the cost model).
-        segs = even_split(n, self.n_workers) if self.method == "even" else \
-            balanced_split(n, self.n_workers, self.cost)
-        return tuple(s.length / n for s in segs)
+        return fractions_of(self.split.prompt(n, self.n_workers, self.cost))
 
     def fractions(self, n: int) -> tuple[float, ...]:
         base = self.base_fractions(n)
@@ -156,10 +172,7 @@ class Partitioner:
             bounds = [[float(s.end) for s in self(lone.end)[:-1]]]
         elif measured is not None:
             bounds = [[lone.start + float(s.end) for s in from_fractions(lone.length, measured)[:-1]]]
-        elif self.method == "even":
-            bounds = [[c.start + c.length * (k + 1) / self.n_workers for k in range(self.n_workers - 1)]
-                      for c in chunks]
         else:
             extra = sum(self.cost.layer_compute(c.start, c.end) for c in head_only)
-            bounds = balanced_step_bounds(chunks, self.n_workers, self.cost, extra)
+            bounds = self.split.step(chunks, self.n_workers, self.cost, extra)
         return [align_bounds(c, b, self.block_size) for c, b in zip(chunks, bounds)]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .partition import check_fractions
+
 _RANGES = (  # (field, allowed, how the message says it)
     ("gain", lambda v: 0 < v <= 1, "0 < gain <= 1"),
     ("max_step", lambda v: 0 < v <= 0.5, "0 < max_step <= 0.5"),
@@ -35,15 +37,6 @@ class RefineConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise ValueError(f"RefineConfig.{name} must be a finite number with {allowed}, got {v!r}")
         return self
-
-
-def _shares(name: str, xs) -> tuple[float, ...]:
-    f = tuple(float(x) for x in xs)
-    if not all(math.isfinite(x) and x > 0 for x in f):
-        raise ValueError(f"{name} must all be finite and > 0, got {list(f)}")
-    if abs(math.fsum(f) - 1.0) > 1e-6:
-        raise ValueError(f"{name} must sum to 1, sum is {math.fsum(f):.9f}")
-    return f
 
 
 def _clip(x: float, lo: float, hi: float) -> float:
@@ -92,7 +85,7 @@ def nudge(fractions, busy_s, base, cfg: RefineConfig) -> tuple[float, ...]:
     if not len(fractions) == len(busy_s) == len(base):
         raise ValueError(f"lengths differ: {len(fractions)} fractions, {len(busy_s)} busy times, "
                          f"{len(base)} base fractions")
-    f, b = _shares("fractions", fractions), _shares("base", base)
+    f, b = check_fractions(fractions), check_fractions(base, name="base")
     busy = [float(x) for x in busy_s]
     if not all(math.isfinite(x) and x > 0 for x in busy):
         raise ValueError(f"busy times must all be finite and > 0, got {busy}")

@@ -25,7 +25,7 @@ import time
 from typing import Callable
 
 from .lut import FORMAT, FORMAT_COLD, PartitionTable
-from .partition import even_split
+from .partition import check_fractions, even_split, fractions_of
 from .topology import stage_device
 
 Fractions = tuple[float, ...]
@@ -47,8 +47,7 @@ def search(measure: Callable[[Fractions], float], start: Fractions, *, step: flo
     then halves the step.
     Returns (best fractions, its measure, number of measurements).
     """
-    if abs(sum(start) - 1) > 1e-6 or min(start) <= 0:
-        raise ValueError(f"start fractions must be positive and sum to 1, got {start}")
+    check_fractions(start, name="start fractions")
     cache: dict[Fractions, float] = {}
 
     def m(f: Fractions) -> float:
@@ -77,11 +76,6 @@ def search(measure: Callable[[Fractions], float], start: Fractions, *, step: flo
             best, best_t = cand, t
         step /= 2
     return _normalized(best), best_t, len(cache)
-
-
-def fractions_of(segments) -> Fractions:
-    n = segments[-1].end
-    return tuple(s.length / n for s in segments)
 
 
 def _ids(rng, length: int, vocab: int) -> list[int]:

@@ -8,7 +8,7 @@ PCP = 1, so the check is answered with the KV-Runahead stage count in PCP's plac
 """
 from __future__ import annotations
 
-from ..config import ADDITIONAL_CONFIG_KEY
+from ..config import chain_options
 from . import Patch, wrap_method
 
 
@@ -18,10 +18,8 @@ def _apply() -> None:
     def make(orig):
         def _get_parallel_sizes(self):
             tp, pp, pcp = orig(self)
-            kvr = (self.vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-            if isinstance(kvr, dict) and kvr.get("num_workers", 1) > 1:
-                return tp, pp, kvr["num_workers"]
-            return tp, pp, pcp
+            options = chain_options(self.vllm_config)
+            return (tp, pp, options["num_workers"]) if options else (tp, pp, pcp)
         return _get_parallel_sizes
 
     wrap_method(MultiprocExecutor, "_get_parallel_sizes", make)

@@ -5,8 +5,7 @@ ring (MessageQueue); the writer waits for every reader to have read a slot befor
 reusing it, with no end when called without a timeout. When a worker dies, the
 executor's monitor shuts the queue down (``shutting_down``) and reports the failure
 to the engine core, but the engine core thread may already be inside that wait:
-it then spins forever (issue: a chain worker that died between steps hung
-``LLM.generate``). In plain TP every worker takes part in every step, so the output
+it then spins forever. In plain TP every worker takes part in every step, so the output
 rank fails its step first; KV-Runahead's head runs decode steps without the chain
 workers, so the engine keeps broadcasting to a dead one until the ring is full.
 """
@@ -68,7 +67,7 @@ def _apply() -> None:
 PATCH = Patch(
     name="step-broadcast-stops-on-shutdown",
     symbol="vllm.distributed.device_communicators.shm_broadcast.MessageQueue.acquire_write",
-    why="A worker that dies between steps left the engine core spinning forever in the step broadcast "
+    why="A worker that dies between steps leaves the engine core spinning forever in the step broadcast "
         "(the ring's writer waits for the dead reader with no timeout and never looks at the queue's "
         "shutdown flag, which the executor's death monitor sets). KV-Runahead's head decodes without the "
         "chain workers, so the engine keeps stepping until the ring is full, then hangs.",

@@ -4,8 +4,7 @@ vLLM's default ``max_num_batched_tokens`` (16384 for ``LLM``, 8192 for ``vllm se
 H100/H200-class GPUs) is sized for one GPU's step. KV-Runahead splits each prefill chunk
 over N workers, so at that budget a 64k prompt is cut into 4 steps whose segments are a
 quarter of what one GPU handles well, and each step pays the chain's fixed cost
-(measured, 4x H100: 1.11x over one GPU at the default budget vs 3.29x with the whole
-prompt in one step). With N x vLLM's default each worker's segment stays near vLLM's
+(measured: ``budget.py``). With N x vLLM's default each worker's segment stays near vLLM's
 per-GPU step size, as vLLM itself does for CPU workers (its CPU default is per-worker
 budget x world size), and the interleaved decodes of other requests wait about as long
 as with one GPU at vLLM's default.
@@ -49,9 +48,9 @@ def _apply() -> None:
 PATCH = Patch(
     name="step-budget-scales-with-workers",
     symbol="vllm.engine.arg_utils.EngineArgs._set_default_max_num_seqs_and_batched_tokens_args",
-    why="vLLM's default step budget is one GPU's; with KV-Runahead each chunk is split N ways, so long "
-        "prompts ran as many small chunks (64k prompt, 4x H100: 1.11x over one GPU at the default budget "
-        "vs 3.29x in one step). Only EngineArgs knows whether the user set --max-num-batched-tokens.",
+    why="vLLM's default step budget is one GPU's; with KV-Runahead each chunk is split N ways, so a long "
+        "prompt runs as many small chunks that each pay the chain's fill and drain (measured: "
+        "vllm_kvrunahead/budget.py). Only EngineArgs knows whether the user set --max-num-batched-tokens.",
     how="Wraps the method that fills vLLM's defaults: when the worker class is KV-Runahead's, N > 1 and the "
         "user set no --max-num-batched-tokens, multiplies vLLM's default by N (capped at max_num_seqs x "
         "max_model_len), records vLLM's default as kv_runahead.step_budget (unless the user gave one; see "

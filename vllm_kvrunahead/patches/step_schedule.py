@@ -2,8 +2,8 @@
 
 A fixed step budget of N x vLLM's default (step_budget.py) runs one long prompt in one step, but packs
 several long prompts into one step when many arrive together, and all their first tokens wait for the
-whole step (4x H100, 16 x 16k prompts: mean TTFT 1.541 s at 65536 vs 1.186 s at 16384, same wall time).
-``budget.StepBudget`` decides per step; this patch sets it where vLLM's scheduler reads it.
+whole step (measured: ``budget.py``). ``budget.StepBudget`` decides per step; this patch sets it where
+vLLM's scheduler reads it.
 """
 from __future__ import annotations
 
@@ -45,9 +45,8 @@ PATCH = Patch(
     name="step-budget-per-step",
     symbol="vllm.v1.core.sched.scheduler.Scheduler.schedule",
     why="With N x vLLM's default as a fixed budget, a step packs several long prompts and every one of their "
-        "first tokens waits for the whole step (4x H100, N=4, 16 x 16k prompts: mean TTFT 1.541 s vs 1.186 s at "
-        "16384, same wall time; multi-turn 0.700 s vs 0.623 s); at vLLM's default, one long prompt alone is cut "
-        "into chunks that each pay the chain's fill and drain (64k: 1.079 s vs 1.002 s). vLLM's V1 scheduler has "
+        "first tokens waits for the whole step; at vLLM's default, one long prompt alone is cut into chunks that "
+        "each pay the chain's fill and drain (both measured: vllm_kvrunahead/budget.py). vLLM's V1 scheduler has "
         "one token budget for all steps and no limit on long prefills per step.",
     how="Wraps Scheduler.schedule: when kv_runahead.step_budget is set (by step-budget-scales-with-workers, or by "
         "the user) and N > 1, sets the scheduler's max_num_scheduled_tokens for this step to "
