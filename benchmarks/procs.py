@@ -34,7 +34,7 @@ def group_alive(pgid) -> list[int]:
 def end_group(p, grace_s: float = 0.0, name: str | None = None) -> float:
     """End p's process group: with grace_s > 0, SIGTERM and up to grace_s s for p to exit (vLLM's clean
     shutdown, which ends its engine core and workers first); then SIGKILL whatever of the group is left.
-    Returns the seconds taken, once p is reaped and none of its group runs."""
+    Returns the seconds taken, once p is reaped and none of its group runs (or 30 s after SIGKILL)."""
     t = time.time()
     if grace_s > 0:
         signal_group(p, signal.SIGTERM)
@@ -48,6 +48,7 @@ def end_group(p, grace_s: float = 0.0, name: str | None = None) -> float:
                   "SIGTERM: SIGKILL", flush=True)
     signal_group(p, signal.SIGKILL)
     p.wait()
-    while group_alive(p.pid):
+    deadline = time.time() + 30  # SIGKILL'd processes go within a second; never wait unbounded
+    while group_alive(p.pid) and time.time() < deadline:
         time.sleep(0.2)
     return time.time() - t
