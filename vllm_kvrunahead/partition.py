@@ -317,6 +317,21 @@ def from_fractions(n: int, fractions: list[float] | tuple[float, ...]) -> tuple[
 
 # -- a step as one job: chunks of any start, several at once, with the head's other work ----------
 
+def ring_receives(pos: int, n_workers: int, start: float, seg_start: float,
+                  held: tuple[int, ...] = ()) -> tuple[float, float]:
+    """What ring position ``pos`` receives per layer for a chunk [start, ...) whose segment at ``pos``
+    starts at ``seg_start``, as tokens [lo, hi); the one statement of the ring's messages:
+
+        head --[h0, c)--> pos 0 --[h1, s1)--> pos 1 --[h2, s2)--> ... pos N-2 --[c, s_head)--> head
+
+    A chain position receives what it lacks of everything before its segment (``held``: the leading
+    tokens it holds from earlier steps; position 0's segment starts at c, so it gets the cached prefix,
+    from the head); the head holds [0, c) and receives only the chain's new KV."""
+    if pos == n_workers - 1:
+        return start, seg_start
+    return (held[pos] if held else 0), seg_start
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One request's tokens computed in a step: [start, end). KV of [0, start) is cached on the
@@ -333,9 +348,10 @@ class Chunk:
     def length(self) -> int:
         return self.end - self.start
 
-    def lacks(self, pos: int, upto: float) -> float:
-        """Tokens of [0, upto) chain position ``pos`` (not the head) must receive."""
-        return upto - (self.held[pos] if self.held else 0)
+    def received(self, pos: int, n_workers: int, seg_start: float) -> tuple[float, float]:
+        """The KV [lo, hi) ring position ``pos`` receives per layer before its segment, which starts at
+        ``seg_start``: see ``ring_receives``."""
+        return ring_receives(pos, n_workers, self.start, seg_start, self.held)
 
     def block_bounds(self, align: int) -> int:
         """How many multiples of ``align`` lie in (start, min(end - 1, limit)]: the places an inner
@@ -372,13 +388,9 @@ def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
     if n_workers < 2 or not chunks or total <= 0:
         return [[float(c.end)] * max(0, n_workers - 1) for c in chunks]
 
-    def received(pos: int, u: float) -> float:
-        if pos == 0:
-            return cost.xfer * sum(c.lacks(0, c.start) for c in chunks)
-        xs = [_position_at(c, u, cost) for c in chunks]
-        if pos == n_workers - 1:
-            return cost.xfer * sum(x - c.start for x, c in zip(xs, chunks))
-        return cost.xfer * sum(c.lacks(pos, x) for x, c in zip(xs, chunks))
+    def received(pos: int, u: float) -> float:  # u: the share of every chunk before pos's segment
+        spans = (c.received(pos, n_workers, _position_at(c, u, cost)) for c in chunks)
+        return cost.xfer * sum(hi - lo for lo, hi in spans)
 
     def fill(budget: float) -> list[float] | None:
         shares, u = [], 0.0
@@ -427,8 +439,8 @@ def runahead_gain(chunk: Chunk, n_workers: int, cost: CostModel) -> float:
     edges = [float(chunk.start), *balanced_step_bounds([chunk], n_workers, cost)[0], float(chunk.end)]
     busy = []
     for k, (a, b) in enumerate(zip(edges, edges[1:])):
-        got = chunk.lacks(0, chunk.start) if k == 0 else (a - chunk.start if k == n_workers - 1 else chunk.lacks(k, a))
-        busy.append(cost.layer_compute(a, b) + cost.xfer * got)
+        lo, hi = chunk.received(k, n_workers, a)
+        busy.append(cost.layer_compute(a, b) + cost.xfer * (hi - lo))
     chain = (cost.num_layers + n_workers - 1) * max(busy) + (n_workers - 1) * cost.hop
     return alone - chain
 

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .partition import Chunk, Segment
+from .partition import Chunk, Segment, ring_receives
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,34 @@ class ReqView:
         return Chunk(self.num_computed, self.num_computed + self.num_scheduled, self.prompt_len)
 
 
+def _no_blocks() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One ring position's KV messages in a step (scheduler block ids, in message order).
+
+    recv: per layer, from the predecessor (position 0: the head's cached prefix).
+    send: per layer, to the successor (chain positions: prefix + own segment).
+    send_ahead: per layer, the head's cached prefix to position 0, ahead of its own compute.
+    upfront_send / upfront_recv: once, all layers, before the forward: the block holding an unaligned
+    chunk start (head -> position 0).
+    """
+
+    recv: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+    send: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+    send_ahead: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+    upfront_send: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+    upfront_recv: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+
+    def __bool__(self) -> bool:
+        return any(len(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+NO_TRAFFIC = Traffic()
+
+
 @dataclass(frozen=True)
 class RunaheadReq:
     req_id: str
@@ -64,6 +92,11 @@ class RunaheadReq:
     @property
     def start(self) -> int:
         return self.segments[0].start
+
+    def received(self, pos: int, n_workers: int) -> tuple[int, int]:
+        """Tokens [lo, hi) position ``pos`` receives per layer (``partition.ring_receives``)."""
+        lo, hi = ring_receives(pos, n_workers, self.start, self.segments[pos].start, self.held)
+        return int(lo), int(hi)
 
 
 class Holdings(Protocol):
@@ -90,22 +123,17 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
-    def _held(self, r: RunaheadReq, pos: int) -> int:
-        return r.held[pos] // self.block_size if r.held else 0
-
     def _blocks(self, ranges) -> np.ndarray:
         """Concatenated block ids [lo, hi) of each request (message order: request order)."""
         parts = [np.asarray(r.block_ids[lo:hi], dtype=np.int64) for r, (lo, hi) in zip(self.requests, ranges)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts) if parts else _no_blocks()
 
     def recv_blocks(self, pos: int) -> np.ndarray:
-        """Blocks chain position ``pos`` receives per layer from its predecessor."""
+        """Blocks chain position ``pos`` receives per layer from its predecessor: the whole blocks of
+        what it receives (held prefixes are whole blocks; the block holding an unaligned c goes upfront)."""
         bs = self.block_size
-        if pos == 0:      # from the head: the cached prefix's whole blocks it does not hold
-            return self._blocks([(self._held(r, 0), r.start // bs) for r in self.requests])
-        if pos == self.n_workers - 1:  # the head: only what it does not hold yet
-            return self._blocks([(r.start // bs, r.segments[pos].start // bs) for r in self.requests])
-        return self._blocks([(self._held(r, pos), r.segments[pos].start // bs) for r in self.requests])
+        spans = (r.received(pos, self.n_workers) for r in self.requests)
+        return self._blocks([(lo // bs, hi // bs) for lo, hi in spans])
 
     def send_blocks(self, pos: int) -> np.ndarray:
         """Blocks ``pos`` sends per layer to its successor (the head: the prefix, ahead of compute)."""
@@ -115,6 +143,17 @@ class StepPlan:
         """The block holding c where c is not block aligned: head -> pos 0, all layers, before the forward."""
         bs = self.block_size
         return self._blocks([(r.start // bs, r.start // bs + (r.start % bs > 0)) for r in self.requests])
+
+    def traffic_for(self, pos: int) -> Traffic:
+        """Everything ring position ``pos`` receives and sends in this step."""
+        if not self:
+            return NO_TRAFFIC
+        recv, send = self.recv_blocks(pos), self.send_blocks(pos)
+        if pos == self.n_workers - 1:  # the head sends its cached prefix ahead of its own compute
+            return Traffic(recv=recv, send_ahead=send, upfront_send=self.upfront_blocks())
+        if pos == 0:
+            return Traffic(recv=recv, send=send, upfront_recv=self.upfront_blocks())
+        return Traffic(recv=recv, send=send)
 
 
 def blocks_written(reqs: list[ReqView], block_size: int) -> set[int]:
