@@ -28,10 +28,10 @@ def _die(point):
 class FaultyWorker(Worker):
     def execute_model(self, scheduler_output):
         fault = os.environ.get("KVR_TEST_FAULT", "stall")
-        if self.rank != 0 or self.is_head:
+        if self.rank != 0 or self.chain.is_head:
             return super().execute_model(scheduler_output)
         runner = self.model_runner
-        before = self.steps_run
+        before = self.chain.counters.steps_run
         if fault in ("stall", "raise") and not getattr(runner, "_faulty", False):
             forward = runner.execute_model
 
@@ -42,7 +42,7 @@ class FaultyWorker(Worker):
                 return forward(*args, **kwargs)
             runner.execute_model, runner._faulty = faulty_forward, True
         out = super().execute_model(scheduler_output)
-        if self.steps_run > before:  # this step ran a runahead segment here
+        if self.chain.counters.steps_run > before:  # this step ran a runahead segment here
             if fault == "exit_after":
                 _die("after execute_model")
             elif fault == "raise_sample":

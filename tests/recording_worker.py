@@ -39,4 +39,4 @@ class RecordingWorker(_Recorder, CPUWorker):
 class RecordingKVRWorker(_Recorder, Worker):
     def kvr_holdings(self):
         """Per chain position and KV block: the leading slots the record says equal the head's."""
-        return self.holdings._valid.copy()
+        return self.chain.holdings._valid.copy()

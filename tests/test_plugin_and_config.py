@@ -67,6 +67,37 @@ def test_config_turns_pcp_into_chain_workers():
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False}
 
 
+def _foreign(path):
+    """A function whose code comes from another package (as another plugin's replacement would)."""
+    ns = {}
+    exec(compile("def _get_parallel_sizes(self):\n    raise AssertionError('foreign')\n", path, "exec"), ns)
+    return ns["_get_parallel_sizes"]
+
+
+def test_a_plugin_that_replaced_what_kvrunahead_wraps_is_refused(monkeypatch):
+    """arctic-inference 0.3.0 (ARCTIC_INFERENCE_ENABLED=1) replaces MultiprocExecutor._get_parallel_sizes,
+    which KV-Runahead wraps: loaded after this plugin, the wrapper is gone; loaded before it, the wrapper
+    calls that plugin's code. Either way the engine is refused at config time, with one line."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    from vllm_kvrunahead import patches
+
+    engine_config()  # registers; nothing replaced: accepted
+    ours = MultiprocExecutor._get_parallel_sizes
+    arctic = _foreign("/site-packages/arctic_inference/vllm/patches.py")
+    monkeypatch.setattr(MultiprocExecutor, "_get_parallel_sizes", arctic)          # after us
+    with pytest.raises(RuntimeError, match=r"KV-Runahead: vllm\.v1\.executor\.multiproc_executor\."
+                       r"MultiprocExecutor\._get_parallel_sizes, which this plugin wraps, was replaced by another "
+                       r"vLLM plugin \(/site-packages/arctic_inference/vllm/patches\.py\); turn that plugin off"):
+        engine_config()
+    monkeypatch.setattr(MultiprocExecutor, "_get_parallel_sizes", ours)
+    monkeypatch.setattr(ours, "__wrapped__", arctic)                                  # before us
+    with pytest.raises(RuntimeError, match="arctic_inference/vllm/patches.py"):
+        engine_config()
+    monkeypatch.undo()
+    assert patches._source_outside_vllm(ours.__wrapped__) is None and engine_config().parallel_config.world_size == 2
+
+
 def test_partition_balanced_is_read_as_model():
     assert KVRunaheadConfig.from_dict(2, {"partition": "balanced"}).partition == "model"
 
@@ -200,7 +231,7 @@ def test_more_workers_than_gpus_refused(monkeypatch):
 
 
 def test_worker_without_plugin_says_what_to_do():
-    from vllm_kvrunahead.worker import runahead_config
+    from vllm_kvrunahead.chain import runahead_config
 
     with pytest.raises(RuntimeError, match="plugin did not run"):
         runahead_config(SimpleNamespace(additional_config={}))

@@ -13,7 +13,7 @@ successor waits for this layer's QKV projection, not for its attention and MLP.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ import torch
 
 from . import kv_layout
 from .comm import ChainComm
+from .plan import Traffic
+from .stats import ChainStats
 from .profiling import StepProfiler
 from .log import logger
 from .vllm_seam import (
@@ -33,41 +35,23 @@ from .vllm_seam import (
 )
 
 
-@dataclass
-class RunaheadMeta(KVConnectorMetadata):
-    """This worker's chain traffic for one step (scheduler block ids, in message order).
+class RunaheadMeta(Traffic, KVConnectorMetadata):
+    """This worker's ring traffic for one step (``plan.Traffic``), as the metadata vLLM's runner binds
+    to the connector. send goes out once its layer's attention has run, or at the layer's attention
+    entry with send_on_entry."""
 
-    recv: per layer, from the predecessor (position 0: the head's cached prefix).
-    send: per layer, to the successor, once this layer's attention has run (chain workers), or
-    at its attention entry (send_on_entry).
-    send_ahead: per layer, to position 0, ahead of the head's own compute: the cached prefix.
-    upfront_send / upfront_recv: once, all layers, before the forward: the block holding an
-    unaligned chunk start (head -> position 0).
-    """
-
-    recv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    send: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    send_ahead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    upfront_send: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    upfront_recv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    @classmethod
+    def of(cls, traffic: Traffic) -> "RunaheadMeta":
+        return cls(**{f.name: getattr(traffic, f.name) for f in dataclasses.fields(traffic)})
 
 
 EMPTY_META = RunaheadMeta()
 AHEAD = 2  # the head keeps its prefix sends this many layers ahead of its own layer
 
 
-@dataclass
-class ChainStats:
-    steps: int = 0
-    blocks_received: int = 0  # kernel blocks x layers
-    blocks_sent: int = 0
-    layers_sent: int = 0           # per-layer sends (a layer of one step counts once)
-    layers_sent_on_entry: int = 0  # ... of them, sent at attention entry (send_on_entry)
-
-
 class KVRunaheadConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, profile: bool = False,
-                 send_on_entry: bool = False):
+    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, stats: ChainStats,
+                 profile: bool = False, send_on_entry: bool = False):
         super().__init__(vllm_config, role, kv_cache_config)
         self.vllm_config = vllm_config
         self.comm = comm
@@ -75,7 +59,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.send_on_entry = send_on_entry
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # layer names in forward order
-        self.stats = ChainStats()
+        self.stats = stats  # the chain's one stats record: the connector counts what it moves
         self._reset()
 
     def _reset(self) -> None:

@@ -1,0 +1,99 @@
+"""One step through ``Chain.rewrite`` without an engine (fast): the installed vLLM's own SchedulerOutput
+in, each worker's share and ring traffic out, for the head and a chain position."""
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+from vllm_kvrunahead import vllm_seam
+from vllm_kvrunahead.chain import NO_CHAIN, Chain
+from vllm_kvrunahead.comm import ChainComm
+from vllm_kvrunahead.config import KVRunaheadConfig
+from vllm_kvrunahead.partition import CostModel
+from vllm_kvrunahead.partitioner import Partitioner
+from vllm_kvrunahead.stats import ChainStats
+from vllm_kvrunahead.topology import ChainTopology
+
+BS = 16
+BLOCKS = list(range(40, 60))  # 20 blocks: 320 tokens
+
+
+def chain(rank: int, n: int = 2) -> Chain:
+    kvr = KVRunaheadConfig(num_workers=n, min_tokens=0)
+    c = Chain(kvr, ChainTopology(n, n - 1, rank), None, BS, 64, ChainComm(None, None),
+              SimpleNamespace(stats=ChainStats()))
+    c.partitioner = Partitioner("model", n, CostModel(), min_tokens=0, block_size=BS)
+    return c
+
+
+def new_req(rid: str, prompt: int, computed: int) -> NewRequestData:
+    return NewRequestData(req_id=rid, prompt_token_ids=list(range(1, prompt + 1)), mm_features=[],
+                          sampling_params=SamplingParams(temperature=0.7, seed=3, max_tokens=4), pooling_params=None,
+                          block_ids=(list(BLOCKS[: -(-prompt // BS)]),), num_computed_tokens=computed, lora_request=None)
+
+
+def step(new=(), scheduled=None, cached=None) -> SchedulerOutput:
+    so = SchedulerOutput.make_empty()
+    sched = dict(scheduled or {})
+    return dataclasses.replace(so, scheduled_new_reqs=list(new), num_scheduled_tokens=sched,
+                               total_num_scheduled_tokens=sum(sched.values()),
+                               scheduled_cached_reqs=cached or CachedRequestData.make_empty())
+
+
+@pytest.mark.parametrize("computed", [0, 40])  # cold; after a 40-token cached prefix (not block aligned)
+def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
+    prompt = 300
+    so = step([new_req("a", prompt, computed)], {"a": prompt - computed})
+    head, first = chain(1).rewrite(so), chain(0).rewrite(so)
+    (req,) = head.plan.requests
+    seg0, seg1 = req.segments
+    assert seg0.start == computed and seg0.end % BS == 0 and seg1.end == prompt and seg0.end < seg1.end
+    assert first.plan == head.plan                                  # every worker plans the same step
+
+    # the head: vLLM's request, computed up to its segment, scheduled for its segment only
+    (nr,) = head.scheduler_output.scheduled_new_reqs
+    assert nr.num_computed_tokens == seg1.start and nr.sampling_params.seed == 3
+    assert head.scheduler_output.num_scheduled_tokens == {"a": seg1.length}
+    blocks = np.asarray(BLOCKS)
+    hm = head.scheduler_output.kv_connector_metadata
+    np.testing.assert_array_equal(hm.recv, blocks[computed // BS: seg1.start // BS])  # the chain's new KV
+    np.testing.assert_array_equal(hm.send_ahead, blocks[: computed // BS])           # cached prefix -> pos 0
+    np.testing.assert_array_equal(hm.upfront_send, blocks[computed // BS: computed // BS + 1] if computed % BS
+                                  else blocks[:0])
+    assert not len(hm.send) and not len(hm.upfront_recv)
+
+    # position 0: its segment alone, sampled as plain greedy (the user's seed stays the head's)
+    (cr,) = first.scheduler_output.scheduled_new_reqs
+    assert cr.num_computed_tokens == computed and cr.block_ids == (list(BLOCKS[:19]),)
+    assert cr.sampling_params is vllm_seam.CHAIN_SAMPLING
+    assert first.scheduler_output.num_scheduled_tokens == {"a": seg0.length}
+    fm = first.scheduler_output.kv_connector_metadata
+    np.testing.assert_array_equal(fm.recv, hm.send_ahead)
+    np.testing.assert_array_equal(fm.send, hm.recv)
+    np.testing.assert_array_equal(fm.upfront_recv, hm.upfront_send)
+
+
+def test_a_decode_step_runs_on_the_head_and_nothing_on_the_chain():
+    head, first = chain(1), chain(0)
+    prefill = step([new_req("a", 300, 0)], {"a": 300})
+    head.rewrite(prefill), first.rewrite(prefill)
+    decode = step(scheduled={"a": 1}, cached=dataclasses.replace(
+        CachedRequestData.make_empty(), req_ids=["a"], new_block_ids=[None], num_computed_tokens=[300],
+        num_output_tokens=[1]))
+    h, f = head.rewrite(decode), first.rewrite(decode)
+    assert not h.plan and not f.plan
+    assert h.scheduler_output.num_scheduled_tokens == {"a": 1} and not h.scheduler_output.kv_connector_metadata
+    assert f.scheduler_output is None                                 # a chain worker runs nothing
+    assert head.counters.chunks_ahead == first.counters.chunks_ahead == 1
+    assert head.counters.tokens_run + first.counters.tokens_run == 301  # every token once
+
+
+def test_one_worker_has_no_chain():
+    so = step([new_req("a", 300, 0)], {"a": 300})
+    s = NO_CHAIN.rewrite(so)
+    assert s.scheduler_output is so and not s.plan and NO_CHAIN.is_head
+    with pytest.raises(RuntimeError, match="no chain to split"):
+        NO_CHAIN.set_fractions([0.5, 0.5])
