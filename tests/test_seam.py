@@ -16,29 +16,50 @@ class _Staged:
         self.staged.clear()
 
 
-def test_v2_runner_starts_the_heads_chunk_at_its_segment():
-    """Model runner V2 keeps each request's computed count on the GPU; after it reads the step's
-    requests, the head's runahead requests must start at their segment start."""
-    computed = _Staged()
-    calls = []
-    runner = SimpleNamespace(req_states=SimpleNamespace(num_computed_tokens=computed,
-                                                        req_id_to_index={"a": 3, "b": 5}))
-    runner.update_requests = lambda so: calls.append(so)
+def _v2_runner(index):
+    """Just what the installed V2 runner's update_requests touches, on CPU (its real buffers need CUDA)."""
+    import numpy as np
+
+    n = 8
+    return SimpleNamespace(
+        req_states=SimpleNamespace(num_computed_tokens=_Staged(), num_computed_tokens_np=np.zeros(n, np.int32),
+                                   req_id_to_index=dict(index), prefill_len=SimpleNamespace(np=np.full(n, 9000)),
+                                   num_computed_prefill_tokens=np.zeros(n, np.int32)),
+        block_tables=SimpleNamespace(append_block_ids=lambda *a, **k: None), kv_block_zeroer=None)
+
+
+def test_installed_v2_runner_starts_the_heads_chunk_at_its_segment():
+    """The patch head-runner-starts-at-its-segment, applied to the installed vLLM's model runner V2:
+    its own update_requests runs (it sets only the CPU mirror from the scheduler output, which is why
+    the patch exists), then the head's runahead requests start at their segment on the device count.
+    A runner the head did not mark (plain vLLM) is untouched."""
+    import dataclasses
+    import inspect
+
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_kvrunahead.patches import apply_all
+
+    apply_all()
+    update = GPUModelRunner.update_requests
+    assert update._kvrunahead
+    src = inspect.getsource(update.__wrapped__)
+    assert "num_computed_tokens_np[req_index] = num_computed_tokens" in src and "stage_write_elem" not in src
+    so = dataclasses.replace(SchedulerOutput.make_empty(), scheduled_cached_reqs=dataclasses.replace(
+        CachedRequestData.make_empty(), req_ids=["a"], new_block_ids=[None], num_computed_tokens=[5000]))
+    head, plain = _v2_runner({"a": 3, "b": 5}), _v2_runner({"a": 3, "b": 5})
     starts = {}
-    vllm_seam.follow_rewritten_starts(runner, lambda: starts)
+    vllm_seam.follow_rewritten_starts(head, lambda: starts)
     starts.update(a=7000, gone=10)                       # a request the runner no longer holds is skipped
-    runner.update_requests("step-1")
-    assert calls == ["step-1"] and computed.gpu == {3: 7000}
+    update(head, so)
+    assert head.req_states.num_computed_tokens_np[3] == 5000          # vLLM's own part ran
+    assert head.req_states.num_computed_tokens.gpu == {3: 7000}       # ... then the segment start
     starts.clear()
-    runner.update_requests("step-2")                     # no runahead: nothing written
-    assert calls == ["step-1", "step-2"] and computed.gpu == {3: 7000}
-
-
-def test_v1_runner_is_left_alone():
-    runner = SimpleNamespace(update_requests=object())
-    before = runner.update_requests
-    vllm_seam.follow_rewritten_starts(runner, dict)
-    assert runner.update_requests is before
+    update(head, so)                                     # no runahead this step: nothing written
+    assert head.req_states.num_computed_tokens.gpu == {3: 7000}
+    update(plain, so)
+    assert plain.req_states.num_computed_tokens.gpu == {} and plain.req_states.num_computed_tokens_np[3] == 5000
 
 
 def test_installed_vllm_runs_start_load_kv_before_the_forward(monkeypatch):
@@ -91,8 +112,9 @@ def test_installed_vllm_runs_start_load_kv_before_the_forward(monkeypatch):
 
 
 def test_rewritten_steps_differ_only_where_the_release_does():
-    """0.26: the head's step is vLLM's own plus the connector metadata (no other field touched);
-    0.32: it also says the step loads KV synchronously (start_load_kv before the forward)."""
+    """The head's step is vLLM's own plus the connector metadata (no other field touched; 0.26); where
+    vLLM's SchedulerOutput has has_sync_kv_loads (0.32), it also says the step loads KV synchronously
+    (start_load_kv before the forward)."""
     import dataclasses
 
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -102,7 +124,8 @@ def test_rewritten_steps_differ_only_where_the_release_does():
 
     so = SchedulerOutput.make_empty()
     head = vllm_seam.for_head(so, StepPlan(2, ()), EMPTY_META)
-    if vllm_seam.V032:
+    if hasattr(so, "has_sync_kv_loads"):
+        assert vllm_seam.STEP_FIELDS == {"has_sync_kv_loads": True}
         assert head == dataclasses.replace(so, kv_connector_metadata=EMPTY_META, has_sync_kv_loads=True)
     else:
         assert vllm_seam.STEP_FIELDS == {} and not hasattr(so, "has_sync_kv_loads")

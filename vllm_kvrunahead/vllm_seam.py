@@ -5,9 +5,9 @@ worker receives (V1-based CPUModelRunner on CPU, model runner V2 on GPUs) and
 the KV-connector hooks the attention op calls per layer
 (``maybe_transfer_kv_layer`` -> ``wait_for_layer_load`` / ``save_kv_layer``).
 
-Supported releases: 0.26.0 (GPUs and CPU) and 0.32.0 (tested on CPU, the second CI
-target). Where they differ, the branch is decided once, here, from the version
-(``VLLM_VERSION``); everything else reads the same on both.
+The releases it is tested with are listed once, in ``plugin.SUPPORTED_VLLM``. Where releases differ,
+the seam decides by what the installed vLLM has (a field, an attribute), once, here, never by its
+version number; everything else reads the same on all of them.
 """
 from __future__ import annotations
 
@@ -28,15 +28,19 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from .partition import ModelShape
 from .plan import ReqView, StepPlan
 
-VLLM_VERSION = vllm.__version__.split("+")[0]
-V032 = VLLM_VERSION == "0.32.0"
+VLLM_VERSION = vllm.__version__.split("+")[0]  # for messages only
 
-# Fields every rewritten step output carries on this release.
-# 0.32: the model runner calls the connector's start_load_kv *after* the forward unless the step
-# says it loads KV synchronously (SchedulerOutput.has_sync_kv_loads, new in 0.32). KV-Runahead's
-# start_load_kv posts the step's receives and the head's upfront / prefix sends that the
-# per-layer hooks then wait on, so it must run before the forward, as it always did in 0.26.
-STEP_FIELDS: dict = {"has_sync_kv_loads": True} if V032 else {}
+
+def _has_field(cls, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(cls)}
+
+
+# Fields every rewritten step output carries. A model runner that calls the connector's start_load_kv
+# *after* the forward unless the step says it loads KV synchronously (SchedulerOutput.has_sync_kv_loads,
+# 0.32) gets that flag: KV-Runahead's start_load_kv posts the receives and the head's prefix sends that
+# the per-layer hooks wait on, so it must run before the forward (0.26 always calls it there).
+STEP_FIELDS: dict = {"has_sync_kv_loads": True} if _has_field(SchedulerOutput, "has_sync_kv_loads") else {}
+
 
 def worker_base() -> type:
     """The platform's own worker class: KV-Runahead's Worker subclasses it."""
@@ -94,10 +98,11 @@ def num_kv_blocks(kv_cache_config) -> int:
 
 
 def frontend_tokenizer(input_processor):
-    """The tokenizer vLLM's frontend validates prompts with, or None (--skip-tokenizer-init):
-    0.26 keeps it on the input processor, 0.32 on its renderer."""
-    if V032:
-        return getattr(getattr(input_processor, "renderer", None), "tokenizer", None)
+    """The tokenizer vLLM's frontend validates prompts with, or None (--skip-tokenizer-init): on the
+    input processor's renderer where it has one (0.32), else on the input processor (0.26)."""
+    renderer = getattr(input_processor, "renderer", None)
+    if renderer is not None:
+        return getattr(renderer, "tokenizer", None)
     return input_processor.tokenizer
 
 
@@ -109,6 +114,7 @@ def scheduler_demand(scheduler) -> tuple[int, bool, int]:
         running += max(0, r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
         prefilling = prefilling or r.num_computed_tokens < r.num_prompt_tokens
     first = 0
+    # 0.32 also keeps the waiting requests it passed over in a queue of their own (skipped_waiting)
     for queue in (scheduler.waiting, getattr(scheduler, "skipped_waiting", None)):
         if queue is not None and len(queue):
             r = queue.peek_request()
@@ -262,30 +268,15 @@ def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
     return views
 
 
+SEGMENT_STARTS = "_kvr_segment_starts"  # the head runner's mark (patches/runner_starts.py)
+
+
 def follow_rewritten_starts(runner, starts) -> None:
     """Make ``runner`` (the head's) start each request where ``starts()`` says (req id -> tokens
-    computed), as the rewritten scheduler output does.
-
-    Model runner V1 (CPU) takes a running request's computed-token count from the scheduler
-    output. Model runner V2 (GPUs) keeps the count on the GPU and advances it itself; the
-    scheduler output only updates its CPU mirror. The head's later chunk of a prompt starts at
-    its segment, not where the last chunk ended, so the GPU count is set after V2 reads the
-    step's requests (without it, 4x H100 hung on a prompt chunked by the step budget).
-    """
-    if not hasattr(runner, "req_states"):  # V1: the scheduler output's count is used as is
-        return
-    update = runner.update_requests
-
-    def update_requests(scheduler_output):
-        update(scheduler_output)
-        computed = runner.req_states.num_computed_tokens
-        for req_id, start in starts().items():
-            idx = runner.req_states.req_id_to_index.get(req_id)
-            if idx is not None:
-                computed.stage_write_elem(idx, start)
-        computed.apply_write()
-
-    runner.update_requests = update_requests
+    computed), as the rewritten scheduler output does: model runner V1 reads that count from the
+    output; V2 keeps its own on the GPU, which the registered patch head-runner-starts-at-its-segment
+    sets for the runner marked here."""
+    setattr(runner, SEGMENT_STARTS, starts)
 
 
 def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
