@@ -79,11 +79,11 @@ class KVRunaheadConnector(KVConnectorBase_V1):
                 f"KV-Runahead needs the same KV cache shape in every layer, got {sorted(map(str, shapes))}")
         self.kv_caches = dict(kv_caches)
         self.order = layer_order(list(kv_caches))
-        late = layers_writing_kv_in_forward(self.vllm_config, self.order) if self.send_on_entry else []
-        if late:
+        writes_in_forward = layers_writing_kv_in_forward(self.vllm_config, self.order) if self.send_on_entry else []
+        if writes_in_forward:
             logger.warning("KV-Runahead: early_send is off: the attention backend of %d layer(s) (%s, ...) writes "
-                           "the KV cache inside its forward, so the KV is final only after attention", len(late),
-                           late[0])
+                           "the KV cache inside its forward, so the KV is final only after attention",
+                           len(writes_in_forward), writes_in_forward[0])
             self.send_on_entry = False
         any_cache = next(iter(kv_caches.values()))
         self.block_shape = tuple(any_cache.shape[1:])

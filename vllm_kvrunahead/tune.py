@@ -140,9 +140,10 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
     import torch
     import vllm
 
-    from .vllm_seam import model_shape
+    from .vllm_seam import device_name, llm_config, model_shape
 
-    cache = llm.llm_engine.vllm_config.cache_config
+    cfg = llm_config(llm)
+    cache = cfg.cache_config
     offsets = sorted(set(offsets))
     if any(c > 0 for c in offsets) and not cache.enable_prefix_caching:
         raise ValueError("tuning offsets > 0 needs an engine with prefix caching enabled")
@@ -150,7 +151,7 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
         if c < 0 or c % cache.block_size:
             raise ValueError(f"offset {c} must be >= 0 and a multiple of the KV block size {cache.block_size} "
                              "(the prefix cache hits whole blocks)")
-    vocab = llm.llm_engine.model_config.get_vocab_size()
+    vocab = cfg.model_config.get_vocab_size()
     rng = random.Random(0)
     entries = []
     try:
@@ -174,16 +175,16 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
             log(json.dumps(entries[-1]))
     finally:
         llm.collective_rpc("kvr_set_fractions", args=(None,))
-    shape = model_shape(llm.llm_engine.model_config)
+    shape = model_shape(cfg.model_config)
     # cold entries only: the /1 format, which plugins that predate offsets read too
     table = dict(format=FORMAT if offsets != [0] else FORMAT_COLD, n_workers=n_workers,
                  vllm_version=vllm.__version__,
                  # a stage's device: "<GPU> x T" with --tensor-parallel-size T (tables are per stage)
-                 device=stage_device(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                                     llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size),
-                 model=dict(name=os.path.basename(str(llm.llm_engine.model_config.model).rstrip("/")),
+                 device=stage_device(device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                                     cfg.parallel_config.tensor_parallel_size),
+                 model=dict(name=os.path.basename(str(cfg.model_config.model).rstrip("/")),
                             **(dataclasses.asdict(shape) if shape else {})),
-                 dtype=str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
+                 dtype=str(cfg.model_config.dtype).replace("torch.", ""),
                  entries=[dict(**({"offset": e["offset"]} if e["offset"] else {}), tokens=e["tokens"],
                                fractions=e["fractions"]) for e in entries],
                  measured=entries)

@@ -123,6 +123,11 @@ def scheduler_demand(scheduler) -> tuple[int, bool, int]:
     return running, prefilling, first
 
 
+def llm_config(llm):
+    """The VllmConfig an offline ``vllm.LLM``'s engine runs with (for tools such as the tuner)."""
+    return llm.llm_engine.vllm_config
+
+
 def set_worker_transfer_config(vllm_config) -> None:
     """A worker-local KV transfer config: the connector base class wants one; the engine's
     scheduler never sees it (KV-Runahead plans on the workers)."""
@@ -236,7 +241,7 @@ class RequestBook:
         return self._blocks[req_id]
 
 
-def _carried(nr: NewRequestData) -> bool:
+def _chain_can_compute(nr: NewRequestData) -> bool:
     """Whether the chain can compute this request's prompt: plain token prompts of a generative,
     text-only request without LoRA or prompt logprobs (the head needs all logits for those)."""
     sp = nr.sampling_params
@@ -263,7 +268,7 @@ def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
         views.append(ReqView(
             req_id=rid, num_computed=c, num_scheduled=m, prompt_len=prompt_len,
             block_ids=tuple(book.blocks(rid)),
-            eligible=c < prompt_len and _carried(nr) and rid not in so.scheduled_spec_decode_tokens,
+            eligible=c < prompt_len and _chain_can_compute(nr) and rid not in so.scheduled_spec_decode_tokens,
         ))
     return views
 
