@@ -17,8 +17,7 @@ def _relay(rank, world, layers):
     for layer in range(layers):
         own = torch.full((2, 3), float(rank * 100 + layer)) + torch.arange(6.0).view(2, 3) / 7
         if rank:
-            buf = torch.empty(rank * 2, 3)
-            comm.wait_recv(comm.post_recv(buf))
+            buf = comm.recv((rank * 2, 3))
             got.append(buf)
             own = torch.cat([buf, own])
         if comm.next_rank is not None:
@@ -79,7 +78,7 @@ def _stalled_peer(rank, world):
         time.sleep(4)  # never sends: rank 1 must give up, not hang
         return "slept"
     try:
-        comm.wait_recv(comm.post_recv(torch.empty(4)))
+        comm.recv(4)
     except ChainTimeout as e:
         return str(e)
     return "no error"
@@ -99,7 +98,7 @@ def _vanishing_peer(rank, world):
         return "left"  # its process group is destroyed: the connection closes, nothing was sent
     t0 = time.monotonic()
     try:
-        comm.wait_recv(comm.post_recv(torch.empty(4)))
+        comm.recv(4)
     except ChainPeerLost as e:
         return str(e), time.monotonic() - t0
     return "no error"
@@ -136,9 +135,7 @@ def _bounded_sends(rank, world, layers):
     time.sleep(0.5)  # a slow receiver: the sender must not pile up copies meanwhile
     got = []
     for _ in range(layers):
-        buf = torch.empty(1000)
-        comm.wait_recv(comm.post_recv(buf))
-        got.append(buf[0].item())
+        got.append(comm.recv(1000)[0].item())
     return got
 
 
@@ -147,6 +144,55 @@ def test_sends_in_flight_are_bounded():
     in_flight, got = run_ranks(_bounded_sends, 2, 6)
     assert max(in_flight) == 2
     assert got == [float(i) for i in range(6)]
+
+
+def _guarded(rank, world):
+    """Receives stay in ChainComm: two may be outstanding, they come back oldest first, and a
+    step may not end with one outstanding (an aborted step may)."""
+    import time
+
+    comm = ChainComm(None if rank == 0 else 0, 1 if rank == 0 else None, timeout_s=30)
+    if rank == 0:
+        for value in range(3):
+            comm.post_send(torch.full((2,), float(value)))
+        comm.wait_sends()
+        return None
+    errors = []
+    comm.post_recv(2)
+    comm.post_recv(2)
+    try:
+        comm.post_recv(2)
+    except RuntimeError as e:
+        errors.append(str(e))
+    got = [comm.wait_recv().tolist()]
+    time.sleep(0.5)  # the second message arrives meanwhile
+    try:
+        comm.end_step()
+    except RuntimeError as e:
+        errors.append(str(e))
+    try:
+        comm.wait_recv()
+    except RuntimeError as e:
+        errors.append(str(e))
+    comm.post_recv(2)
+    time.sleep(0.5)
+    comm.abort_step()   # an aborted step drops what is outstanding, silently
+    comm.end_step()
+    return got, errors
+
+
+def test_receives_are_guarded_against_misuse():
+    _, (got, errors) = run_ranks(_guarded, 2)
+    assert got == [[0.0, 0.0]]
+    assert "2 receives are outstanding already" in errors[0]
+    assert "the step ended with 1 receive(s) still outstanding" in errors[1]
+    assert "wait_recv without a posted receive" in errors[2]
+    assert len(errors) == 3
+
+
+def test_the_first_worker_has_no_predecessor():
+    with pytest.raises(RuntimeError, match="no predecessor"):
+        ChainComm(None, 1).post_recv(2)
 
 
 def _gather(rank, world):
@@ -170,8 +216,7 @@ def _ring(rank, world, layers):
     for layer in range(layers):
         if topo.is_head:
             comm.post_send(torch.full((2,), float(layer)))          # the cached prefix, ahead
-        buf = torch.empty(2 + 2 * topo.pos)
-        comm.wait_recv(comm.post_recv(buf))
+        buf = comm.recv(2 + 2 * topo.pos)
         got.append(buf.tolist())
         if not topo.is_head:
             comm.post_send(torch.cat([buf, torch.full((2,), float(10 * (rank + 1) + layer))]))
@@ -222,8 +267,7 @@ def _tp_ring(rank, world, tp, layers):
     for layer in range(layers):
         if topo.is_head:
             comm.post_send(torch.full((2,), float(100 * topo.tp_rank + layer)))
-        buf = torch.empty(2 + 2 * topo.pos)
-        comm.wait_recv(comm.post_recv(buf))
+        buf = comm.recv(2 + 2 * topo.pos)
         got.append(buf.tolist())
         if not topo.is_head:
             comm.post_send(torch.cat([buf, torch.full((2,), float(1000 * topo.tp_rank + 10 * (topo.stage + 1) + layer))]))

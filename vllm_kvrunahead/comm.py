@@ -1,7 +1,8 @@
 """All point-to-point traffic of the KV chain lives here (post, compute, wait).
 
 Like ring-flash-attention's RingComm: the caller posts a receive for the next
-layer's prefix KV, computes the current layer, then waits. Sends are posted
+layer's prefix KV, computes the current layer, then waits and gets the buffer;
+the handles and buffers in flight never leave ChainComm. Sends are posted
 as soon as a layer's KV is final, so transfer overlaps compute; at most
 ``max_sends`` stay in flight (posting one more first waits for the oldest),
 so a long prompt's send copies take two layers' worth of memory, not all of
@@ -30,12 +31,15 @@ class ChainPeerLost(ChainTimeout):
 
 
 class ChainComm:
-    """Point-to-point link of one chain worker to its predecessor and successor.
+    """Point-to-point link of one chain worker to its predecessor and successor. It owns every
+    send and receive in flight and their buffers: callers post, compute, then wait.
 
     prev_rank / next_rank are global ranks (None: no such link, as in a test's open chain).
     timeout_s bounds every receive on CPU backends (gloo); NCCL's own
     watchdog bounds GPU receives.
     """
+
+    MAX_RECVS = 2  # the layer being waited for and the next one
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class ChainComm:
         # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
         self._bounded = timeout_s is not None and not _is_nccl(self.prev_group)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._recvs: list[tuple[dist.Work, torch.Tensor]] = []  # posted, oldest first
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -68,16 +73,11 @@ class ChainComm:
     def for_ring(cls, topo, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup | None = None,
                  timeout_s: float | None = None) -> "ChainComm":
         """This worker's links in the ring of ``topo`` (a ``ChainTopology``). The ring's closing
-        link, head -> position 0, gets a process group of its own, made here by every rank
-        (``new_group`` is collective). NCCL runs one group's sends and receives in issue order on
-        one stream per rank; with the whole ring on one group, the head's prefix sends queued
-        behind its receives and position 0's sends queued behind its prefix receives waited on
-        each other around the ring (4x H100: the first chunk after a cached prefix hung). On its
-        own group the closing link is a FIFO of its own, and the rest is the plain chain.
-
-        With T tensor-parallel ranks per stage there are T chains, one per TP rank; every rank
-        makes all T closing-link groups in the same order (``new_group`` is collective over the
-        world) and keeps its own chain's."""
+        link, head -> position 0, gets a process group of its own: NCCL runs one group's
+        point-to-point operations in issue order on one stream per rank, and on one group the
+        ring's sends and receives would wait on each other around the ring (``ring_order`` and
+        ``tests/test_ring_order.py`` state and check the rule). Every rank makes the closing-link
+        groups of all T chains (one per TP rank), in the same order: ``new_group`` is collective."""
         backend = dist.get_backend(group)
         rings = [dist.new_group(sorted({head, first}), backend=backend) for head, first in topo.ring_links()]
         ring = rings[topo.tp_rank]
@@ -85,14 +85,24 @@ class ChainComm:
                    prev_group=ring if topo.pos == 0 else group,
                    next_group=ring if topo.is_head else group)
 
-    def post_recv(self, buf: torch.Tensor) -> dist.Work:
-        """Start receiving ``buf`` (its shape and dtype are the contract) from prev."""
+    def post_recv(self, shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        """Queue a receive from prev into a new buffer of ``shape`` and ``dtype`` (the sender's
+        tensor must match: they are the contract). At most ``MAX_RECVS`` may be outstanding."""
         if self.prev_rank is None:
-            raise RuntimeError("chain head-of-line worker has no predecessor to receive from")
+            raise RuntimeError("the first chain worker has no predecessor to receive from")
+        if len(self._recvs) >= self.MAX_RECVS:
+            raise RuntimeError(f"KV-Runahead: {len(self._recvs)} receives are outstanding already; "
+                               "wait for one before posting another")
+        buf = torch.empty(shape, dtype=dtype, device=device)
         self.bytes_received += buf.numel() * buf.element_size()
-        return dist.irecv(buf, src=self.prev_rank, group=self.prev_group)
+        self._recvs.append((dist.irecv(buf, src=self.prev_rank, group=self.prev_group), buf))
 
-    def wait_recv(self, work: dist.Work) -> None:
+    def wait_recv(self) -> torch.Tensor:
+        """The buffer of the oldest posted receive, once it has arrived (NCCL: once the current
+        stream has been made to wait for it)."""
+        if not self._recvs:
+            raise RuntimeError("KV-Runahead: wait_recv without a posted receive")
+        work, buf = self._recvs.pop(0)
         t0 = time.monotonic()
         try:
             if self._bounded:
@@ -112,6 +122,12 @@ class ChainComm:
             raise ChainTimeout(
                 f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s"
             )
+        return buf
+
+    def recv(self, shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Receive one tensor from prev now (post and wait)."""
+        self.post_recv(shape, dtype, device)
+        return self.wait_recv()
 
     def post_send(self, tensor: torch.Tensor) -> None:
         """Start sending ``tensor`` to next; it is kept alive until ``wait_sends``."""
@@ -129,10 +145,19 @@ class ChainComm:
         for work, _ in sends:
             work.wait()
 
-    def drop_sends(self) -> None:
-        """Forget the sends in flight without waiting (an aborted step: the peer may be gone, and
-        waiting on a send to it could block the error's way out)."""
+    def end_step(self) -> None:
+        """Wait for the step's sends. Every posted receive must have been waited for by now: one
+        still outstanding would be a later step's message taken early."""
+        self.wait_sends()
+        if self._recvs:
+            n, self._recvs = len(self._recvs), []
+            raise RuntimeError(f"KV-Runahead: the step ended with {n} receive(s) still outstanding")
+
+    def abort_step(self) -> None:
+        """Forget the step's sends and receives without waiting (the step raised: a peer may be
+        gone, and waiting on it could block the error's way out)."""
         self._sends = []
+        self._recvs = []
 
     def gather_times(self, seconds: float, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[float]:
         """Every chain position's ``seconds``, in chain order (a few bytes over the CPU group; each
@@ -148,15 +173,15 @@ class ChainComm:
         created lazily) exist before the first request instead of inside its TTFT. The ``first``
         chain position starts it and ends by receiving from the head. Returns the hops the
         message had made when it got here (first: all N)."""
-        buf = torch.zeros(1, device=device)
+        hops = torch.zeros(1, device=device)
         if not first:
-            self.wait_recv(self.post_recv(buf))
-        self.post_send(buf + 1)
+            hops = self.recv(1, hops.dtype, device)
+        self.post_send(hops + 1)
         self.wait_sends()
         if first:
-            self.wait_recv(self.post_recv(buf))
+            hops = self.recv(1, hops.dtype, device)
         self.bytes_sent = self.bytes_received = 0
-        return int(buf.item())
+        return int(hops.item())
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

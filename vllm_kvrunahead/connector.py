@@ -9,6 +9,8 @@ attend, then send prefix + own KV to the successor. With ``send_on_entry`` the s
 goes out at the layer's attention entry instead: vLLM writes the layer's K and V
 into the cache in an op of its own just before, so they are final there, and a
 successor waits for this layer's QKV projection, not for its attention and MLP.
+The step's sends and receives are issued in ``ring_order.step_order``'s order, through
+``ChainComm``, which holds them until they complete.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .plan import Traffic
 from .stats import ChainStats
 from .profiling import StepProfiler
 from .log import logger
+from .ring_order import MESSAGES, POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order
 from .vllm_seam import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -46,7 +49,6 @@ class RunaheadMeta(Traffic, KVConnectorMetadata):
 
 
 EMPTY_META = RunaheadMeta()
-AHEAD = 2  # the head keeps its prefix sends this many layers ahead of its own layer
 
 
 class KVRunaheadConnector(KVConnectorBase_V1):
@@ -63,10 +65,10 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self._reset()
 
     def _reset(self) -> None:
-        self._recv = self._send = self._ahead = self._pending = None  # kernel block ids / next receive
+        self._step: StepOrder | None = None  # this step's operations (None: it moves no KV)
+        self._blocks: dict[str, torch.Tensor] = {}  # kernel block ids, by RunaheadMeta field
         self._layer = 0           # attention layers entered this step
         self._layers_sent = 0
-        self._busy = False        # this step moves KV
 
     # -- set-up ---------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -98,116 +100,101 @@ class KVRunaheadConnector(KVConnectorBase_V1):
 
     # -- per step ---------------------------------------------------------
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        """Message order per peer pair is fixed (NCCL runs a pair's sends and receives in issue
-        order on one stream): head: upfront, prefix layers 0 and 1, then per layer l: prefix
-        l+2, receive l+1; position 0: upfront, receive 0, then per layer: receive l+1, send l."""
         meta = connector_metadata(self)
         self._reset()
         if not isinstance(meta, RunaheadMeta):
             return
-        busy = any(len(b) for b in (meta.recv, meta.send, meta.send_ahead, meta.upfront_send, meta.upfront_recv))
-        if not busy:
+        self._blocks = {name: self._device_blocks(ids) for name in MESSAGES if len(ids := getattr(meta, name))}
+        if not self._blocks:
             return
-        self._busy = True
+        self._step = step_order(Role(len(self.order), send_on_entry=self.send_on_entry,
+                                     **{name: name in self._blocks for name in MESSAGES}))
         self.stats.steps += 1
         self.profiler.begin()
-        if len(meta.upfront_send):
-            blocks = self._device_blocks(meta.upfront_send)
-            self.comm.post_send(torch.stack([kv_layout.gather(self.kv_caches[n], blocks) for n in self.order]))
-            self.stats.blocks_sent += len(blocks) * len(self.order)
-        if len(meta.upfront_recv):
-            blocks = self._device_blocks(meta.upfront_recv)
-            buf = torch.empty((len(self.order), len(blocks), *self.block_shape), dtype=self.dtype,
-                              device=self.device)
-            self.comm.wait_recv(self.comm.post_recv(buf))
-            for name, data in zip(self.order, buf):
-                kv_layout.scatter(self.kv_caches[name], blocks, data)
-            self.stats.blocks_received += len(blocks) * len(self.order)
-        if len(meta.send_ahead):
-            self._ahead = self._device_blocks(meta.send_ahead)
-            for layer in range(min(AHEAD, len(self.order))):
-                self._send_ahead(layer)
-        if len(meta.recv):
-            self._recv = self._device_blocks(meta.recv)
-            self._pending = self._post_recv()
-        if len(meta.send):
-            self._send = self._device_blocks(meta.send)
+        for op in self._step.start:
+            self._issue(op)
 
     def _device_blocks(self, block_ids: np.ndarray) -> torch.Tensor:
         ids = kv_layout.kernel_blocks(block_ids, self.per_block)
         return torch.from_numpy(ids).to(self.device, non_blocking=True)
 
-    def _post_recv(self):
-        buf = torch.empty((len(self._recv), *self.block_shape), dtype=self.dtype, device=self.device)
-        return self.comm.post_recv(buf), buf
-
-    def _send_ahead(self, layer: int) -> None:
-        self.comm.post_send(kv_layout.gather(self.kv_caches[self.order[layer]], self._ahead))
-        self._layers_sent += 1
-        self.stats.layers_sent += 1
-        self.stats.blocks_sent += len(self._ahead)
-
     def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._step is None:
+            return
         layer = self._layer
         self._layer += 1
-        if self._ahead is not None:
-            if layer >= len(self.order) or self.order[layer] != layer_name:
-                raise RuntimeError(
-                    f"KV-Runahead: attention layer {layer_name} ran as layer {layer}; the prefix is sent in "
-                    f"the order {self.order[:4]}...: the model's layers do not run in index order")
-            if layer + AHEAD < len(self.order):
-                self._send_ahead(layer + AHEAD)
-        # Sending this layer at its entry: the send goes before the next layer's receive. NCCL runs a
-        # group's point-to-point ops in issue order on one stream per rank, so a send posted after that
-        # receive would wait for the predecessor's next layer.
-        send_now = self.send_on_entry and self._send is not None
-        if self._recv is not None:
-            if self._pending is None:
-                raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
-            work, buf = self._pending
-            self._pending = None
-            if not send_now:
-                self._post_next_recv()  # post the next layer's receive before waiting on this one
-            waited = self.profiler.around_wait()
-            self.comm.wait_recv(work)
-            waited()
-            kv_layout.scatter(self.kv_caches[layer_name], self._recv, buf)
-            self.stats.blocks_received += len(self._recv)
-        if send_now:
-            self._post_layer_send(self.kv_caches[layer_name])
-            self.stats.layers_sent_on_entry += 1
-            if self._recv is not None:
-                self._post_next_recv()
-
-    def _post_next_recv(self) -> None:
-        self._pending = self._post_recv() if self._layer < len(self.order) else None
-
-    def _post_layer_send(self, kv_layer: torch.Tensor) -> None:
-        self.comm.post_send(kv_layout.gather(kv_layer, self._send))
-        self._layers_sent += 1
-        self.stats.layers_sent += 1
-        self.stats.blocks_sent += len(self._send)
+        if layer >= len(self.order):
+            raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
+        if "send_ahead" in self._blocks and self.order[layer] != layer_name:
+            raise RuntimeError(
+                f"KV-Runahead: attention layer {layer_name} ran as layer {layer}; the prefix is sent in "
+                f"the order {self.order[:4]}...: the model's layers do not run in index order")
+        for op in self._step.entry[layer]:
+            self._issue(op, self.kv_caches[layer_name])
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        if self._send is not None and not self.send_on_entry:
-            self._post_layer_send(kv_layer)
+        if self._step is not None and 0 < self._layer <= len(self.order):
+            for op in self._step.exit[self._layer - 1]:
+                self._issue(op, kv_layer)
+
+    def _issue(self, op: Op, kv: torch.Tensor | None = None) -> None:
+        """One operation of ``ring_order.step_order``; kv: the cache of the layer being run."""
+        if op.msg == UPFRONT:
+            self._upfront(op)
+        elif op.kind == POST_RECV:
+            self.comm.post_recv((len(self._blocks["recv"]), *self.block_shape), self.dtype, self.device)
+        elif op.kind == WAIT_RECV:
+            waited = self.profiler.around_wait()
+            buf = self.comm.wait_recv()
+            waited()
+            kv_layout.scatter(kv, self._blocks["recv"], buf)
+            self.stats.blocks_received += len(self._blocks["recv"])
+        elif op.msg == PREFIX:
+            self._send_layer(self.kv_caches[self.order[op.layer]], self._blocks["send_ahead"])
+        else:
+            self._send_layer(kv, self._blocks["send"])
+            self.stats.layers_sent_on_entry += self.send_on_entry
+
+    def _upfront(self, op: Op) -> None:
+        """The blocks holding an unaligned chunk start, all layers in one message."""
+        if op.kind == SEND:
+            blocks = self._blocks["upfront_send"]
+            self.comm.post_send(torch.stack([kv_layout.gather(self.kv_caches[n], blocks) for n in self.order]))
+            self.stats.blocks_sent += len(blocks) * len(self.order)
+            return
+        blocks = self._blocks["upfront_recv"]
+        if op.kind == POST_RECV:
+            self.comm.post_recv((len(self.order), len(blocks), *self.block_shape), self.dtype, self.device)
+            return
+        for name, data in zip(self.order, self.comm.wait_recv()):
+            kv_layout.scatter(self.kv_caches[name], blocks, data)
+        self.stats.blocks_received += len(blocks) * len(self.order)
+
+    def _send_layer(self, kv_layer: torch.Tensor, blocks: torch.Tensor) -> None:
+        self.comm.post_send(kv_layout.gather(kv_layer, blocks))
+        self._layers_sent += 1
+        self.stats.layers_sent += 1
+        self.stats.blocks_sent += len(blocks)
 
     def wait_for_save(self) -> None:
         if sys.exc_info()[1] is not None:  # vLLM calls this on the way out of a forward that raised
-            if self._busy:
+            if self._step is not None:
                 logger.error("KV-Runahead: step aborted at attention layer %d of %d; its chain traffic is dropped",
                              self._layer, len(self.order))
-            self.comm.drop_sends()
+            self.comm.abort_step()
             self._reset()
             return
-        self.comm.wait_sends()
-        if self._recv is not None and self._layer != len(self.order):
-            raise RuntimeError(
-                f"KV-Runahead: {len(self.order) - self._layer} layer(s) of prefix KV were never consumed; "
-                "the model has attention layers the chain cannot see")
-        if (self._send is not None or self._ahead is not None) and self._layers_sent != len(self.order):
-            raise RuntimeError(f"KV-Runahead: sent {self._layers_sent} of {len(self.order)} layers")
-        if self._busy:
+        problem = None
+        if "recv" in self._blocks and self._layer != len(self.order):
+            problem = (f"KV-Runahead: {len(self.order) - self._layer} layer(s) of prefix KV were never consumed; "
+                       "the model has attention layers the chain cannot see")
+        elif self._blocks.keys() & {"send", "send_ahead"} and self._layers_sent != len(self.order):
+            problem = f"KV-Runahead: sent {self._layers_sent} of {len(self.order)} layers"
+        if problem:
+            self.comm.abort_step()
+            raise RuntimeError(problem)
+        self.comm.end_step()
+        if self._step is not None:
             self.profiler.end()
         self._reset()
 

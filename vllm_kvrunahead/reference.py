@@ -108,19 +108,15 @@ class TinyLlama(nn.Module):
         has_prev = seg.start > 0
         has_next = comm is not None and comm.next_rank is not None
         recv_shape = (2, seg.start, c.kv_heads, c.head_dim)
-        nxt = None
         if has_prev:  # post the first receive before any compute
-            buf = torch.empty(recv_shape, dtype=x.dtype)
-            nxt = (comm.post_recv(buf), buf)
+            comm.post_recv(recv_shape, x.dtype)
         kv_out = []
         for layer in range(c.layers):
             q, k, v = self._qkv(layer, x, pos)          # compute while layer's KV is in flight
             if has_prev:
-                work, buf = nxt
                 if layer + 1 < c.layers:                 # post the next layer's receive
-                    nb = torch.empty(recv_shape, dtype=x.dtype)
-                    nxt = (comm.post_recv(nb), nb)
-                comm.wait_recv(work)
+                    comm.post_recv(recv_shape, x.dtype)
+                buf = comm.wait_recv()
                 k_all, v_all = torch.cat([buf[0], k]), torch.cat([buf[1], v])
             else:
                 k_all, v_all = k, v
@@ -130,6 +126,6 @@ class TinyLlama(nn.Module):
             kv_out.append(kv)
             x = self._finish_layer(layer, x, q, k_all, v_all, seg.start)
         if comm is not None:
-            comm.wait_sends()
+            comm.end_step()
         logits = self._norm(x[-1]) @ self.lm_head
         return logits, kv_out
