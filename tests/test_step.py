@@ -24,8 +24,9 @@ BLOCKS = list(range(40, 60))  # 20 blocks: 320 tokens
 def chain(rank: int, n: int = 2) -> Chain:
     kvr = KVRunaheadConfig(num_workers=n, min_tokens=0)
     c = Chain(kvr, ChainTopology(n, n - 1, rank), None, BS, 64, ChainComm(None, None),
-              SimpleNamespace(stats=ChainStats()))
+              SimpleNamespace(stats=ChainStats(n)))
     c.partitioner = Partitioner("model", n, CostModel(), min_tokens=0, block_size=BS)
+    c.block_bytes = 1000  # one KV block of every layer
     return c
 
 
@@ -47,7 +48,8 @@ def step(new=(), scheduled=None, cached=None) -> SchedulerOutput:
 def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     prompt = 300
     so = step([new_req("a", prompt, computed)], {"a": prompt - computed})
-    head, first = chain(1).rewrite(so), chain(0).rewrite(so)
+    head_chain, first_chain = chain(1), chain(0)
+    head, first = head_chain.rewrite(so), first_chain.rewrite(so)
     (req,) = head.plan.requests
     seg0, seg1 = req.segments
     assert seg0.start == computed and seg0.end % BS == 0 and seg1.end == prompt and seg0.end < seg1.end
@@ -74,6 +76,17 @@ def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     np.testing.assert_array_equal(fm.recv, hm.send_ahead)
     np.testing.assert_array_equal(fm.send, hm.recv)
     np.testing.assert_array_equal(fm.upfront_recv, hm.upfront_send)
+
+    # every worker counts every position's traffic from the same plan: what one sends, the next receives
+    for c in (head_chain, first_chain):
+        s = c.counters
+        assert s.kv_bytes_sent == [1000 * (len(fm.send) + len(fm.upfront_send)),
+                                   1000 * (len(hm.send_ahead) + len(hm.upfront_send))]
+        assert s.kv_bytes_received == [1000 * (len(fm.recv) + len(fm.upfront_recv)), 1000 * len(hm.recv)]
+        assert s.segment_tokens == [seg0.length, seg1.length]
+        assert (s.chunks_ahead_cached, s.prefix_tokens_sent) == ((1, computed) if computed else (0, 0))
+    report = head_chain.counters.report()
+    assert report["kv_bytes_sent"] == head_chain.counters.kv_bytes_sent and head_chain.counters.report() is None
 
 
 def test_a_decode_step_runs_on_the_head_and_nothing_on_the_chain():

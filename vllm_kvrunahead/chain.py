@@ -91,7 +91,8 @@ def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config) ->
     comm = ChainComm.for_ring(topo, vllm_seam.world_device_group(), vllm_seam.world_cpu_group(), kvr.recv_timeout_s)
     vllm_seam.set_worker_transfer_config(vllm_config)
     connector = KVRunaheadConnector(vllm_config, vllm_seam.KVConnectorRole.WORKER, kv_cache_config, comm,
-                                    ChainStats(), profile=kvr.profile or kvr.refine, send_on_entry=kvr.early_send)
+                                    ChainStats(kvr.num_workers), profile=kvr.profile or kvr.refine,
+                                    send_on_entry=kvr.early_send)
     vllm_seam.install_connector(connector)
     return Chain(kvr, topo, vllm_seam.model_shape(vllm_config.model_config), vllm_seam.block_size(kv_cache_config),
                  vllm_seam.num_kv_blocks(kv_cache_config), comm, connector)
@@ -110,6 +111,7 @@ class Chain:
         self.comm, self.connector = comm, connector
         self.counters: ChainStats = connector.stats  # one record: the connector counts what it moves
         self.partitioner: Partitioner | None = None  # start(): tables are keyed by the device
+        self.block_bytes = 0  # start(): one KV block of every layer, as it crosses a link
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds from its last step
         self._head_starts: dict[str, int] = {}  # the head's segment starts this step
 
@@ -120,6 +122,7 @@ class Chain:
     def start(self, runner) -> None:
         """Once the runner has allocated the KV caches (the connector then knows the device)."""
         self.device = self.connector.device
+        self.block_bytes = self.connector.block_bytes
         if self.is_head:
             vllm_seam.follow_rewritten_starts(runner, lambda: self._head_starts)
         self.partitioner = self._partitioner()
@@ -140,7 +143,7 @@ class Chain:
         plan = make_plan(views, self.kvr.num_workers, splitter=self.partitioner, block_size=self.block_size,
                          holdings=self.holdings)
         self.holdings.record(plan, views)
-        self.counters.count_plan(plan)
+        self.counters.count_plan(plan, self.block_bytes)
         return plan
 
     def rewrite(self, scheduler_output) -> Step:
@@ -162,34 +165,44 @@ class Chain:
         return Step(plan, mine, scheduler_output)
 
     def learn(self, step: Step) -> None:
-        """Online refinement: learn from steps that prefilled one prompt and nothing else (the head's
-        busy time then is that prompt's alone). Every worker decides this from the same scheduler
-        output and gets the same busy times, so all keep the same split."""
+        """With ``profile`` (or ``refine``), after every runahead step: every position's step time and
+        receive stalls, gathered on every worker (a few bytes over the CPU group), for the stats; and
+        online refinement, from steps that prefilled one prompt and nothing else (the head's busy time
+        then is that prompt's alone). Every worker decides this from the same scheduler output and gets
+        the same times, so all keep the same split."""
+        if not (step.plan and (self.kvr.profile or self.kvr.refine)):
+            return
+        p = self.connector.profiler.total
+        pos, n, t = self.topo.pos, self.kvr.num_workers, self.topo.tp_size
+        step_s = self.comm.gather_times(p.last_step_s, pos, n, t)
+        stall_s = self.comm.gather_times(p.last_stall_s, pos, n, t)
+        self.counters.observe_times(step_s, stall_s)
         r = self.partitioner.refiner
         if r is None or len(step.plan.requests) != 1:
             return
         req = step.plan.requests[0]
-        n = req.segments[-1].end
-        if req.start != 0 or step.original.total_num_scheduled_tokens != n:
+        n_tok = req.segments[-1].end
+        if req.start != 0 or step.original.total_num_scheduled_tokens != n_tok:
             return
-        p = self.connector.profiler.total
-        busy = self.comm.gather_times(p.last_step_s - p.last_stall_s, self.topo.pos, self.kvr.num_workers,
-                                      self.topo.tp_size)
-        if r.observe(n, fractions_of(req.segments), busy, self.partitioner.base_fractions(n)) and self.is_head:
+        busy = [a - b for a, b in zip(step_s, stall_s)]
+        if r.observe(n_tok, fractions_of(req.segments), busy, self.partitioner.base_fractions(n_tok)) \
+                and self.is_head:
             logger.info("KV-Runahead refine: %d-token prompt, busy ms per worker %s -> fractions %s",
-                        n, [round(b * 1e3, 2) for b in busy],
-                        [round(f, 4) for f in self.partitioner.fractions(n)])
+                        n_tok, [round(b * 1e3, 2) for b in busy],
+                        [round(f, 4) for f in self.partitioner.fractions(n_tok)])
 
     # -- reports and tools ----------------------------------------------------
     def stats(self) -> dict:
         """What this worker computed and moved (``kvr_stats``)."""
         c = asdict(self.counters)
         c["chain_steps"] = c.pop("steps")
+        del c["n_positions"]
         profiled = self.kvr.profile or self.kvr.refine
         return {
             "chain_pos": self.topo.pos, "is_head": self.is_head, "n_workers": self.kvr.num_workers,
             "tp_rank": self.topo.tp_rank, "tp_size": self.topo.tp_size, "tp_group": vllm_seam.tp_group_ranks(),
             **c, "live_requests": len(self.book), "bytes_sent": self.comm.bytes_sent,
+            "bytes_received": self.comm.bytes_received,
             "profile": asdict(self.connector.profiler.total) if profiled else None,
             "partition": self.partitioner.describe(),
             "refine": self.partitioner.refiner.state() if self.partitioner.refiner else None,

@@ -23,6 +23,7 @@ import torch
 
 from . import kv_layout
 from .comm import ChainComm
+from .metrics import KVRunaheadMetrics, KVRunaheadStats
 from .plan import Traffic
 from .stats import ChainStats
 from .profiling import StepProfiler
@@ -97,6 +98,8 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             raise ValueError(f"KV-Runahead: {any_cache.shape[0]} kernel blocks do not split "
                              f"{spec_blocks} KV blocks evenly")
         self.per_block = any_cache.shape[0] // spec_blocks
+        # one scheduler block of every layer, as it crosses a link (what the stats count per block moved)
+        self.block_bytes = len(self.order) * self.per_block * any_cache[0].numel() * any_cache.element_size()
 
     # -- per step ---------------------------------------------------------
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
@@ -197,6 +200,19 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         if self._step is not None:
             self.profiler.end()
         self._reset()
+
+    # -- stats: vLLM reads the output rank's (the head's) -------------------
+    def get_kv_connector_stats(self) -> KVRunaheadStats | None:
+        data = self.stats.report()
+        return KVRunaheadStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return KVRunaheadMetrics.build_kv_connector_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVRunaheadMetrics.build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side: unused (KV-Runahead plans on the workers) ----------
     def get_num_new_matched_tokens(self, request, num_computed_tokens):

@@ -47,7 +47,11 @@ class ReqView:
     num_scheduled: int          # m: tokens computed this step
     prompt_len: int             # chain workers compute prompt tokens only
     block_ids: tuple[int, ...]  # KV cache group 0, covering [0, num_computed + num_scheduled)
-    eligible: bool = True       # False: decodes, and features the chain does not carry
+    on_head: str = ""           # why the chain cannot carry it (DECODE, a feature such as "lora"); "": it may
+
+    @property
+    def eligible(self) -> bool:
+        return not self.on_head
 
     @property
     def chunk(self) -> Chunk:
@@ -118,7 +122,7 @@ class StepPlan:
     n_workers: int
     requests: tuple[RunaheadReq, ...]
     block_size: int = 1
-    prefix_not_final: tuple[str, ...] = ()  # chunks kept on the head: their cached prefix is computed this step
+    on_head: tuple[tuple[str, str], ...] = ()  # (req id, why) of the prefill chunks that stay on the head
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -172,6 +176,22 @@ def prefix_final(r: ReqView, written: set[int], block_size: int) -> bool:
     return written.isdisjoint(r.block_ids[: r.num_computed // block_size])
 
 
+DECODE = "decode"                        # no prompt token left: not a prefill chunk
+TOO_SHORT = "too_short"                  # the chain would not finish it sooner (cost model or min_tokens)
+PREFIX_NOT_FINAL = "prefix_not_final"    # its cached prefix is computed in this same step
+
+
+def head_only_reason(r: ReqView, n_workers: int, block_size: int, written: set[int]) -> str:
+    """Why prefill chunk ``r`` cannot run ahead in this step ("": it can, if it gains from the chain)."""
+    if r.on_head:
+        return r.on_head
+    if r.chunk.block_bounds(block_size) < n_workers - 1:  # no room for a bound per chain position
+        return TOO_SHORT
+    if not prefix_final(r, written, block_size):
+        return PREFIX_NOT_FINAL
+    return ""
+
+
 def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int,
               holdings: Holdings | None = None) -> StepPlan:
     """Chunks the splitter finds worth running ahead over a final prefix, cut as one job with the
@@ -179,18 +199,21 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
     written = blocks_written(reqs, block_size)
-    chunks, not_final = {}, []
+    chunks, on_head = {}, []
     for r in reqs:
-        if r.eligible and r.num_scheduled > 0 and r.chunk.block_bounds(block_size) >= n_workers - 1:
-            if not prefix_final(r, written, block_size):
-                not_final.append(r.req_id)
-                continue
+        if r.num_scheduled <= 0 or r.on_head == DECODE:
+            continue
+        why = head_only_reason(r, n_workers, block_size, written)
+        if not why:
             held = holdings.held(r.block_ids, r.num_computed) if holdings is not None else ()
             chunk = dataclasses.replace(r.chunk, held=held)
             if splitter.runs_ahead(chunk):
                 chunks[r.req_id] = chunk
+                continue
+            why = TOO_SHORT
+        on_head.append((r.req_id, why))
     if not chunks:
-        return StepPlan(n_workers, (), block_size, tuple(not_final))
+        return StepPlan(n_workers, (), block_size, tuple(on_head))
     ahead = [r for r in reqs if r.req_id in chunks]
     head_only = [r.chunk for r in reqs if r.req_id not in chunks and r.num_scheduled > 0]
     out = []
@@ -198,4 +221,4 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
         if len(r.block_ids) * block_size < r.chunk.end:
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids), chunks[r.req_id].held))
-    return StepPlan(n_workers, tuple(out), block_size, tuple(not_final))
+    return StepPlan(n_workers, tuple(out), block_size, tuple(on_head))

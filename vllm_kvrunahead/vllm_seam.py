@@ -20,13 +20,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401 (r
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: F401 (re-exported)
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 from vllm.exceptions import VLLMValidationError as RequestError  # noqa: F401 (HTTP 400 on 0.26 and 0.32)
 from vllm.platforms import current_platform
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from .partition import ModelShape
-from .plan import ReqView, StepPlan
+from .plan import DECODE, ReqView, StepPlan
 
 VLLM_VERSION = vllm.__version__.split("+")[0]  # for messages only
 
@@ -241,13 +245,31 @@ class RequestBook:
         return self._blocks[req_id]
 
 
-def _chain_can_compute(nr: NewRequestData) -> bool:
-    """Whether the chain can compute this request's prompt: plain token prompts of a generative,
-    text-only request without LoRA or prompt logprobs (the head needs all logits for those)."""
+def _why_on_head(nr: NewRequestData) -> str:
+    """Why the chain cannot compute this request's prompt ("": it can). It computes plain token prompts
+    of generative, text-only requests; the head needs all logits for prompt logprobs."""
     sp = nr.sampling_params
-    return (nr.prompt_token_ids is not None and nr.prompt_embeds is None and not nr.mm_features
-            and nr.lora_request is None and nr.pooling_params is None and sp is not None
-            and sp.prompt_logprobs is None and len(nr.block_ids) == 1)
+    if nr.prompt_token_ids is None or nr.prompt_embeds is not None:
+        return "prompt_embeds"
+    if nr.mm_features:
+        return "multimodal"
+    if nr.lora_request is not None:
+        return "lora"
+    if nr.pooling_params is not None or sp is None:
+        return "pooling"
+    if sp.prompt_logprobs is not None:
+        return "prompt_logprobs"
+    if len(nr.block_ids) != 1:
+        return "kv_cache_groups"
+    return ""
+
+
+def _why_past_prompt(c: int, m: int, prompt_len: int) -> str:
+    """Tokens after the prompt: a decode, or the output tokens a resumed request recomputes (chain
+    workers compute prompt tokens only)."""
+    if c < prompt_len:
+        return ""
+    return DECODE if m == 1 else "output_tokens"
 
 
 def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
@@ -268,7 +290,8 @@ def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
         views.append(ReqView(
             req_id=rid, num_computed=c, num_scheduled=m, prompt_len=prompt_len,
             block_ids=tuple(book.blocks(rid)),
-            eligible=c < prompt_len and _chain_can_compute(nr) and rid not in so.scheduled_spec_decode_tokens,
+            on_head=_why_past_prompt(c, m, prompt_len) or _why_on_head(nr)
+            or ("spec_decode" if rid in so.scheduled_spec_decode_tokens else ""),
         ))
     return views
 

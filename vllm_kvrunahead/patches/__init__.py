@@ -69,11 +69,11 @@ def check_not_replaced() -> None:
 
 
 def _registry() -> tuple[Patch, ...]:
-    from . import (config_hook, executor_sizes, mq_writer_shutdown, runner_starts, step_budget, step_schedule,
-                   token_ids)
+    from . import (config_hook, connector_metrics, executor_sizes, mq_writer_shutdown, runner_starts, step_budget,
+                   step_schedule, token_ids)
 
     return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, step_schedule.PATCH, mq_writer_shutdown.PATCH,
-            token_ids.PATCH, runner_starts.PATCH)
+            token_ids.PATCH, runner_starts.PATCH, connector_metrics.PATCH)
 
 
 _applied: set[str] = set()
