@@ -196,12 +196,12 @@ def test_the_first_worker_has_no_predecessor():
 
 
 def _gather(rank, world):
-    return ChainComm(None, None).gather_times(rank + 0.5, rank, world)
+    return ChainComm(None, None).gather_times((rank + 0.5, -rank), rank, world)
 
 
 def test_gather_times_in_chain_order():
     results = run_ranks(_gather, 3)
-    assert results == [[0.5, 1.5, 2.5]] * 3
+    assert results == [[[0.5, 1.5, 2.5], [0.0, -1.0, -2.0]]] * 3   # one all-reduce, one list per value
 
 
 def _ring(rank, world, layers):
@@ -272,7 +272,7 @@ def _tp_ring(rank, world, tp, layers):
         if not topo.is_head:
             comm.post_send(torch.cat([buf, torch.full((2,), float(1000 * topo.tp_rank + 10 * (topo.stage + 1) + layer))]))
     comm.wait_sends()
-    times = comm.gather_times(1.0 + topo.tp_rank, topo.pos, s, tp)
+    (times,) = comm.gather_times((1.0 + topo.tp_rank,), topo.pos, s, tp)
     return topo.tp_rank, topo.pos, got, times
 
 

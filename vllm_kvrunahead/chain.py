@@ -174,8 +174,7 @@ class Chain:
             return
         p = self.connector.profiler.total
         pos, n, t = self.topo.pos, self.kvr.num_workers, self.topo.tp_size
-        step_s = self.comm.gather_times(p.last_step_s, pos, n, t)
-        stall_s = self.comm.gather_times(p.last_stall_s, pos, n, t)
+        step_s, stall_s = self.comm.gather_times((p.last_step_s, p.last_stall_s), pos, n, t)
         self.counters.observe_times(step_s, stall_s)
         r = self.partitioner.refiner
         if r is None or len(step.plan.requests) != 1:

@@ -11,7 +11,7 @@ CPU, NCCL on GPU (NCCL runs P2P on its own stream; ``Work.wait()`` then only
 makes the current stream wait, no host sync).
 
 Nothing else in the package calls torch.distributed send/recv. The one
-collective, ``gather_times`` (online refinement only), runs on a CPU group.
+collective, ``gather_times`` (with ``profile`` or ``refine``), runs on a CPU group.
 """
 from __future__ import annotations
 
@@ -159,12 +159,13 @@ class ChainComm:
         self._sends = []
         self._recvs = []
 
-    def gather_times(self, seconds: float, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[float]:
-        """Every chain position's ``seconds``, in chain order (a few bytes over the CPU group; each
-        worker has finished its forward by then, so nothing waits on a GPU). With T TP ranks per
-        stage, a position's time is the mean of its T ranks' (the same list on every rank)."""
-        t = torch.zeros(n_workers, dtype=torch.float64)
-        t[chain_pos] = seconds
+    def gather_times(self, seconds, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[list[float]]:
+        """Every chain position's value of each of ``seconds`` (one list per value, in chain order), in
+        one all-reduce of a few bytes over the CPU group (each worker has finished its forward by then,
+        so nothing waits on a GPU). With T TP ranks per stage, a position's value is the mean of its T
+        ranks' (the same lists on every rank)."""
+        t = torch.zeros(len(seconds), n_workers, dtype=torch.float64)
+        t[:, chain_pos] = torch.tensor(seconds, dtype=torch.float64)
         dist.all_reduce(t, group=self.cpu_group)
         return (t / tp_size).tolist()
 
