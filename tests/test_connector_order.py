@@ -55,7 +55,7 @@ def run_step(c):
 
 
 ids = lambda *b: np.array(b, np.int64)  # noqa: E731
-HEAD = dict(recv=ids(4, 5), send_ahead=ids(0, 1), upfront_send=ids(2))
+HEAD = dict(recv=ids(4, 5), send_prefix=ids(0, 1), upfront_send=ids(2))
 FIRST = dict(recv=ids(0, 1), send=ids(0, 1, 2, 3), upfront_recv=ids(2))
 MIDDLE = dict(recv=ids(0, 1, 2, 3), send=ids(0, 1, 2, 3, 4, 5))
 
@@ -71,13 +71,13 @@ def test_a_step_issues_the_ring_order(traffic, send_on_entry):
     assert [kind for kind, _, _ in c.comm.log] == [op.kind for op in want]
     for (kind, shape, data), op in zip(c.comm.log, want):
         n = len(traffic["upfront_send" if op.kind == SEND else "upfront_recv"]) if op.msg == UPFRONT else len(
-            traffic["send_ahead" if op.msg == PREFIX else "send" if op.kind == SEND else "recv"])
+            traffic["send_prefix" if op.msg == PREFIX else "send" if op.kind == SEND else "recv"])
         assert shape == ((LAYERS, n, *BLOCK) if op.msg == UPFRONT else (n, *BLOCK)), op
         if op.msg == PREFIX:   # the head's cached prefix, from the layer it is sent for
             assert torch.all(data == float(op.layer)), op
     layer_recv = len(traffic.get("recv", ()))
     up = len(traffic.get("upfront_send", ())) + len(traffic.get("upfront_recv", ()))
-    sends = len(traffic.get("send", ())) + len(traffic.get("send_ahead", ()))
+    sends = len(traffic.get("send", ())) + len(traffic.get("send_prefix", ()))
     assert c.stats.steps == 1
     assert c.stats.blocks_received == LAYERS * layer_recv + (LAYERS * up if "upfront_recv" in traffic else 0)
     assert c.stats.blocks_sent == LAYERS * sends + (LAYERS * up if "upfront_send" in traffic else 0)

@@ -15,7 +15,7 @@ import itertools
 import pytest
 
 from vllm_kvrunahead.ring_order import (
-    AHEAD, LAYER, POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order)
+    PREFIX_LEAD, LAYER, POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order)
 
 
 def roles(n, layers, links, upfront=False, send_on_entry=False):
@@ -23,7 +23,7 @@ def roles(n, layers, links, upfront=False, send_on_entry=False):
     link n-1: head -> position 0, the cached prefix). upfront: head -> position 0, once."""
     head = n - 1
     return [Role(layers, recv=(pos - 1) % n in links, send=pos != head and pos in links,
-                 send_ahead=pos == head and head in links, upfront_send=upfront and pos == head,
+                 send_prefix=pos == head and head in links, upfront_send=upfront and pos == head,
                  upfront_recv=upfront and pos == 0, send_on_entry=send_on_entry)
             for pos in range(n)]
 
@@ -161,11 +161,11 @@ def test_order_of_a_middle_worker_and_the_head():
     early = step_order(Role(3, recv=True, send=True, send_on_entry=True))
     assert early.entry[0] == (Op(WAIT_RECV, LAYER, 0), Op(SEND, LAYER, 0), Op(POST_RECV, LAYER, 1))
     assert early.exit == ((), (), ())
-    head = step_order(Role(5, recv=True, send_ahead=True, upfront_send=True))
+    head = step_order(Role(5, recv=True, send_prefix=True, upfront_send=True))
     assert head.start == (Op(SEND, UPFRONT), Op(SEND, PREFIX, 0), Op(SEND, PREFIX, 1), Op(POST_RECV, LAYER, 0))
     assert [op for entry in head.entry for op in entry if op.kind == SEND] == [
-        Op(SEND, PREFIX, layer) for layer in range(AHEAD, 5)]
-    assert step_order(Role(1, send_ahead=True)).start == (Op(SEND, PREFIX, 0),)
+        Op(SEND, PREFIX, layer) for layer in range(PREFIX_LEAD, 5)]
+    assert step_order(Role(1, send_prefix=True)).start == (Op(SEND, PREFIX, 0),)
     assert step_order(Role(4)) == StepOrder((), ((),) * 4, ((),) * 4)
 
 

@@ -62,7 +62,7 @@ def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     blocks = np.asarray(BLOCKS)
     hm = head.scheduler_output.kv_connector_metadata
     np.testing.assert_array_equal(hm.recv, blocks[computed // BS: seg1.start // BS])  # the chain's new KV
-    np.testing.assert_array_equal(hm.send_ahead, blocks[: computed // BS])           # cached prefix -> pos 0
+    np.testing.assert_array_equal(hm.send_prefix, blocks[: computed // BS])           # cached prefix -> pos 0
     np.testing.assert_array_equal(hm.upfront_send, blocks[computed // BS: computed // BS + 1] if computed % BS
                                   else blocks[:0])
     assert not len(hm.send) and not len(hm.upfront_recv)
@@ -73,7 +73,7 @@ def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     assert cr.sampling_params is vllm_seam.CHAIN_SAMPLING
     assert first.scheduler_output.num_scheduled_tokens == {"a": seg0.length}
     fm = first.scheduler_output.kv_connector_metadata
-    np.testing.assert_array_equal(fm.recv, hm.send_ahead)
+    np.testing.assert_array_equal(fm.recv, hm.send_prefix)
     np.testing.assert_array_equal(fm.send, hm.recv)
     np.testing.assert_array_equal(fm.upfront_recv, hm.upfront_send)
 
@@ -81,7 +81,7 @@ def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     for c in (head_chain, first_chain):
         s = c.counters
         assert s.kv_bytes_sent == [1000 * (len(fm.send) + len(fm.upfront_send)),
-                                   1000 * (len(hm.send_ahead) + len(hm.upfront_send))]
+                                   1000 * (len(hm.send_prefix) + len(hm.upfront_send))]
         assert s.kv_bytes_received == [1000 * (len(fm.recv) + len(fm.upfront_recv)), 1000 * len(hm.recv)]
         assert s.segment_tokens == [seg0.length, seg1.length]
         assert (s.chunks_ahead_cached, s.prefix_tokens_sent) == ((1, computed) if computed else (0, 0))

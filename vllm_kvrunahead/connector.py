@@ -128,7 +128,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self._layer += 1
         if layer >= len(self.order):
             raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
-        if "send_ahead" in self._blocks and self.order[layer] != layer_name:
+        if "send_prefix" in self._blocks and self.order[layer] != layer_name:
             raise RuntimeError(
                 f"KV-Runahead: attention layer {layer_name} ran as layer {layer}; the prefix is sent in "
                 f"the order {self.order[:4]}...: the model's layers do not run in index order")
@@ -153,7 +153,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             kv_layout.scatter(kv, self._blocks["recv"], buf)
             self.stats.blocks_received += len(self._blocks["recv"])
         elif op.msg == PREFIX:
-            self._send_layer(self.kv_caches[self.order[op.layer]], self._blocks["send_ahead"])
+            self._send_layer(self.kv_caches[self.order[op.layer]], self._blocks["send_prefix"])
         else:
             self._send_layer(kv, self._blocks["send"])
             self.stats.layers_sent_on_entry += self.send_on_entry
@@ -191,7 +191,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         if "recv" in self._blocks and self._layer != len(self.order):
             problem = (f"KV-Runahead: {len(self.order) - self._layer} layer(s) of prefix KV were never consumed; "
                        "the model has attention layers the chain cannot see")
-        elif self._blocks.keys() & {"send", "send_ahead"} and self._layers_sent != len(self.order):
+        elif self._blocks.keys() & {"send", "send_prefix"} and self._layers_sent != len(self.order):
             problem = f"KV-Runahead: sent {self._layers_sent} of {len(self.order)} layers"
         if problem:
             self.comm.abort_step()

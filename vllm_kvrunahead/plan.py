@@ -68,14 +68,14 @@ class Traffic:
 
     recv: per layer, from the predecessor (position 0: the head's cached prefix).
     send: per layer, to the successor (chain positions: prefix + own segment).
-    send_ahead: per layer, the head's cached prefix to position 0, ahead of its own compute.
+    send_prefix: per layer, the head's cached prefix to position 0, ahead of its own compute.
     upfront_send / upfront_recv: once, all layers, before the forward: the block holding an unaligned
     chunk start (head -> position 0).
     """
 
     recv: np.ndarray = dataclasses.field(default_factory=_no_blocks)
     send: np.ndarray = dataclasses.field(default_factory=_no_blocks)
-    send_ahead: np.ndarray = dataclasses.field(default_factory=_no_blocks)
+    send_prefix: np.ndarray = dataclasses.field(default_factory=_no_blocks)
     upfront_send: np.ndarray = dataclasses.field(default_factory=_no_blocks)
     upfront_recv: np.ndarray = dataclasses.field(default_factory=_no_blocks)
 
@@ -154,7 +154,7 @@ class StepPlan:
             return NO_TRAFFIC
         recv, send = self.recv_blocks(pos), self.send_blocks(pos)
         if pos == self.n_workers - 1:  # the head sends its cached prefix ahead of its own compute
-            return Traffic(recv=recv, send_ahead=send, upfront_send=self.upfront_blocks())
+            return Traffic(recv=recv, send_prefix=send, upfront_send=self.upfront_blocks())
         if pos == 0:
             return Traffic(recv=recv, send=send, upfront_recv=self.upfront_blocks())
         return Traffic(recv=recv, send=send)

@@ -9,7 +9,7 @@ orders one might write instead deadlock or stall).
 - The ring's closing link, head -> position 0, has a process group of its own
   (``ChainComm.for_ring``): on the world group's stream, with the rest of the chain's traffic,
   the head's prefix sends and position 0's prefix receives wait on each other around the ring.
-- ``send_ahead``: the head sends the cached prefix ``AHEAD`` layers ahead of the layer it
+- ``send_prefix``: the head sends the cached prefix ``PREFIX_LEAD`` layers ahead of the layer it
   computes, so position 0 starts a layer without waiting for the head's compute.
 - ``recv``: the next layer's receive is posted before this layer's is waited for, so the
   transfer overlaps this layer's compute.
@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-AHEAD = 2  # layers by which the head's prefix sends lead its own compute
-MESSAGES = ("recv", "send", "send_ahead", "upfront_send", "upfront_recv")  # Role's, named as RunaheadMeta's
+PREFIX_LEAD = 2  # layers by which the head's prefix sends lead its own compute
+MESSAGES = ("recv", "send", "send_prefix", "upfront_send", "upfront_recv")  # Role's, named as RunaheadMeta's
 
 SEND, POST_RECV, WAIT_RECV = "send", "post_recv", "wait_recv"
 UPFRONT, PREFIX, LAYER = "upfront", "prefix", "layer"
@@ -45,7 +45,7 @@ class Role:
     layers: int
     recv: bool = False          # per layer, from the predecessor
     send: bool = False          # per layer, to the successor
-    send_ahead: bool = False    # per layer, the cached prefix, head -> position 0
+    send_prefix: bool = False    # per layer, the cached prefix, head -> position 0
     upfront_send: bool = False  # all layers once, head -> position 0
     upfront_recv: bool = False
     send_on_entry: bool = False  # `send` at the layer's attention entry, not after its attention
@@ -68,15 +68,15 @@ def step_order(role: Role) -> StepOrder:
         start.append(Op(SEND, UPFRONT))
     if role.upfront_recv:
         start += [Op(POST_RECV, UPFRONT), Op(WAIT_RECV, UPFRONT)]
-    if role.send_ahead:
-        start += [Op(SEND, PREFIX, layer) for layer in range(min(AHEAD, n))]
+    if role.send_prefix:
+        start += [Op(SEND, PREFIX, layer) for layer in range(min(PREFIX_LEAD, n))]
     if role.recv and n:
         start.append(Op(POST_RECV, LAYER, 0))
     entries, exits = [], []
     for layer in range(n):
         entry: list[Op] = []
-        if role.send_ahead and layer + AHEAD < n:
-            entry.append(Op(SEND, PREFIX, layer + AHEAD))
+        if role.send_prefix and layer + PREFIX_LEAD < n:
+            entry.append(Op(SEND, PREFIX, layer + PREFIX_LEAD))
         next_recv = [Op(POST_RECV, LAYER, layer + 1)] if role.recv and layer + 1 < n else []
         wait = [Op(WAIT_RECV, LAYER, layer)] if role.recv else []
         send = [Op(SEND, LAYER, layer)] if role.send else []

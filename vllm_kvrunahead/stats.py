@@ -65,7 +65,7 @@ class ChainStats:
                 self.segment_tokens[pos] += seg.length
         for pos in range(plan.n_workers):
             t = plan.traffic_for(pos)
-            self.kv_bytes_sent[pos] += (len(t.send) + len(t.send_ahead) + len(t.upfront_send)) * block_bytes
+            self.kv_bytes_sent[pos] += (len(t.send) + len(t.send_prefix) + len(t.upfront_send)) * block_bytes
             self.kv_bytes_received[pos] += (len(t.recv) + len(t.upfront_recv)) * block_bytes
 
     def count_run(self, tokens: int) -> None:
