@@ -8,13 +8,10 @@ a guest also from every rank's guest), alone (prompts sent one by one, before th
 (prompts sent at once after it; they share prefixes with ``alone`` and hit vLLM's prefix cache).
 """
 import json
-import os
-import sys
 
 import numpy as np
-import torch
 
-from tests.engine_runner import read_blocks
+from tests.engine_runner import read_blocks, run_as_script, save_and_stop, set_engine_env
 
 
 def kv_blocks(worker):
@@ -31,10 +28,7 @@ def full_logprobs(o, vocab):
 def main(spec_path, out_path):
     spec = json.loads(open(spec_path).read())
     tp = spec["tp"]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # test-only: collective_rpc(functions)
-    if tp > 1:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp))
+    set_engine_env(tp)
     from vllm import LLM, SamplingParams
 
     worker = "tests.guest_worker.GuestWorker" if spec.get("guest") else "tests.recording_worker.RecordingWorker"
@@ -62,12 +56,8 @@ def main(spec_path, out_path):
     bs = spec["engine"]["block_size"]
     out["kv"] = [llm.collective_rpc(read_blocks, args=(blocks[:n // bs], [0, 1])) for n, blocks in tables]
     out["kv_blocks"] = llm.collective_rpc(kv_blocks)
-    torch.save(out, out_path)
-    llm.llm_engine.engine_core.shutdown()
+    save_and_stop(llm, out, out_path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/engine_runner.py: skip a teardown that can abort a finished run
+    run_as_script(main)
