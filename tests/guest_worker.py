@@ -18,6 +18,7 @@ class GuestWorker(RecordingWorker):
         self.guest = guest.Guest(config, self.guest_group, self.device, ring=self.RING)
 
     def determine_available_memory(self) -> int:
+        self.guest.allocate_scratch(self.cache_config)  # before vLLM measures: the scratch is in place
         return guest.kv_bytes_left(super().determine_available_memory(), self.guest.reserved_bytes(),
                                   self.cache_config)
 

@@ -5,7 +5,7 @@ worker-side code calls it. vLLM runs plain ``--tensor-parallel-size N`` and owns
 rank also holds a guest, a second model runner of the platform's V1 kind, built from a config copy that
 says TP=1, loaded and run under a one-rank TP group, with a small scratch KV cache of its own.
 
-Why each piece (vLLM 0.26.0, ``V/`` = ``site-packages/vllm/``):
+Why each piece (``V/`` = vLLM 0.26.0's ``site-packages/vllm/``, ``W/`` = 0.32.0's):
 - Linear layers, the vocab embedding and the model's head split read the TP size and rank from the
   ``_TP`` global when they are built (``V/distributed/parallel_state.py:1365-1370``,
   ``V/model_executor/models/llama.py:140-150``), and logits gathering reads it on every call; so
@@ -32,7 +32,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
-from .vllm_seam import layer_order
+from .vllm_seam import has_field, layer_order
 
 GROUP_NAME = "kvr_guest_tp"
 
@@ -92,6 +92,18 @@ def _unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _ring_tensors(names: list[str], ring: int, page: int, num_blocks: int) -> list[KVCacheTensor]:
+    """``ring`` KV tensors of ``num_blocks`` pages, tensor i shared by layers i, i + ring, ...
+    vLLM 0.26 allocates a tensor per entry for the layers in ``shared_by``; 0.32 views one backing
+    allocation (every entry names its whole size) at ``offset + l * layer_stride + b * block_stride``
+    (``W/v1/kv_cache_interface.py:1409-1429``), so layer stride 0 puts a tensor's layers on the same bytes."""
+    region = page * num_blocks
+    if has_field(KVCacheTensor, "shared_by"):
+        return [KVCacheTensor(size=region, shared_by=names[i::ring]) for i in range(ring)]
+    return [KVCacheTensor(size=region * ring, layers=names[i::ring], layer_stride=0, block_stride=page,
+                          offset=region * i) for i in range(ring)]
+
+
 def model_weight_bytes(model) -> int:
     """Bytes of a loaded model's weights. On CPU vLLM moves each linear layer's weight into a packed GEMM
     kernel and leaves an empty parameter behind (``remove_weight``: ``V/model_executor/layers/linear.py:218``,
@@ -116,14 +128,25 @@ class Guest:
     tokens."""
 
     def __init__(self, config: VllmConfig, group, device: torch.device, ring: int):
-        self.config, self.group = config, group
+        self.config, self.group, self.ring = config, group, ring
         with self.active():
             self.runner = _runner_class()(config, device)
             self.runner.load_model()
-            self.kv_cache_config = self._scratch_config(ring)
-            self.runner.initialize_kv_cache(self.kv_cache_config)
+        self.kv_cache_config: KVCacheConfig | None = None  # the scratch, once allocated
         self._finished: set[str] = set()
         self._steps = 0
+
+    def allocate_scratch(self, host_cache_config) -> None:
+        """Allocate the scratch KV; call it before vLLM measures memory for its KV cache (a GPU worker
+        profiles then). vLLM 0.32 resolves the KV layout in the engine core after the models are loaded
+        and sends it to the workers before profiling (``W/v1/engine/core.py:292-300``); the guest takes
+        the same layout."""
+        layout = getattr(host_cache_config, "kv_cache_layout", None)
+        if layout is not None:
+            self.config.cache_config.kv_cache_layout = layout
+        with self.active():
+            self.kv_cache_config = self._scratch_config(self.ring)
+            self.runner.initialize_kv_cache(self.kv_cache_config)
 
     @contextlib.contextmanager
     def active(self):
@@ -138,9 +161,7 @@ class Guest:
         if any(specs[n] != spec for n in names):
             raise ValueError("KV-Runahead's guest supports models whose attention layers share one KV spec")
         num_blocks = math.ceil(self.config.model_config.max_model_len / spec.block_size)
-        ring = min(ring, len(names))
-        tensors = [KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=names[i::ring])
-                   for i in range(ring)]
+        tensors = _ring_tensors(names, min(ring, len(names)), spec.page_size_bytes, num_blocks)
         return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
                              kv_cache_groups=[KVCacheGroupSpec(names, spec)])
 
