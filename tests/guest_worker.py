@@ -45,7 +45,7 @@ class GuestWorker(RecordingWorker):
                     vllm_weights=guest.model_weight_bytes(self.model_runner.get_model()),
                     weights=g.weight_bytes(), scratch=g.scratch_bytes(), reserved=g.reserved_bytes(),
                     scratch_blocks=g.kv_cache_config.num_blocks,
-                    scratch_tensors=len(g.kv_cache_config.kv_cache_tensors),
+                    scratch_regions=len({c.data_ptr() for c in g.runner.kv_caches}),  # where layers' KV starts
                     guest_tp_ranks=list(g.group.ranks), vllm_tp_ranks=list(get_tp_group().ranks),
                     guest_layers=sorted(g.config.compilation_config.static_forward_context),
                     vllm_layers=sorted(self.vllm_config.compilation_config.static_forward_context))

@@ -116,7 +116,7 @@ def test_guest_memory_is_reported_and_vllm_kv_untouched(runs):
         # vLLM's own model on this rank: the TP=2 shard (all but the norms halved)
         assert full // 2 < rep["vllm_weights"] < full, rank
         assert rep["rope_shared"]   # so the guest's weights leave its rotary cache out: it is vLLM's
-        assert rep["scratch_tensors"] == 1 and rep["scratch_blocks"] == MAX_LEN // BS
+        assert rep["scratch_regions"] == 1 and rep["scratch_blocks"] == MAX_LEN // BS  # both layers, same bytes
         assert rep["scratch"] == scratch, rank
         assert rep["reserved"] == rep["weights"] + rep["scratch"]
     # VLLM_CPU_KVCACHE_SPACE fixes vLLM's KV space: the guest comes on top, and vLLM's blocks stay

@@ -93,15 +93,16 @@ def _unique_bytes(tensors) -> int:
 
 
 def _ring_tensors(names: list[str], ring: int, page: int, num_blocks: int) -> list[KVCacheTensor]:
-    """``ring`` KV tensors of ``num_blocks`` pages, tensor i shared by layers i, i + ring, ...
-    vLLM 0.26 allocates a tensor per entry for the layers in ``shared_by``; 0.32 views one backing
+    """``ring`` regions of ``num_blocks`` pages, region i shared by layers i, i + ring, ...
+    vLLM 0.26 allocates a tensor per entry for the layers in ``shared_by``. 0.32 views one backing
     allocation (every entry names its whole size) at ``offset + l * layer_stride + b * block_stride``
-    (``W/v1/kv_cache_interface.py:1409-1429``), so layer stride 0 puts a tensor's layers on the same bytes."""
+    (``W/v1/kv_cache_interface.py:1409-1429``) and refuses a zero stride (``:348``), so each layer gets
+    an entry of its own at its region's offset."""
     region = page * num_blocks
     if has_field(KVCacheTensor, "shared_by"):
         return [KVCacheTensor(size=region, shared_by=names[i::ring]) for i in range(ring)]
-    return [KVCacheTensor(size=region * ring, layers=names[i::ring], layer_stride=0, block_stride=page,
-                          offset=region * i) for i in range(ring)]
+    return [KVCacheTensor(size=region * ring, layers=[name], layer_stride=region, block_stride=page,
+                          offset=region * (i % ring)) for i, name in enumerate(names)]
 
 
 def model_weight_bytes(model) -> int:
