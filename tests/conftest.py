@@ -9,13 +9,13 @@ from tests.procs import run_python
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_engine(spec: dict, tmp: Path, name: str) -> dict:
-    """One engine in a fresh process (vLLM state never leaks between engines)."""
+def run_engine(spec: dict, tmp: Path, name: str, runner: str = "tests.engine_runner") -> dict:
+    """One engine in a fresh process (vLLM state never leaks between engines), run by module ``runner``."""
     import torch
 
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.pt"
     spec_path.write_text(json.dumps(spec))
-    done = run_python(["-m", "tests.engine_runner", str(spec_path), str(out_path)], tmp / f"{name}.log", 900)
+    done = run_python(["-m", runner, str(spec_path), str(out_path)], tmp / f"{name}.log", 900)
     if done.returncode != 0:
         why = "no result within 900 s" if done.timed_out else f"exit {done.returncode}"
         raise AssertionError(f"engine {name} failed ({why}):\n{done.output[-8000:]}")
@@ -28,9 +28,9 @@ class EngineRuns:
     def __init__(self, tmp: Path):
         self.tmp, self.cache = tmp, {}
 
-    def get(self, name: str, spec: dict) -> dict:
+    def get(self, name: str, spec: dict, runner: str = "tests.engine_runner") -> dict:
         if name not in self.cache:
-            self.cache[name] = run_engine(spec, self.tmp, name)
+            self.cache[name] = run_engine(spec, self.tmp, name, runner)
         return self.cache[name]
 
 

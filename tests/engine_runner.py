@@ -54,14 +54,35 @@ def head_counts(llm):
     return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held")}
 
 
+def set_engine_env(processes: int) -> None:
+    """Before vLLM is imported: 1 GiB of KV per worker, RPCs that carry functions, one core per worker."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # test-only: collective_rpc(read_blocks)
+    if processes > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(processes))
+
+
+def save_and_stop(llm, out: dict, out_path) -> None:
+    torch.save(out, out_path)
+    # Stop the engine core and its workers before the os._exit below: they are separate processes, and
+    # vLLM 0.32's outlive a parent that leaves without its teardown, holding the runner's output open.
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run_as_script(main) -> None:
+    main(sys.argv[1], sys.argv[2])
+    # Results are saved; leave without the interpreter's teardown, where a C++ thread of vLLM's CPU build
+    # can abort a finished run ("terminate called without an active exception", exit -6).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(spec_path, out_path):
     spec = json.loads(open(spec_path).read())
     workers = spec["workers"]
     tp = spec.get("tp", 1)  # TP ranks per stage (workers 1: plain vLLM TP)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # test-only: collective_rpc(read_blocks)
-    if workers * tp > 1:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(workers * tp))
+    set_engine_env(workers * tp)
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
@@ -116,16 +137,8 @@ def main(spec_path, out_path):
     out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
     if workers > 1:
         out["stats"] = llm.collective_rpc("kvr_stats")
-    torch.save(out, out_path)
-    # Stop the engine core and its workers before the os._exit below: they are separate processes, and
-    # vLLM 0.32's outlive a parent that leaves without its teardown, holding the runner's output open.
-    llm.llm_engine.engine_core.shutdown()
+    save_and_stop(llm, out, out_path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
-    # Results are saved; leave without the interpreter's teardown, where a C++ thread of vLLM's CPU build
-    # can abort a finished run ("terminate called without an active exception", exit -6).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_as_script(main)

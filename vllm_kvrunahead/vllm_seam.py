@@ -35,7 +35,7 @@ from .plan import DECODE, ReqView, StepPlan
 VLLM_VERSION = vllm.__version__.split("+")[0]  # for messages only
 
 
-def _has_field(cls, name: str) -> bool:
+def has_field(cls, name: str) -> bool:
     return name in {f.name for f in dataclasses.fields(cls)}
 
 
@@ -43,7 +43,7 @@ def _has_field(cls, name: str) -> bool:
 # *after* the forward unless the step says it loads KV synchronously (SchedulerOutput.has_sync_kv_loads,
 # 0.32) gets that flag: KV-Runahead's start_load_kv posts the receives and the head's prefix sends that
 # the per-layer hooks wait on, so it must run before the forward (0.26 always calls it there).
-STEP_FIELDS: dict = {"has_sync_kv_loads": True} if _has_field(SchedulerOutput, "has_sync_kv_loads") else {}
+STEP_FIELDS: dict = {"has_sync_kv_loads": True} if has_field(SchedulerOutput, "has_sync_kv_loads") else {}
 
 
 def worker_base() -> type:
