@@ -21,21 +21,8 @@ if command -v nvidia-smi > /dev/null; then   # on a CPU machine keep its own vLL
   # Idempotent: unpacks whatever parts (p2, p3) travelled with this call; p1 must already be in /tmp/site.
   [ -f .devpack/install.sh ] && bash .devpack/install.sh 2>&1 | tee -a "$OUT/install.log"
   export PYTHONPATH=/tmp/site:$PWD
-  # vLLM finds general plugins through entry points only. The package itself is imported from $PWD
-  # (on PYTHONPATH); give it the entry point with a bare dist-info in /tmp/site, read from setup.cfg.
-  python3 - <<'PY' 2>&1 | tee -a "$OUT/install.log"
-import configparser, importlib.metadata as md, os
-c = configparser.ConfigParser(interpolation=None)
-c.read("setup.cfg")
-d = f"/tmp/site/vllm_kvrunahead-{c['metadata']['version']}.dist-info"
-os.makedirs(d, exist_ok=True)
-with open(f"{d}/METADATA", "w") as f:
-    f.write(f"Metadata-Version: 2.1\nName: {c['metadata']['name']}\nVersion: {c['metadata']['version']}\n")
-with open(f"{d}/entry_points.txt", "w") as f:
-    for group, val in c["options.entry_points"].items():
-        f.write(f"[{group}]\n" + "\n".join(x.strip() for x in val.strip().splitlines()) + "\n\n")
-print("plugin entry points:", [(e.name, e.value) for e in md.entry_points(group="vllm.general_plugins")])
-PY
+  # vLLM finds general plugins through entry points only; the package is imported from $PWD
+  python3 -m benchmarks.entry_point /tmp/site 2>&1 | tee -a "$OUT/install.log"
   # Record what the numbers were measured on (GPU model, links) next to them.
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; } > "$OUT/gpus.txt" 2>&1
   head -n 3 "$OUT/gpus.txt"

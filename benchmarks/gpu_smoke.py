@@ -173,25 +173,6 @@ def run_engine(a):
     print("RESULT done", flush=True)
 
 
-# ---- on the device: the plugin's entry point for a package imported from $PWD (as benchmarks/device_run.sh) ----
-
-def write_entry_point(site):
-    """vLLM finds general plugins through entry points only; give the package (on PYTHONPATH from the
-    checkout) a bare dist-info in `site`, read from setup.cfg: device_run.sh's snippet."""
-    import configparser
-    import importlib.metadata as md
-    c = configparser.ConfigParser(interpolation=None)
-    c.read("setup.cfg")
-    d = os.path.join(site, f"vllm_kvrunahead-{c['metadata']['version']}.dist-info")
-    os.makedirs(d, exist_ok=True)
-    with open(f"{d}/METADATA", "w") as f:
-        f.write(f"Metadata-Version: 2.1\nName: {c['metadata']['name']}\nVersion: {c['metadata']['version']}\n")
-    with open(f"{d}/entry_points.txt", "w") as f:
-        for group, val in c["options.entry_points"].items():
-            f.write(f"[{group}]\n" + "\n".join(x.strip() for x in val.strip().splitlines()) + "\n\n")
-    print("plugin entry points:", [(e.name, e.value) for e in md.entry_points(group="vllm.general_plugins")])
-
-
 # ---- parent: three children, then the comparison ----
 
 def other_general_plugins():
@@ -340,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.entry_point_into:
+        from benchmarks.entry_point import write_entry_point
+
         write_entry_point(a.entry_point_into)
         return 0
     a.model = a.model or ("tiny" if a.tiny else "small")
