@@ -50,10 +50,6 @@ class ReqView:
     on_head: str = ""           # why the chain cannot carry it (DECODE, a feature such as "lora"); "": it may
 
     @property
-    def eligible(self) -> bool:
-        return not self.on_head
-
-    @property
     def chunk(self) -> Chunk:
         return Chunk(self.num_computed, self.num_computed + self.num_scheduled, self.prompt_len)
 

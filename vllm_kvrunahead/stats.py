@@ -42,14 +42,17 @@ class ChainStats:
         self.kv_bytes_received = self.kv_bytes_received or [0] * n
         self._times: list[tuple[list[float], list[float]]] = []  # per runahead step since the last report
         self._reported = self._figures()
+        self._changed = False  # report() runs after every step, decodes too: most have nothing to say
 
     def count_plan(self, plan, block_bytes: int = 0) -> None:
         """One step's plan (``plan.StepPlan``), as every worker sees it; ``block_bytes``: one KV block
         of every layer, as it crosses a link."""
         for _, why in plan.on_head:
             self.chunks_on_head[why] = self.chunks_on_head.get(why, 0) + 1
+            self._changed = True
         if not plan:
             return
+        self._changed = True
         reqs = plan.requests
         self.last_segments = [[(g.start, g.end) for g in r.segments] for r in reqs]
         for r in reqs:
@@ -76,6 +79,7 @@ class ChainStats:
     def observe_times(self, step_s: list[float], stall_s: list[float]) -> None:
         """One runahead step's time and receive stalls, per position (``profile``: timed on every worker)."""
         self._times.append((list(step_s), list(stall_s)))
+        self._changed = True
 
     def _figures(self) -> dict:
         return dict(chunks_ahead_cold=self.chunks_ahead - self.chunks_ahead_cached,
@@ -88,6 +92,9 @@ class ChainStats:
 
     def report(self) -> dict | None:
         """What happened since the last report (None: nothing), as plain data for vLLM's stats path."""
+        if not self._changed:
+            return None
+        self._changed = False
         now, before = self._figures(), self._reported
         out: dict = {}
         for k, v in now.items():
