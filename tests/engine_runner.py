@@ -2,7 +2,7 @@
 
     python -m tests.engine_runner SPEC.json OUT.pt
 
-SPEC: model, workers (1 = plain vLLM), alone (prompts sent one by one; after each,
+SPEC: model, workers (1 = plain vLLM), decode ("tp": KV-Runahead in TP layout over the tp ranks), alone (prompts sent one by one; after each,
 the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
 chunks ran ahead), batch (prompts sent at once: mixed prefill/decode steps), seeded
 (prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2),
@@ -51,7 +51,8 @@ def held_mismatches(llm, block_size):
 
 def head_counts(llm):
     s = llm.collective_rpc("kvr_stats")[-1]  # KV-Runahead's head is vLLM's output rank, the last
-    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held")}
+    # (TP layout: every rank counts the same)
+    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held") if k in s}
 
 
 def set_engine_env(processes: int) -> None:
@@ -87,8 +88,12 @@ def main(spec_path, out_path):
 
     kw = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
               disable_log_stats=False, tensor_parallel_size=tp, **spec.get("engine", {}))
+    kvr = workers > 1 or spec.get("decode") == "tp"
     if workers > 1:
         kw.update(worker_cls="tests.recording_worker.RecordingKVRWorker", prefill_context_parallel_size=workers,
+                  additional_config={"kv_runahead": spec.get("kvr", {})})
+    elif kvr:
+        kw.update(worker_cls="tests.recording_worker.RecordingKVRWorker",
                   additional_config={"kv_runahead": spec.get("kvr", {})})
     else:
         kw.update(worker_cls="tests.recording_worker.RecordingWorker")
@@ -97,7 +102,7 @@ def main(spec_path, out_path):
     out = {"alone": [], "kv": [], "batch": [], "logprobs": [], "seeded": [], "ahead": [], "cached": []}
     seen = 0
     for ids in spec["alone"]:
-        before = head_counts(llm) if workers > 1 else None
+        before = head_counts(llm) if kvr else None
         o = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         out["alone"].append(list(o.outputs[0].token_ids))
         out["logprobs"].append([max(lp.values(), key=lambda x: x.logprob).logprob for lp in o.outputs[0].logprobs])
@@ -135,7 +140,7 @@ def main(spec_path, out_path):
     if spec.get("steps"):
         out["steps"] = llm.collective_rpc("kvr_steps")[-1]  # the scheduler output the head received
     out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
-    if workers > 1:
+    if kvr:
         out["stats"] = llm.collective_rpc("kvr_stats")
     save_and_stop(llm, out, out_path)
 

@@ -51,6 +51,18 @@ class Step:
     original: object                  # the scheduler output every worker received
 
 
+def partitioner_for(kvr: KVRunaheadConfig, cost: CostModel, shape, block_size: int, device: str,
+                    method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
+    """The configured split (no method, no table), another method, or a given table."""
+    n = kvr.num_workers
+    refiner = Refiner(n) if kvr.refine else None
+    kw = dict(min_tokens=kvr.min_tokens, block_size=block_size)
+    if table is not None:
+        return Partitioner("table", n, cost, table, refiner, **kw)
+    return Partitioner.build(method or kvr.partition, n, cost, shape, device,
+                             kvr.table_path if method is None else None, refiner, **kw)
+
+
 class NoChain:
     """One worker: plain vLLM. Every step goes to the runner as scheduled."""
 
@@ -61,6 +73,9 @@ class NoChain:
 
     def rewrite(self, scheduler_output) -> Step:
         return Step(NO_PLAN, scheduler_output, scheduler_output)
+
+    def run_ahead(self, step: Step) -> None:
+        pass
 
     def learn(self, step: Step) -> None:
         pass
@@ -164,6 +179,9 @@ class Chain:
             self.counters.count_run(mine.total_num_scheduled_tokens)
         return Step(plan, mine, scheduler_output)
 
+    def run_ahead(self, step: Step) -> None:
+        """Nothing before the runner's step: the connector runs the chain inside its forward."""
+
     def learn(self, step: Step) -> None:
         """With ``profile`` (or ``refine``), after every runahead step: every position's step time and
         receive stalls, gathered on every worker (a few bytes over the CPU group), for the stats; and
@@ -208,15 +226,8 @@ class Chain:
         }
 
     def _partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
-        """The configured split (no arguments), another method, or a given table."""
-        n = self.kvr.num_workers
-        refiner = Refiner(n) if self.kvr.refine else None
-        kw = dict(min_tokens=self.kvr.min_tokens, block_size=self.block_size)
-        if table is not None:
-            return Partitioner("table", n, self.cost, table, refiner, **kw)
-        return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape,
-                                 stage_device(vllm_seam.device_name(self.device), self.topo.tp_size),
-                                 self.kvr.table_path if method is None else None, refiner, **kw)
+        return partitioner_for(self.kvr, self.cost, self.shape, self.block_size,
+                               stage_device(vllm_seam.device_name(self.device), self.topo.tp_size), method, table)
 
     def set_fractions(self, fractions) -> None:
         """Cut every runahead prompt by these fractions (None: back to the configured split)."""

@@ -103,25 +103,7 @@ class ChainComm:
         if not self._recvs:
             raise RuntimeError("KV-Runahead: wait_recv without a posted receive")
         work, buf = self._recvs.pop(0)
-        t0 = time.monotonic()
-        try:
-            if self._bounded:
-                ok = work.wait(timeout=timedelta(seconds=self.timeout_s))
-            else:
-                ok = work.wait()
-        except RuntimeError as e:  # gloo raises on timeout and on a closed connection
-            waited = time.monotonic() - t0
-            if self.timeout_s is None or waited < 0.9 * self.timeout_s:
-                raise ChainPeerLost(
-                    f"KV-Runahead: chain rank {self.prev_rank} closed the connection after {waited:.1f} s "
-                    f"of waiting for its KV (its process died or failed): {e}") from e
-            raise ChainTimeout(
-                f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s; "
-                f"the peer stalled ({e})") from e
-        if ok is False:
-            raise ChainTimeout(
-                f"KV-Runahead: no KV from chain rank {self.prev_rank} within {self.timeout_s} s"
-            )
+        _wait(work, self.prev_rank, self.timeout_s, self._bounded)
         return buf
 
     def recv(self, shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -183,6 +165,75 @@ class ChainComm:
             hops = self.recv(1, hops.dtype, device)
         self.bytes_sent = self.bytes_received = 0
         return int(hops.item())
+
+
+def _wait(work: dist.Work, peer: int, timeout_s: float | None, bounded: bool) -> None:
+    """Wait for a receive from ``peer``: bounded by ``timeout_s`` on gloo (``bounded``), with the error
+    that says whether the peer died (closed its connection) or stalled."""
+    t0 = time.monotonic()
+    try:
+        ok = work.wait(timeout=timedelta(seconds=timeout_s)) if bounded else work.wait()
+    except RuntimeError as e:  # gloo raises on timeout and on a closed connection
+        waited = time.monotonic() - t0
+        if timeout_s is None or waited < 0.9 * timeout_s:
+            raise ChainPeerLost(
+                f"KV-Runahead: chain rank {peer} closed the connection after {waited:.1f} s "
+                f"of waiting for its KV (its process died or failed): {e}") from e
+        raise ChainTimeout(f"KV-Runahead: no KV from chain rank {peer} within {timeout_s} s; "
+                           f"the peer stalled ({e})") from e
+    if ok is False:
+        raise ChainTimeout(f"KV-Runahead: no KV from chain rank {peer} within {timeout_s} s")
+
+
+class ShardComm:
+    """TP layout: the KV head shards a rank sends to the earlier ranks and receives from the later
+    ones (``tp_layout.GuestTraffic``), beside the chain's ``ChainComm``. Every pair of ranks has a
+    process group of its own: NCCL runs one group's point-to-point operations in issue order on one
+    stream, and on one shared group a rank's sends would queue behind its receives of every layer
+    from the ranks after it. Receives are posted for the whole step up front and waited for once
+    the rank's guest has run; sends go out per layer, as the guest's layers finish."""
+
+    def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None) -> None:
+        self.rank, self.timeout_s = rank, timeout_s
+        self._groups: dict[int, dist.ProcessGroup] = {}
+        for a in range(world):          # new_group is collective: every rank makes every pair's, in order
+            for b in range(a + 1, world):
+                g = dist.new_group([a, b], backend=backend)
+                if rank in (a, b):
+                    self._groups[b if rank == a else a] = g
+        self._bounded = timeout_s is not None and backend != "nccl"
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._recvs: list[tuple[int, dist.Work, torch.Tensor]] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def post_send(self, dst: int, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._sends.append((dist.isend(tensor, dst=dst, group=self._groups[dst]), tensor))
+
+    def post_recv(self, src: int, shape, dtype: torch.dtype, device: torch.device | str) -> None:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        self.bytes_received += buf.numel() * buf.element_size()
+        self._recvs.append((src, dist.irecv(buf, src=src, group=self._groups[src]), buf))
+
+    def wait_recvs(self) -> list[torch.Tensor]:
+        """Every posted receive's buffer, in the order they were posted, once arrived."""
+        recvs, self._recvs = self._recvs, []
+        for src, work, _ in recvs:
+            _wait(work, src, self.timeout_s, self._bounded)
+        return [buf for _, _, buf in recvs]
+
+    def end_step(self) -> None:
+        sends, self._sends = self._sends, []
+        for work, _ in sends:
+            work.wait()
+        if self._recvs:
+            n, self._recvs = len(self._recvs), []
+            raise RuntimeError(f"KV-Runahead: the step ended with {n} shard receive(s) still outstanding")
+
+    def abort_step(self) -> None:
+        self._sends, self._recvs = [], []
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

@@ -1,7 +1,8 @@
 """KV-Runahead settings: one frozen dataclass, one clear error per bad value.
 
 A vLLM user turns KV-Runahead on with two things:
-  --worker-cls vllm_kvrunahead.Worker  --prefill-context-parallel-size N
+  --worker-cls vllm_kvrunahead.Worker  --tensor-parallel-size N         (TP layout: every GPU decodes)
+  --worker-cls vllm_kvrunahead.Worker  --prefill-context-parallel-size N  (chain of copies: the head decodes)
 and may tune it with --additional-config '{"kv_runahead": {...}}' (keys below).
 """
 from __future__ import annotations
@@ -14,6 +15,10 @@ WORKER_CLS_PREFIX = "vllm_kvrunahead"
 # auto: the shipped table for this model shape, N and GPU, else the cost model ("model");
 # even; table: the lookup table at table_path.
 PARTITIONS = ("auto", "model", "even", "table")
+# Who decodes and holds the KV (set by the flags, see patches/config_hook.py): "tp", vLLM's TP=N model on
+# every GPU, each holding its KV heads (docs/decode-design.md); "head", the last worker of a chain of
+# full-model copies, each holding every head.
+DECODES = ("tp", "head")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class KVRunaheadConfig:
     # there) instead of after its attention, so a successor waits for this layer's QKV projection
     # only, not its attention and MLP. Not yet measured on a GPU, so off by default.
     early_send: bool = False
+    # Set by the flags: "tp" with --tensor-parallel-size N, "head" with --prefill-context-parallel-size N.
+    decode: str = "head"
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -71,34 +78,39 @@ class KVRunaheadConfig:
                                              or self.step_budget < 1):
             raise ValueError(f"KV-Runahead: step_budget must be an integer >= 1 (or null: a fixed step budget), "
                              f"got {self.step_budget!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"KV-Runahead: decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         for name in ("profile", "refine", "early_send"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KV-Runahead: {name} must be true or false, got {getattr(self, name)!r}")
         return self
 
     @classmethod
-    def from_dict(cls, num_workers: int, options: Any) -> "KVRunaheadConfig":
+    def from_dict(cls, num_workers: int, options: Any, decode: str = "head") -> "KVRunaheadConfig":
         if options is None:
             options = {}
         if not isinstance(options, dict):
             raise ValueError(f'KV-Runahead: additional_config["{ADDITIONAL_CONFIG_KEY}"] must be an object, got {options!r}')
-        known = {f.name for f in fields(cls)} - {"num_workers"}
+        known = {f.name for f in fields(cls)} - {"num_workers", "decode"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
                 f"KV-Runahead: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if options.get("partition") == "balanced":   # the cost model's other name, still in users' configs
             options = {**options, "partition": "model"}
-        return cls(num_workers=num_workers, **options).validate()
+        return cls(num_workers=num_workers, decode=decode, **options).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def chain_options(vllm_config) -> dict | None:
-    """KV-Runahead's converted options when this engine runs a chain of >= 2 workers, else None."""
+    """KV-Runahead's converted options when this engine runs a chain of >= 2 full-model workers (stages)
+    beside vLLM's own parallel layout, else None (one worker, or TP layout: vLLM's plain TP=N)."""
     options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    return options if isinstance(options, dict) and options.get("num_workers", 1) >= 2 else None
+    if not isinstance(options, dict) or options.get("decode", "head") != "head":
+        return None
+    return options if options.get("num_workers", 1) >= 2 else None
 
 
 def is_kvrunahead_worker(worker_cls: Any) -> bool:

@@ -32,7 +32,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
-from .vllm_seam import has_field, layer_order
+from .vllm_seam import connector_installed, has_field, kv_caches_by_layer, layer_order
 
 GROUP_NAME = "kvr_guest_tp"
 
@@ -126,7 +126,7 @@ class Guest:
     """The full model under a one-rank TP group, with a scratch KV cache of ``ring`` tensors shared by
     every ``ring``-th layer (layer i writes its KV and attends before layer i + ring overwrites it, so a
     whole prefill in one forward needs no more). The scratch holds one request of ``max_model_len``
-    tokens."""
+    tokens, or a whole step's budget where that is more."""
 
     def __init__(self, config: VllmConfig, group, device: torch.device, ring: int):
         self.config, self.group, self.ring = config, group, ring
@@ -161,7 +161,8 @@ class Guest:
         spec = specs[names[0]]
         if any(specs[n] != spec for n in names):
             raise ValueError("KV-Runahead's guest supports models whose attention layers share one KV spec")
-        num_blocks = math.ceil(self.config.model_config.max_model_len / spec.block_size)
+        tokens = max(self.config.model_config.max_model_len, self.config.scheduler_config.max_num_batched_tokens)
+        num_blocks = math.ceil(tokens / spec.block_size)
         tensors = _ring_tensors(names, min(ring, len(names)), spec.page_size_bytes, num_blocks)
         return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
                              kv_cache_groups=[KVCacheGroupSpec(names, spec)])
@@ -179,7 +180,17 @@ class Guest:
         """What the guest holds for good: the KV budget of vLLM's own layers must leave room for it."""
         return self.weight_bytes() + self.scratch_bytes()
 
+    def scratch_by_layer(self) -> dict[str, torch.Tensor]:
+        return kv_caches_by_layer(self.runner, self.kv_cache_config)
+
     # -- running -------------------------------------------------------------------
+    def run(self, scheduler_output, connector) -> None:
+        """One step of segments (``vllm_seam.segments_only``), with ``connector``'s per-layer hooks: the
+        guest's forward is the only one that has them. Its tokens are thrown away."""
+        with self.active(), connector_installed(connector):
+            if self.runner.execute_model(scheduler_output) is None:  # V1: the forward now, sampling next
+                self.runner.sample_tokens(None)
+
     def prefill(self, prompt: list[int], num_logprobs: int = -1):
         """One cold prompt through the guest, in one step on the scratch's first blocks: the greedy
         next token and the ModelRunnerOutput's logprobs for it (-1: the whole vocabulary)."""
@@ -230,3 +241,47 @@ def kv_bytes_left(measured: int, guest_bytes: int, cache_config, rss_counted: bo
     if cache_config.kv_cache_memory_bytes or rss_counted:
         return measured
     return measured - guest_bytes
+
+
+# Two scratch regions: layer i + 1 receives its prefix while layer i's KV is still being sent.
+GUEST_RING = 2
+
+
+class NoGuest:
+    """No guest on this rank (one worker, or the chain-of-copies mode): vLLM's worker as it is."""
+
+    def init_device(self, local_rank: int) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def loading(self, vllm_config, device):
+        yield
+
+    def kv_bytes_left(self, measure, cache_config) -> int:
+        return measure()
+
+
+NO_GUEST = NoGuest()
+
+
+class GuestHost:
+    """Builds this rank's guest at the three points of vLLM's worker set-up it needs (TP layout)."""
+
+    def __init__(self, ring: int = GUEST_RING) -> None:
+        self.ring = ring
+
+    def init_device(self, local_rank: int) -> None:
+        self.group = singleton_tp_groups(local_rank)  # collective: after vLLM's groups, on every rank
+
+    @contextlib.contextmanager
+    def loading(self, vllm_config, device):
+        """Around vLLM's load_model: the config is copied before it (empty forward context), the guest
+        loaded after it."""
+        config = guest_config(vllm_config)
+        yield
+        self.guest = Guest(config, self.group, device, self.ring)
+
+    def kv_bytes_left(self, measure, cache_config) -> int:
+        """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch is in place."""
+        self.guest.allocate_scratch(cache_config)
+        return kv_bytes_left(measure(), self.guest.reserved_bytes(), cache_config)

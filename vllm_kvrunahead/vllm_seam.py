@@ -11,6 +11,7 @@ version number; everything else reads the same on all of them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import vllm
@@ -207,6 +208,25 @@ def uninstall_connector() -> None:
     kv_transfer_state._KV_CONNECTOR_AGENT = None
 
 
+@contextlib.contextmanager
+def connector_installed(connector):
+    """``connector`` is the KV connector inside the block only (TP layout: the guest's forward has hooks,
+    vLLM's TP forward none)."""
+    install_connector(connector)
+    try:
+        yield
+    finally:
+        uninstall_connector()
+
+
+def kv_caches_by_layer(runner, kv_cache_config) -> dict:
+    """A V1 runner's KV cache tensors by attention layer name (its list is in layer order)."""
+    names = layer_order([n for g in kv_cache_config.kv_cache_groups for n in g.layer_names])
+    if len(names) != len(runner.kv_caches):
+        raise ValueError(f"KV-Runahead: {len(runner.kv_caches)} KV caches for {len(names)} attention layers")
+    return dict(zip(names, runner.kv_caches))
+
+
 class RequestBook:
     """Every live request's NewRequestData and block table (KV cache group 0).
 
@@ -310,8 +330,12 @@ def follow_rewritten_starts(runner, starts) -> None:
 def for_head(so: SchedulerOutput, plan: StepPlan, meta) -> SchedulerOutput:
     """The head computes the last segment of each runahead chunk, everything else as scheduled:
     its runner takes the chain's KV of [c, segment start) as computed."""
-    pos = plan.n_workers - 1
-    segs = {r.req_id: r.segments[pos] for r in plan.requests}
+    return starting_at(so, {r.req_id: r.segments[plan.n_workers - 1] for r in plan.requests}, meta)
+
+
+def starting_at(so: SchedulerOutput, segs: dict, meta) -> SchedulerOutput:
+    """``so`` with each request of ``segs`` (req id -> Segment) computing that segment only: the
+    runner takes the KV before the segment's start as computed."""
     if not segs:
         return dataclasses.replace(so, kv_connector_metadata=meta, **STEP_FIELDS)
     new_reqs = [
@@ -348,13 +372,20 @@ def for_chain_worker(so: SchedulerOutput, plan: StepPlan, pos: int, finished: se
     Its runner forgets last step's requests (``finished``), so each runahead request
     arrives as new, with its whole block table and computed = segment start.
     """
+    return segments_only(so, {r.req_id: (r.segments[pos], r.block_ids) for r in plan.requests}, finished,
+                         meta, book)
+
+
+def segments_only(so: SchedulerOutput, segs: dict, finished: set[str], meta, book: RequestBook) -> SchedulerOutput:
+    """A step of nothing but the given segments (req id -> (Segment, block ids)), each request new to
+    the runner (which forgets ``finished``, last step's), computed = segment start, sampled greedily
+    and thrown away (``CHAIN_SAMPLING``)."""
     new_reqs, num_sched = [], {}
-    for r in plan.requests:
-        seg = r.segments[pos]
+    for rid, (seg, block_ids) in segs.items():
         new_reqs.append(dataclasses.replace(
-            book.data(r.req_id), num_computed_tokens=seg.start, block_ids=(list(r.block_ids),),
+            book.data(rid), num_computed_tokens=seg.start, block_ids=(list(block_ids),),
             sampling_params=CHAIN_SAMPLING))
-        num_sched[r.req_id] = seg.length
+        num_sched[rid] = seg.length
     empty = SchedulerOutput.make_empty()
     return dataclasses.replace(
         empty,

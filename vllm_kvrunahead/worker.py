@@ -1,9 +1,10 @@
 """KV-Runahead's vLLM worker: the platform's worker speaking vLLM's protocol, delegating the chain.
 
-Every worker receives the same SchedulerOutput. Its ``Chain`` (``chain.py``; ``NO_CHAIN`` for one
-worker) rewrites it into this worker's share: the head (vLLM's output rank) runs the last segment of
-each runahead chunk, everything else in the step, and samples; the other workers run nothing but
-their segments.
+Every worker receives the same SchedulerOutput. Its chain (``modes.chain_for``; ``NO_CHAIN`` for one
+worker) rewrites it into this worker's share. In TP layout (``tp_chain.py``) every rank first runs its
+guest's segments (``run_ahead``), then vLLM's TP step. In the chain-of-copies mode (``chain.py``) the
+head (vLLM's output rank) runs the last segment of each runahead chunk, everything else in the step,
+and samples; the other workers run nothing but their segments.
 """
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import contextlib
 import logging
 import os
 
-from . import vllm_seam
-from .chain import NO_CHAIN, chain_for, runahead_config
+from . import modes, vllm_seam
+from .chain import NO_CHAIN, runahead_config
 from .log import logger
 
 
 class Worker(vllm_seam.worker_base()):
-    """Use with --worker-cls vllm_kvrunahead.Worker --prefill-context-parallel-size N
-    [--tensor-parallel-size T: N stages of T TP ranks; each TP rank of a stage plans the same step
-    from the same scheduler output and moves its own KV heads along its TP rank's chain]."""
+    """Use with --worker-cls vllm_kvrunahead.Worker and
+    --tensor-parallel-size N: TP layout (every rank decodes and holds its KV heads; each also holds the
+    full model, its guest, for the runahead prefill), or
+    --prefill-context-parallel-size N [--tensor-parallel-size T: N stages of T TP ranks; each TP rank
+    of a stage plans the same step from the same scheduler output and moves its own KV heads along its
+    TP rank's chain]."""
 
     _kvrunahead_worker = True  # subclasses are recognized by the config hook too
 
@@ -28,15 +32,29 @@ class Worker(vllm_seam.worker_base()):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                          is_driver_worker=is_driver_worker)
         self.chain = NO_CHAIN
+        self.host = modes.host_for(self.kvr)  # the guest's builder (TP layout), or NO_GUEST
         self._sample_owed = False  # a chain worker's runner ran a step and waits for sample_tokens
 
+    def init_device(self) -> None:
+        super().init_device()
+        self.host.init_device(self.local_rank)
+
+    def load_model(self, *args, **kwargs) -> None:
+        with self.host.loading(self.vllm_config, self.device):
+            super().load_model(*args, **kwargs)
+
+    def determine_available_memory(self) -> int:
+        return self.host.kv_bytes_left(super().determine_available_memory, self.cache_config)
+
     def initialize_from_config(self, kv_cache_config) -> None:
-        self.chain = chain_for(self.kvr, self.vllm_config, self.rank, kv_cache_config)  # installs its connector
+        self.chain = modes.chain_for(self.kvr, self.vllm_config, self.rank, kv_cache_config, self.host)
         super().initialize_from_config(kv_cache_config)
         self.chain.start(self.model_runner)
 
     def execute_model(self, scheduler_output):
         step = self.chain.rewrite(scheduler_output)
+        with self._fail_fast(every_rank=True):
+            self.chain.run_ahead(step)
         out = self._run(step.scheduler_output)
         self.chain.learn(step)
         return out if self.chain.is_head else None  # vLLM reads the output rank's reply only
@@ -60,15 +78,16 @@ class Worker(vllm_seam.worker_base()):
         return None
 
     @contextlib.contextmanager
-    def _fail_fast(self):
-        """A chain worker that fails mid-prefill (e.g. out of memory) exits at once.
+    def _fail_fast(self, every_rank: bool = False):
+        """A chain worker that fails mid-prefill (e.g. out of memory) exits at once; with ``every_rank``
+        the head too (TP layout: any rank's guest; its peers wait for its shards).
 
         vLLM's executor reads only the head's reply, and the head would wait for this worker's KV
         until the step's RPC timeout (minutes on NCCL, which has no receive timeout). A dead worker
         process is noticed by the executor within a second, so the engine fails its requests and
         stops instead of hanging.
         """
-        if self.chain.is_head:
+        if self.chain.is_head and not every_rank:
             yield
             return
         try:

@@ -61,7 +61,7 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
                              "(hybrid / sliding-window mixes are not supported)")
     from vllm.platforms import current_platform
 
-    if current_platform.is_cuda_alike() and pc.nnodes == 1:
+    if current_platform.is_cuda_alike() and pc.nnodes == 1 and cfg.decode == "head":
         have = current_platform.device_count()
         tp = pc.tensor_parallel_size
         if n * tp > have:
@@ -89,7 +89,14 @@ def convert(vllm_config) -> None:
             and "num_workers" in extra[ADDITIONAL_CONFIG_KEY]:
         return  # converted already (a config copied after post-init)
     n = pc.prefill_context_parallel_size
-    cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY))
+    options = (extra or {}).get(ADDITIONAL_CONFIG_KEY)
+    if n == 1 and pc.tensor_parallel_size > 1:
+        # TP layout: vLLM runs plain TP=N; every rank adds the full model for the runahead prefill
+        cfg = KVRunaheadConfig.from_dict(pc.tensor_parallel_size, options, decode="tp")
+        check_not_replaced()
+        check_supported(vllm_config, cfg)
+    else:
+        cfg = KVRunaheadConfig.from_dict(n, options)
     if n > 1:
         check_not_replaced()
         check_supported(vllm_config, cfg)

@@ -1,0 +1,159 @@
+"""TP layout: what each rank does with a runahead chunk when vLLM runs plain TP=N (pure; no torch).
+
+vLLM owns the decode model (TP=N, every rank holds its KV heads of every token) and every rank also
+holds the full model, the guest (``guest.py``). A cold chunk [0, m) runs ahead on the guests and ends
+in vLLM's TP forward:
+
+    rank 0 guest  [0, e0)           --[0, e0) per layer-->  rank 1 guest [e0, e1)  --> ... rank N-1 [.., m-1)
+    every rank:   its KV heads of [0, m-1) into its paged blocks (own + earlier segments from its scratch,
+                  later segments' heads from the ranks that computed them, per layer)
+    TP forward:   token m-1 (and the step's other work) on all N ranks, which samples
+
+The guests' KV lives in a scratch (``Guest``), never in vLLM's paged cache: only head shards land
+there, so the scheduler's blocks hold N x the tokens they hold in the chain-of-copies mode. The last
+token stays with the TP forward so that the logits come from vLLM's own model, its sampler and its
+step, exactly as a plain TP request's do.
+
+Inner segment bounds are whole blocks (``Partitioner.split_step``), so a rank's segment is whole
+blocks but for the last one's tail, and the shards are whole blocks too: a block's bytes per head are
+the same in the guest's full-head cache and in a rank's head-shard cache (only the head count differs).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .partition import Segment
+from .plan import StepPlan
+
+AFTER_CACHED = "after_cached"   # TP layout: a chunk after cached tokens is prefilled by the TP model
+SCRATCH_FULL = "scratch_full"   # the guests' scratch holds no more chunks this step
+SEGMENT_EMPTY = "segment_empty"  # a rank's segment would be empty (the last one's once the tail is cut)
+
+
+def kv_heads_of(rank: int, n: int, total: int) -> tuple[int, int]:
+    """KV heads [lo, hi) that TP rank ``rank`` of ``n`` holds, as vLLM shards them: an equal share when
+    the heads divide among the ranks, one replicated head per n/total ranks otherwise
+    (``QKVParallelLinear``: ``num_kv_head_replicas = tp_size // total_num_kv_heads``)."""
+    if total >= n:
+        if total % n:
+            raise ValueError(f"{total} KV heads do not split over {n} TP ranks")
+        per = total // n
+        return rank * per, (rank + 1) * per
+    if n % total:
+        raise ValueError(f"{n} TP ranks do not replicate {total} KV heads evenly")
+    h = rank // (n // total)
+    return h, h + 1
+
+
+def _blocks(lo: int, hi: int, bs: int) -> range:
+    """Blocks holding tokens [lo, hi) (lo is block aligned here)."""
+    return range(lo // bs, -(-hi // bs))
+
+
+def _ids(parts) -> np.ndarray:
+    parts = [np.asarray(p, dtype=np.int64) for p in parts]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class GuestReq:
+    """One chunk run ahead in TP layout. segments: the guests' N segments of [0, m-1); the TP forward
+    computes [m-1, m). scratch: the first of the scratch blocks the chunk takes on every rank."""
+
+    req_id: str
+    segments: tuple[Segment, ...]
+    block_ids: tuple[int, ...]     # vLLM's (paged) blocks of the request
+    scratch: int
+
+    @property
+    def tail(self) -> int:
+        return self.segments[-1].end
+
+    def scratch_ids(self, lo: int, hi: int, bs: int) -> list[int]:
+        return [self.scratch + b for b in _blocks(lo, hi, bs)]
+
+    def paged_ids(self, lo: int, hi: int, bs: int) -> list[int]:
+        return [self.block_ids[b] for b in _blocks(lo, hi, bs)]
+
+
+@dataclass(frozen=True)
+class GuestTraffic:
+    """What one rank moves in a TP-layout step (block ids; every message is per layer).
+
+    recv / send: the chain, full heads, scratch blocks (from rank - 1 / to rank + 1).
+    keep_src -> keep_dst: this rank's KV heads of [0, its segment's end), scratch -> paged.
+    shard_send: (dst, scratch blocks of its own segment) for every earlier rank: dst's heads.
+    shard_recv: (src, paged blocks of src's segment) for every later rank: this rank's heads.
+    """
+
+    recv: np.ndarray
+    send: np.ndarray
+    keep_src: np.ndarray
+    keep_dst: np.ndarray
+    shard_send: tuple[tuple[int, np.ndarray], ...]
+    shard_recv: tuple[tuple[int, np.ndarray], ...]
+
+    def __bool__(self) -> bool:
+        return bool(len(self.keep_src) or len(self.recv) or len(self.send))
+
+
+@dataclass(frozen=True)
+class TPStep:
+    """A step's runahead chunks in TP layout, on every rank alike (all plan from the same output)."""
+
+    n: int
+    block_size: int
+    requests: tuple[GuestReq, ...] = ()
+    on_tp: tuple[tuple[str, str], ...] = ()   # (req id, why) of the prefill chunks the TP model computes
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    def tails(self) -> dict[str, Segment]:
+        """What vLLM's TP forward computes of each runahead chunk: its last token."""
+        return {r.req_id: Segment(self.n, r.tail, r.tail + 1) for r in self.requests}
+
+    def guest_segments(self, rank: int) -> dict[str, tuple[Segment, list[int]]]:
+        """Rank ``rank``'s guest work: per chunk its segment and the scratch blocks of [0, segment end)."""
+        bs = self.block_size
+        return {r.req_id: (r.segments[rank], r.scratch_ids(0, r.segments[rank].end, bs)) for r in self.requests}
+
+    def traffic_for(self, rank: int) -> GuestTraffic:
+        """The one rule of TP-layout traffic: every rank keeps its heads of what it has (its prefix
+        and its segment), and the ranks after it send its heads of the rest."""
+        bs, reqs, n = self.block_size, self.requests, self.n
+        seg = lambda r, k: r.segments[k]  # noqa: E731
+        recv = _ids(r.scratch_ids(0, seg(r, rank).start, bs) for r in reqs) if rank > 0 else _ids([])
+        send = _ids(r.scratch_ids(0, seg(r, rank).end, bs) for r in reqs) if rank < n - 1 else _ids([])
+        keep_src = _ids(r.scratch_ids(0, seg(r, rank).end, bs) for r in reqs)
+        keep_dst = _ids(r.paged_ids(0, seg(r, rank).end, bs) for r in reqs)
+        shard_send = tuple((dst, _ids(r.scratch_ids(seg(r, rank).start, seg(r, rank).end, bs) for r in reqs))
+                           for dst in range(rank))
+        shard_recv = tuple((src, _ids(r.paged_ids(seg(r, src).start, seg(r, src).end, bs) for r in reqs))
+                           for src in range(rank + 1, n))
+        return GuestTraffic(recv, send, keep_src, keep_dst, shard_send, shard_recv)
+
+
+def tp_step(plan: StepPlan, scratch_blocks: int) -> TPStep:
+    """The TP-layout step of ``plan`` (``make_plan``'s cut of the step's cold chunks, N segments each):
+    the last segment gives up its last token to the TP forward, and each chunk takes scratch blocks
+    for [0, m - 1) while they last (a chunk that does not fit, or one of whose segments would be
+    empty, is prefilled by the TP model)."""
+    bs, out, on_tp, used = plan.block_size, [], list(plan.on_head), 0
+    for r in plan.requests:
+        if r.start != 0:
+            raise ValueError(f"request {r.req_id}: TP layout runs cold chunks only, this one starts at {r.start}")
+        last = r.segments[-1]
+        need = -(-(last.end - 1) // bs)
+        if last.length < 2 or any(g.length < 1 for g in r.segments[:-1]):
+            on_tp.append((r.req_id, SEGMENT_EMPTY))
+        elif used + need > scratch_blocks:
+            on_tp.append((r.req_id, SCRATCH_FULL))
+        else:
+            segs = r.segments[:-1] + (dataclasses.replace(last, end=last.end - 1),)
+            out.append(GuestReq(r.req_id, segs, r.block_ids, used))
+            used += need
+    return TPStep(plan.n_workers, bs, tuple(out), tuple(on_tp))
