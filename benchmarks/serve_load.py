@@ -27,10 +27,12 @@ MAX_TOKENS = 12
 
 
 def start_server(model: str, workers: int, extra: list[str] = (), env: dict | None = None, timeout: float = 300,
-                 *, tokenizer: bool = False, prefix_caching: bool = False, kvr: dict | None = None):
+                 *, tokenizer: bool = False, prefix_caching: bool = False, kvr: dict | None = None,
+                 decode: str = "head"):
     """Start the OpenAI server (python -m ...api_server, as `vllm serve`); returns (proc, base_url, log).
     tokenizer: load the model's tokenizer (chat, text prompts); else token ids only.
-    kvr: KV-Runahead options (default min_tokens 256)."""
+    kvr: KV-Runahead options (default min_tokens 256). decode: "head" (--prefill-context-parallel-size
+    workers) or "tp" (TP layout: --tensor-parallel-size workers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -43,7 +45,8 @@ def start_server(model: str, workers: int, extra: list[str] = (), env: dict | No
     cmd += ["--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
     if workers > 1:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(workers)))
-        cmd += ["--worker-cls", "vllm_kvrunahead.Worker", "--prefill-context-parallel-size", str(workers),
+        size = "--tensor-parallel-size" if decode == "tp" else "--prefill-context-parallel-size"
+        cmd += ["--worker-cls", "vllm_kvrunahead.Worker", size, str(workers),
                 "--additional-config", json.dumps({"kv_runahead": kvr or {"min_tokens": 256}})]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -2,10 +2,13 @@
 
     python -m tests.engine_runner SPEC.json OUT.pt
 
-SPEC: model, workers (1 = plain vLLM), decode ("tp": KV-Runahead in TP layout over the tp ranks), alone (prompts sent one by one; after each,
-the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
+SPEC: model, workers (1 = plain vLLM), decode ("tp": KV-Runahead in TP layout over the tp ranks),
+alone (prompts sent one by one; after each, the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
 chunks ran ahead), batch (prompts sent at once: mixed prefill/decode steps), seeded
 (prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2),
+chat (first, question, turns: each turn the last prompt + its answer + question),
+long (phases of prompts and max_tokens, each sent at once: decodes that outgrow a small KV cache; tokens,
+logprobs and vLLM's preemptions per phase),
 max_tokens, engine kwargs; rounds (lists of prompts, each list sent at once, one after the other:
 tokens, every token's logprob and cached tokens per request; with KV-Runahead, after each round every
 KV block a chain position's record says it holds is compared with the head's, byte for byte).
@@ -22,6 +25,15 @@ def read_blocks(worker, block_ids, layers):
     caches = worker.model_runner.kv_caches
     idx = torch.tensor(block_ids, dtype=torch.long)
     return [caches[i].index_select(0, idx).clone() for i in layers]
+
+
+def kv_blocks(worker):
+    """KV blocks vLLM gave this rank's cache (every rank has the same count)."""
+    return worker.model_runner.kv_cache_config.num_blocks
+
+
+def preemptions(llm) -> float:
+    return next(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
 def num_layers(worker):
@@ -55,9 +67,13 @@ def head_counts(llm):
     return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held") if k in s}
 
 
-def set_engine_env(processes: int) -> None:
-    """Before vLLM is imported: 1 GiB of KV per worker, RPCs that carry functions, one core per worker."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def set_engine_env(processes: int, kv_bytes: bool = False) -> None:
+    """Before vLLM is imported: 1 GiB of KV per worker (unless the engine sets kv_cache_memory_bytes: the
+    variable would override it), RPCs that carry functions, one core per worker."""
+    if kv_bytes:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # test-only: collective_rpc(read_blocks)
     if processes > 1:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(processes))
@@ -83,7 +99,7 @@ def main(spec_path, out_path):
     spec = json.loads(open(spec_path).read())
     workers = spec["workers"]
     tp = spec.get("tp", 1)  # TP ranks per stage (workers 1: plain vLLM TP)
-    set_engine_env(workers * tp)
+    set_engine_env(workers * tp, "kv_cache_memory_bytes" in spec.get("engine", {}))
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
@@ -129,9 +145,29 @@ def main(spec_path, out_path):
             logprobs=[[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
             cached=[o.num_cached_tokens or 0 for o in outs],
             held=held_mismatches(llm, spec["block_size"]) if workers > 1 else None))
+    out["chat"] = []
+    if spec.get("chat"):  # each turn: the last turn's prompt and answer, then the question
+        c, prompt = spec["chat"], spec["chat"]["first"]
+        for _ in range(c["turns"]):
+            o = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0]
+            toks = list(o.outputs[0].token_ids)
+            out["chat"].append(dict(tokens=toks, cached=o.num_cached_tokens or 0,
+                                    logprobs=[lp[t].logprob for t, lp in zip(toks, o.outputs[0].logprobs)]))
+            prompt = prompt + toks + c["question"]
     if spec.get("batch"):
         outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["batch"]], sp, use_tqdm=False)
         out["batch"] = [list(o.outputs[0].token_ids) for o in outs]
+        out["batch_logprobs"] = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                                 for o in outs]
+    out["long"] = []
+    for phase in spec.get("long", []):  # prompts whose decodes outgrow a small KV cache: vLLM preempts them
+        before = preemptions(llm)
+        sp_long = SamplingParams(max_tokens=phase["max_tokens"], temperature=0, ignore_eos=True, logprobs=1)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in phase["prompts"]], sp_long, use_tqdm=False)
+        out["long"].append(dict(
+            tokens=[list(o.outputs[0].token_ids) for o in outs],
+            logprobs=[[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
+            preemptions=preemptions(llm) - before))
     for n in (1, 2) if spec.get("seeded") else ():
         seeded = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.8, seed=7, n=n, ignore_eos=True)
         # one prompt at a time: plain vLLM on CPU cannot rewind a seeded generator after a partial chunk
@@ -140,8 +176,11 @@ def main(spec_path, out_path):
     if spec.get("steps"):
         out["steps"] = llm.collective_rpc("kvr_steps")[-1]  # the scheduler output the head received
     out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    out["kv_blocks"] = llm.collective_rpc(kv_blocks)
     if kvr:
         out["stats"] = llm.collective_rpc("kvr_stats")
+    if spec.get("decode") == "tp":
+        out["guest"] = llm.collective_rpc("kvr_guest_report")
     save_and_stop(llm, out, out_path)
 
 

@@ -40,3 +40,21 @@ class RecordingKVRWorker(_Recorder, Worker):
     def kvr_holdings(self):
         """Per chain position and KV block: the leading slots the record says equal the head's."""
         return self.chain.holdings._valid.copy()
+
+    def kvr_guest_report(self) -> dict:
+        """TP layout: what this rank's guest holds (its weights, its scratch) and where it runs."""
+        from vllm.distributed.parallel_state import get_tp_group
+
+        from vllm_kvrunahead import guest
+
+        g = self.host.guest
+        rope = lambda m: {id(b) for n, b in m.named_buffers() if "rotary" in n}  # noqa: E731
+        mine = rope(g.runner.get_model())
+        return dict(rope_shared=bool(mine) and mine == rope(self.model_runner.get_model()),
+                    vllm_weights=guest.model_weight_bytes(self.model_runner.get_model()),
+                    weights=g.weight_bytes(), scratch=g.scratch_bytes(), reserved=g.reserved_bytes(),
+                    scratch_blocks=g.kv_cache_config.num_blocks,
+                    scratch_regions=len({c.data_ptr() for c in g.runner.kv_caches}),
+                    guest_tp_ranks=list(g.group.ranks), vllm_tp_ranks=list(get_tp_group().ranks),
+                    guest_layers=sorted(g.config.compilation_config.static_forward_context),
+                    vllm_layers=sorted(self.vllm_config.compilation_config.static_forward_context))

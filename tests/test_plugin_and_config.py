@@ -64,7 +64,26 @@ def test_config_turns_pcp_into_chain_workers():
     plain = engine_config(worker_cls="auto", prefill_context_parallel_size=1).scheduler_config
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
-        "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False}
+        "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False,
+        "decode": "head"}
+
+
+def test_config_tensor_parallel_size_alone_is_the_tp_layout():
+    """--tensor-parallel-size N with the plugin's worker: vLLM's plain TP=N (its world, groups, executor
+    sizes and scheduler untouched), the guests' chain N long; the chain-of-copies patches stay out of it."""
+    from vllm_kvrunahead.config import chain_options
+
+    cfg = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=1,
+                        additional_config={"kv_runahead": {"min_tokens": 100}})
+    pc = cfg.parallel_config
+    assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (2, 2, 1)
+    kvr = cfg.additional_config["kv_runahead"]
+    assert (kvr["decode"], kvr["num_workers"], kvr["min_tokens"], kvr["step_budget"]) == ("tp", 2, 100, None)
+    assert chain_options(cfg) is None
+    plain = engine_config(worker_cls="auto", tensor_parallel_size=2, prefill_context_parallel_size=1)
+    assert cfg.scheduler_config.max_num_batched_tokens == plain.scheduler_config.max_num_batched_tokens
+    with pytest.raises(ValueError, match="unknown option.*decode"):   # the flags decide it, not an option
+        engine_config(additional_config={"kv_runahead": {"decode": "tp"}})
 
 
 def _foreign(path):

@@ -1,17 +1,22 @@
 """Issue 22, TP layout (docs/decode-design.md): vLLM runs plain TP=N with KV-Runahead's worker; every rank
-runs its guest's segment of each cold chunk, keeps its KV heads in vLLM's paged cache, and vLLM's TP model
-computes the chunk's last token, samples and decodes on every rank.
+runs its guest's segment of each runahead chunk (after gathering a cached prefix's heads from the other
+ranks), keeps its KV heads in vLLM's paged cache, and vLLM's TP model computes the chunk's last token,
+samples and decodes on every rank.
 
-Against one worker and plain TP=2 (the engines tests/test_tp_e2e.py starts, shared in one session), the tiny
-model with 2 KV heads (each TP rank holds one): prompts one by one (1027 and 2500 are chunked at budget
-1000: their first chunk runs ahead, the later ones are prefilled by the TP model), then concurrent prefill
-and decode steps.
+Against one worker and plain TP=N: the tiny model with 2 KV heads at N=2 and with 4 at N=4 (each rank holds
+one): prompts one by one (1027 and 2500 are chunked at budget 1000; later chunks start inside a block and
+run ahead after the cached earlier ones), concurrent prefill and decode steps, real traffic at equal KV
+bytes per rank; what the guest holds. SmolLM2 at N=3 chats through the server in tests/test_chat.py.
 """
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.test_tp_e2e import LENGTHS, tp_spec
-from tests.test_vllm_e2e import BS, BUDGET
+from tests.models import tiny_llama
+from tests.test_vllm_e2e import BS, BUDGET, TINY_ENGINE, rand_prompts
 
 # fp32. The guest computes KV with one worker's numerics (its layers see one worker's hidden states), vLLM's
 # TP model with TP's (its all-reduce sums in another order): plain TP=2's logprobs differ from one
@@ -48,28 +53,202 @@ def test_tp_layout_every_rank_holds_its_kv_head_of_one_worker_and_plain_tp2(runs
             for layer in range(2):
                 a = kv[r][layer]
                 assert a.shape[:2] == (n // BS, 1)
-                # KV head r of one worker's cache, and plain TP=2's rank r. The guests computed the blocks
-                # before g (the first chunk but its last token), vLLM's TP model the rest. Layer 0's KV
-                # comes straight from the embeddings: byte for byte one worker's where the guests made it
-                # and TP's where TP did. Later layers see attention outputs, whose sums run in another
-                # order when a segment's queries start after a prefix (chain) or heads are split (TP).
+                # KV head r of one worker's cache, and plain TP=2's rank r. The guests computed every token
+                # but each chunk's last (vLLM's TP model's). Layer 0's KV comes straight from the embeddings:
+                # byte for byte one worker's in the blocks before the first chunk's last token. Later layers
+                # see attention outputs, whose sums run in another order when a segment's queries start
+                # after a prefix (chain) or the heads are split (TP).
                 g = (min(n, BUDGET) - 1) // BS
                 mine = full[layer][:, r:r + 1]
                 torch.testing.assert_close(a, mine, atol=1e-5, rtol=1e-5, msg=f"{n} rank {r} layer {layer}")
                 torch.testing.assert_close(a, ref[r][layer], atol=1e-5, rtol=1e-5, msg=f"{n} rank {r} layer {layer}")
                 if layer == 0:
                     assert torch.equal(a[:g].view(torch.uint8), mine[:g].view(torch.uint8)), (n, r)
-                    assert torch.equal(a[g:].view(torch.uint8), ref[r][0][g:].view(torch.uint8)), (n, r)
 
 
-def test_tp_layout_runs_cold_chunks_ahead_and_decodes_on_every_rank(runs):
+def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
     stats = runs["layout"]["stats"]
     assert [s["tp_rank"] for s in stats] == [0, 1] and all(s["decode"] == "tp" for s in stats)
     ahead = dict(zip(LENGTHS, runs["layout"]["ahead"]))
-    assert ahead[2500]["chunks_ahead"] == 1 and ahead[300]["chunks_ahead"] == 1
+    # the chunked prompt: all 3 chunks ran ahead, the later two after the cached earlier ones
+    assert (ahead[2500]["chunks_ahead"], ahead[2500]["chunks_ahead_cached"], ahead[2500]["tokens_ahead"]) == (3, 2, 2500)
+    assert (ahead[1027]["chunks_ahead"], ahead[1027]["chunks_ahead_cached"]) == (2, 1)
+    assert ahead[300]["chunks_ahead"] == 1 and ahead[2]["chunks_ahead"] == 0   # 2 tokens: too short
     for s in stats:
         assert s["decode_tokens"] > 0 and s["guest_tokens"] > 0 and s["tp_tokens"] > 0
-        assert s["chunks_on_tp"].get("after_cached", 0) >= 3   # 1027's second chunk, 2500's two
-    assert stats[0]["chunks_ahead"] == stats[1]["chunks_ahead"] >= 4
+        assert s["prefix_tokens_gathered"] >= 1000 + 2000 + 1000
+    assert stats[0]["chunks_ahead"] == stats[1]["chunks_ahead"] >= 6
     assert stats[0]["decode_tokens"] == stats[1]["decode_tokens"]
     assert stats[1]["blocks_sent"] > 0 and stats[0]["blocks_received"] > 0
+
+
+# -- real traffic, and the KV capacity ---------------------------------------------------------------------
+KV_BLOCK_BYTES = 2 * 2 * BS * 2 * 64 * 4   # one worker's block: 2 layers x 2 KV heads x 128 slots x K,V x 64 x fp32
+KV_BYTES = 24 * KV_BLOCK_BYTES             # per rank, for every engine: 24 blocks of one worker's, 48 of a TP rank's
+TRAFFIC_MAX_LEN = 3072                     # what one worker's 24 blocks hold (vLLM refuses a longer max_model_len)
+
+
+def traffic_spec(workers: int, tp: int, decode: str | None = None) -> dict:
+    """The same KV memory on every rank (kv_cache_memory_bytes), prefix caching on, budget 1000:
+    - rounds: A, then B = A[:1600] + 300 and C = A[:1200] + 500 at once (prefix-cache hits);
+    - chat: 3 turns, each the last prompt + its answer + a question (a cache hit, then new tokens);
+    - batch: 32 concurrent requests of mixed lengths (prefill chunks and decodes in the same steps);
+    - seeded: temperature 0.8, a seed per request, n = 1 and 2;
+    - long: 4 x 600-token prompts decoding 300 tokens each at once: 32 blocks of one worker's size at the
+      end, more than its 24, fewer than a TP rank's 48; then 6 x 600 + 400: 48 blocks, so TP preempts too
+      and resumes the preempted requests (their prompt and output tokens recomputed)."""
+    rng = __import__("random").Random(21)
+
+    def toks(n):
+        return [rng.randrange(512) for _ in range(n)]
+
+    a = toks(1700)
+    t1 = toks(900)
+    rounds = [[a], [a[:1600] + toks(300), a[:1200] + toks(500)]]
+    spec = dict(model=tiny_llama(kv_heads=2), workers=workers, tp=tp, block_size=BS, max_tokens=8, alone=[],
+                engine=dict(TINY_ENGINE, enable_prefix_caching=True, kv_cache_memory_bytes=KV_BYTES,
+                            max_model_len=TRAFFIC_MAX_LEN),
+                kvr={"min_tokens": 0}, rounds=rounds, chat={"first": t1, "question": toks(40), "turns": 3},
+                batch=[toks(n) for n in [rng.choice([5, 40, 130, 300, 700, 1100, 1500]) for _ in range(32)]],
+                seeded=[toks(300), toks(500)],
+                long=[{"prompts": [toks(600) for _ in range(4)], "max_tokens": 300},
+                      {"prompts": [toks(600) for _ in range(6)], "max_tokens": 400}])
+    if decode:
+        spec["decode"] = decode
+    return spec
+
+
+@pytest.fixture(scope="module")
+def traffic(engines):
+    return {name: engines.get(f"tiny-kv2-traffic-{name}", traffic_spec(*args))
+            for name, args in {"one": (1, 1), "tp2": (1, 2), "layout": (1, 2, "tp"), "head2": (2, 1)}.items()}
+
+
+def _close(got, want, what):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), atol=LOGPROB_TOL, rtol=0, msg=f"{what} {i}")
+
+
+def test_tp_layout_under_real_traffic_equals_one_worker_and_plain_tp2(traffic):
+    run = traffic["layout"]
+    for ref in (traffic["tp2"], traffic["one"]):
+        for i, (got, want) in enumerate(zip(run["rounds"], ref["rounds"], strict=True)):
+            assert got["tokens"] == want["tokens"], f"round {i}"
+            _close(got["logprobs"], want["logprobs"], f"round {i}")
+        assert [r["cached"] for r in run["rounds"]] == [r["cached"] for r in ref["rounds"]]
+        assert run["batch"] == ref["batch"]
+        _close(run["batch_logprobs"], ref["batch_logprobs"], "batch request")
+        assert run["seeded"] == ref["seeded"]
+        for i, (got, want) in enumerate(zip(run["chat"], ref["chat"], strict=True)):
+            assert got["tokens"] == want["tokens"] and got["cached"] == want["cached"], f"turn {i}"
+            _close([got["logprobs"]], [want["logprobs"]], f"turn {i}")
+        for got, want in zip(run["long"], ref["long"], strict=True):
+            assert got["tokens"] == want["tokens"]
+            _close(got["logprobs"], want["logprobs"], "long request")
+    assert run["rounds"][1]["cached"][0] >= 1536   # B hit A's whole blocks
+    assert len(run["chat"]) == 3 and all(t["cached"] >= 896 for t in run["chat"][1:])
+
+
+def test_tp_layout_holds_n_times_the_kv_of_the_chain_of_copies(traffic):
+    """The same KV bytes per rank: TP layout's ranks hold 2 x the blocks of a chain worker's (today's mode,
+    which allocates one worker's blocks on every worker), and the 4 long requests that make one worker
+    and today's mode preempt run without preemption."""
+    one, head2, layout, tp2 = (traffic[k] for k in ("one", "head2", "layout", "tp2"))
+    assert one["kv_blocks"] == [24] and head2["kv_blocks"] == [24, 24]
+    assert layout["kv_blocks"] == tp2["kv_blocks"] == [48, 48]
+    assert one["long"][0]["preemptions"] > 0 and head2["long"][0]["preemptions"] > 0
+    assert layout["long"][0]["preemptions"] == 0 == tp2["long"][0]["preemptions"]
+    assert [r["tokens"] for r in head2["long"]] == [r["tokens"] for r in one["long"]]
+    # and where TP's 48 blocks run out too, TP layout preempts and resumes like plain TP (tokens: above)
+    assert layout["long"][1]["preemptions"] > 0
+
+
+def test_tp_layout_decodes_on_every_rank_under_traffic(traffic):
+    stats = traffic["layout"]["stats"]
+    assert len(stats) == 2 and stats[0]["decode_tokens"] == stats[1]["decode_tokens"] > 1000
+    assert stats[0]["chunks_ahead"] == stats[1]["chunks_ahead"] > 10
+    assert stats[0]["chunks_ahead_cached"] >= 5   # A's second chunk, B and C after their hits, chat turns 2 and 3
+    assert all(s["live_requests"] == 0 for s in stats)
+
+
+# -- four ranks ----------------------------------------------------------------------------------------------
+N4_LENGTHS = [300, 1027, 2500]
+
+
+def n4_spec(tp: int, decode: str | None = None) -> dict:
+    """The tiny model with 4 KV heads (4 query heads, hidden 256): TP=4 gives each rank one."""
+    spec = dict(model=tiny_llama(kv_heads=4), workers=1, tp=tp, block_size=BS, max_tokens=8, engine=TINY_ENGINE,
+                kvr={"min_tokens": 0}, alone=rand_prompts(N4_LENGTHS, 7),
+                batch=rand_prompts([40, 700, 1500, 5, 300, 1100], 8), kv_layers=[0, 1])
+    if decode:
+        spec["decode"] = decode
+    return spec
+
+
+def test_tp_layout_on_four_ranks_equals_one_worker_and_plain_tp4(engines):
+    one, tp4, run = (engines.get(f"tiny-kv4-{name}", n4_spec(*args))
+                     for name, args in {"one": (1,), "tp4": (4,), "layout": (4, "tp")}.items())
+    assert run["alone"] == tp4["alone"] == one["alone"] and run["batch"] == tp4["batch"] == one["batch"]
+    for ref in (tp4, one):
+        for got, want in zip(run["logprobs"] + run["batch_logprobs"], ref["logprobs"] + ref["batch_logprobs"],
+                             strict=True):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=LOGPROB_TOL, rtol=0)
+    for n, kv, ref, full in zip(N4_LENGTHS, run["kv"], tp4["kv"], one["kv"], strict=True):
+        assert len(kv) == 4
+        for r in range(4):
+            for layer in range(2):
+                assert kv[r][layer].shape[:2] == (n // BS, 1)
+                torch.testing.assert_close(kv[r][layer], full[layer][:, r:r + 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(kv[r][layer], ref[r][layer], atol=1e-5, rtol=1e-5)
+            g = (min(n, BUDGET) - 1) // BS   # layer 0 of the guests' blocks: one worker's, byte for byte
+            assert torch.equal(kv[r][0][:g].view(torch.uint8), full[0][:g, r:r + 1].view(torch.uint8)), (n, r)
+    stats = run["stats"]
+    assert [s["tp_rank"] for s in stats] == [0, 1, 2, 3]
+    assert len({s["decode_tokens"] for s in stats}) == 1 and stats[0]["decode_tokens"] > 0
+    assert all(s["guest_tokens"] > 0 and s["chunks_ahead"] == stats[0]["chunks_ahead"] >= 5 for s in stats)
+    # every rank sent the earlier ranks their heads of its segment, and received its own from the later ones
+    assert all(s["blocks_sent"] > 0 for s in stats[1:]) and all(s["blocks_received"] > 0 for s in stats[:-1])
+
+
+# -- what the guest holds ----------------------------------------------------------------------------------
+def checkpoint_bytes(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            total += math.prod(f.get_slice(k).get_shape()) * 4  # fp32
+    return total
+
+
+def test_every_rank_holds_the_full_model_and_a_scratch_beside_vllms_tp_model(traffic):
+    """The guest: the whole checkpoint's weights under a one-rank TP group, its attention layers in its own
+    forward context (the same names as vLLM's, no "Duplicate layer name"), the rotary cache shared with
+    vLLM's model, and a scratch of guest.GUEST_RING regions for max(max_model_len, budget) tokens with every KV head.
+    vLLM's KV budget is the explicit kv_cache_memory_bytes here, so the guest comes on top of it and vLLM's
+    blocks equal plain TP=2's (asserted above)."""
+    from vllm_kvrunahead.guest import GUEST_RING
+
+    full = checkpoint_bytes(tiny_llama(kv_heads=2))
+    scratch_blocks = math.ceil(max(TRAFFIC_MAX_LEN, BUDGET) / BS)
+    for rank, rep in enumerate(traffic["layout"]["guest"]):
+        assert rep["guest_tp_ranks"] == [rank] and rep["vllm_tp_ranks"] == [0, 1]
+        assert rep["guest_layers"] == rep["vllm_layers"] == [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+        assert rep["weights"] == full and full // 2 < rep["vllm_weights"] < full, rank   # whole vs TP shard
+        assert rep["rope_shared"]
+        assert rep["scratch_blocks"] == scratch_blocks and rep["scratch_regions"] == GUEST_RING
+        assert rep["scratch"] == GUEST_RING * scratch_blocks * KV_BLOCK_BYTES // 2   # one layer per region
+        assert rep["reserved"] == rep["weights"] + rep["scratch"]
+
+
+@pytest.mark.parametrize("explicit, rss_counted, left", [
+    (None, False, 1000 - 300),   # GPU profile: counts vLLM's own weights only, so the guest is subtracted
+    (None, True, 1000),          # CPU automatic: the process's RSS already holds the guest
+    (1 << 30, False, 1000),      # explicit KV size: vLLM's layers get it, the guest comes on top
+])
+def test_kv_budget_subtracts_the_guest_where_vllm_does_not_count_it(explicit, rss_counted, left):
+    from types import SimpleNamespace
+
+    from vllm_kvrunahead.guest import kv_bytes_left
+
+    assert kv_bytes_left(1000, 300, SimpleNamespace(kv_cache_memory_bytes=explicit), rss_counted=rss_counted) == left

@@ -186,21 +186,28 @@ def _wait(work: dist.Work, peer: int, timeout_s: float | None, bounded: bool) ->
 
 
 class ShardComm:
-    """TP layout: the KV head shards a rank sends to the earlier ranks and receives from the later
-    ones (``tp_layout.GuestTraffic``), beside the chain's ``ChainComm``. Every pair of ranks has a
-    process group of its own: NCCL runs one group's point-to-point operations in issue order on one
-    stream, and on one shared group a rank's sends would queue behind its receives of every layer
-    from the ranks after it. Receives are posted for the whole step up front and waited for once
-    the rank's guest has run; sends go out per layer, as the guest's layers finish."""
+    """TP layout: one flow of KV head shards between the ranks (``tp_layout.GuestTraffic``), beside the
+    chain's ``ChainComm``: the segment shards (each rank's heads of a later rank's segment, sent back to
+    it) or the prefix gather (each rank's heads of a cached prefix, sent to every rank that lacks them).
 
-    def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None) -> None:
+    NCCL runs one group's point-to-point operations in issue order on one stream, so every flow has
+    groups of its own, and every pair of ranks one per flow (``directional``: one per direction, for a
+    flow whose pairs send both ways: on one group both ranks' first sends would wait for receives that
+    each has queued behind its own send). Receives come back oldest first (``wait_recvs``)."""
+
+    def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None,
+                 directional: bool = False) -> None:
         self.rank, self.timeout_s = rank, timeout_s
-        self._groups: dict[int, dist.ProcessGroup] = {}
+        self._to: dict[int, dist.ProcessGroup] = {}    # the group of my sends to a peer
+        self._from: dict[int, dist.ProcessGroup] = {}  # ... and of its sends to me
         for a in range(world):          # new_group is collective: every rank makes every pair's, in order
             for b in range(a + 1, world):
-                g = dist.new_group([a, b], backend=backend)
-                if rank in (a, b):
-                    self._groups[b if rank == a else a] = g
+                ab = dist.new_group([a, b], backend=backend)
+                ba = dist.new_group([a, b], backend=backend) if directional else ab
+                if rank == a:
+                    self._to[b], self._from[b] = ab, ba
+                elif rank == b:
+                    self._to[a], self._from[a] = ba, ab
         self._bounded = timeout_s is not None and backend != "nccl"
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self._recvs: list[tuple[int, dist.Work, torch.Tensor]] = []
@@ -210,16 +217,20 @@ class ShardComm:
     def post_send(self, dst: int, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._sends.append((dist.isend(tensor, dst=dst, group=self._groups[dst]), tensor))
+        self._sends.append((dist.isend(tensor, dst=dst, group=self._to[dst]), tensor))
 
     def post_recv(self, src: int, shape, dtype: torch.dtype, device: torch.device | str) -> None:
         buf = torch.empty(shape, dtype=dtype, device=device)
         self.bytes_received += buf.numel() * buf.element_size()
-        self._recvs.append((src, dist.irecv(buf, src=src, group=self._groups[src]), buf))
+        self._recvs.append((src, dist.irecv(buf, src=src, group=self._from[src]), buf))
 
-    def wait_recvs(self) -> list[torch.Tensor]:
-        """Every posted receive's buffer, in the order they were posted, once arrived."""
-        recvs, self._recvs = self._recvs, []
+    def wait_recvs(self, count: int | None = None) -> list[torch.Tensor]:
+        """The buffers of the ``count`` oldest posted receives (None: all), in the order they were
+        posted, once arrived."""
+        count = len(self._recvs) if count is None else count
+        if count > len(self._recvs):
+            raise RuntimeError(f"KV-Runahead: waiting for {count} shard receives, {len(self._recvs)} posted")
+        recvs, self._recvs = self._recvs[:count], self._recvs[count:]
         for src, work, _ in recvs:
             _wait(work, src, self.timeout_s, self._bounded)
         return [buf for _, _, buf in recvs]

@@ -18,15 +18,17 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def tiny_llama(path: Path | None = None, *, layers: int = 2, seed: int = 0, kv_heads: int = 1) -> str:
-    """kv_heads 1: GQA (2 query heads, 1 KV head); 2: MHA, so TP=2 gives each rank a KV head of its own."""
-    path = Path(path or CACHE / (f"tiny-llama-h128-l{layers}-s{seed}" + (f"-kv{kv_heads}" if kv_heads != 1 else "")))
+    """kv_heads 1: GQA (2 query heads, 1 KV head); 2: MHA, so TP=2 gives each rank a KV head of its own;
+    4: MHA with 4 heads (hidden 256), so TP=4 does."""
+    hidden = 64 * max(2, kv_heads)  # head_dim 64 (CPU kernels)
+    path = Path(path or CACHE / (f"tiny-llama-h{hidden}-l{layers}-s{seed}" + (f"-kv{kv_heads}" if kv_heads != 1 else "")))
     if (path / "config.json").exists():
         return str(path)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=kv_heads,  # head_dim 64 (CPU kernels)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=kv_heads,
                       max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -28,8 +28,6 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed import parallel_state
 from vllm.platforms import current_platform
-from vllm.sampling_params import SamplingParams
-from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
 from .vllm_seam import connector_installed, has_field, kv_caches_by_layer, layer_order
@@ -134,8 +132,6 @@ class Guest:
             self.runner = _runner_class()(config, device)
             self.runner.load_model()
         self.kv_cache_config: KVCacheConfig | None = None  # the scratch, once allocated
-        self._finished: set[str] = set()
-        self._steps = 0
 
     def allocate_scratch(self, host_cache_config) -> None:
         """Allocate the scratch KV; call it before vLLM measures memory for its KV cache (a GPU worker
@@ -190,39 +186,6 @@ class Guest:
         with self.active(), connector_installed(connector):
             if self.runner.execute_model(scheduler_output) is None:  # V1: the forward now, sampling next
                 self.runner.sample_tokens(None)
-
-    def prefill(self, prompt: list[int], num_logprobs: int = -1):
-        """One cold prompt through the guest, in one step on the scratch's first blocks: the greedy
-        next token and the ModelRunnerOutput's logprobs for it (-1: the whole vocabulary)."""
-        bs = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        if len(prompt) > self.config.scheduler_config.max_num_batched_tokens:
-            raise ValueError("the guest computes a prompt in one step: longer than the step budget")
-        self._steps += 1
-        rid = f"kvr-guest-{self._steps}"
-        req = NewRequestData(
-            req_id=rid, prompt_token_ids=list(prompt), mm_features=[],
-            sampling_params=SamplingParams(max_tokens=1, temperature=0.0, logprobs=num_logprobs),
-            pooling_params=None, block_ids=(list(range(math.ceil(len(prompt) / bs))),),
-            num_computed_tokens=0, lora_request=None)
-        out = self._step({rid: len(prompt)}, [req])
-        self._finished.add(rid)  # its blocks are free again from the next step on
-        i = out.req_id_to_index[rid]
-        lp = out.logprobs
-        return out.sampled_token_ids[i][0], lp.logprob_token_ids[i].copy(), lp.logprobs[i].copy()
-
-    def _step(self, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]):
-        so = SchedulerOutput.make_empty()
-        so.scheduled_new_reqs = new_reqs
-        so.scheduled_cached_reqs = CachedRequestData.make_empty()
-        so.num_scheduled_tokens = num_scheduled
-        so.total_num_scheduled_tokens = sum(num_scheduled.values())
-        so.num_common_prefix_blocks = [0]
-        so.finished_req_ids, self._finished = self._finished, set()
-        with self.active():
-            out = self.runner.execute_model(so)
-            if out is None:  # V1 runs the forward, then samples on the next call
-                out = self.runner.sample_tokens(None)
-        return out
 
 
 def kv_bytes_left(measured: int, guest_bytes: int, cache_config, rss_counted: bool | None = None) -> int:

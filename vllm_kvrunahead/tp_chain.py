@@ -7,14 +7,12 @@ rank are untouched. Per step, on every rank alike:
     chain.run_ahead(step)                    # the guest's segment, its head shards into the paged cache
     ... vLLM's TP runner runs step.scheduler_output on all ranks, which sample as in plain TP ...
 
-Runahead chunks are cold (no cached tokens before them). A chunk after cached tokens (a later chunk
-of a long prompt, a prefix-cache hit, a resumed request) is prefilled by the TP model, as is everything
-the chain cannot carry: gathering the prefix's head shards for the guests is the next step of
-docs/decode-design.md.
+Any prefill chunk of prompt tokens may run ahead: cold, or after cached tokens (a later chunk of a long
+prompt, a prefix-cache hit, a conversation's next turn), whose prefix every rank gathers from the
+ranks holding its heads. What the chain cannot carry (decodes, output tokens a resumed request
+recomputes, prompt logprobs, ...) is the TP model's.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch.distributed as dist
 
@@ -29,7 +27,7 @@ from .lut import PartitionTable
 from .partition import CostModel
 from .plan import DECODE, make_plan
 from .stats import ChainStats
-from .tp_layout import AFTER_CACHED, TPStep, kv_heads_of, tp_step
+from .tp_layout import TPStep, kv_heads_of, tp_step, tp_view
 
 
 class TPChain:
@@ -46,12 +44,14 @@ class TPChain:
         group = vllm_seam.world_device_group()
         self.comm = ChainComm(rank - 1 if rank > 0 else None, rank + 1 if rank < n - 1 else None, group,
                               kvr.recv_timeout_s, vllm_seam.world_cpu_group())
-        self.shards = ShardComm(rank, n, dist.get_backend(group), kvr.recv_timeout_s)
+        backend = dist.get_backend(group)
+        self.shards = ShardComm(rank, n, backend, kvr.recv_timeout_s)
+        self.gather = ShardComm(rank, n, backend, kvr.recv_timeout_s, directional=True)
         self.counters = ChainStats(n)
-        total_heads = vllm_config.model_config.get_total_num_kv_heads()
+        self.total_heads = total_heads = vllm_config.model_config.get_total_num_kv_heads()
         vllm_seam.set_worker_transfer_config(guest.config)  # the connector base class reads it
-        self.connector = GuestConnector(guest.config, guest.kv_cache_config, self.comm, self.shards, self.counters,
-                                        rank, [kv_heads_of(k, n, total_heads) for k in range(n)])
+        self.connector = GuestConnector(guest.config, guest.kv_cache_config, self.comm, self.shards, self.gather,
+                                        self.counters, rank, [kv_heads_of(k, n, total_heads) for k in range(n)])
         self.connector.register_kv_caches(guest.scratch_by_layer())
         self.book = vllm_seam.RequestBook()
         self._tails: dict[str, int] = {}      # vLLM's runner starts each runahead chunk here this step
@@ -64,7 +64,7 @@ class TPChain:
         self.connector.register_paged(vllm_seam.kv_caches_by_layer(runner, runner.kv_cache_config))
         vllm_seam.follow_rewritten_starts(runner, lambda: self._tails)
         self.partitioner = self._partitioner()
-        logger.info("KV-Runahead: TP rank %d of %d decodes; cold prompts run ahead on every rank's full model "
+        logger.info("KV-Runahead: TP rank %d of %d decodes; prompts run ahead on every rank's full model "
                     "(partition %s, %s)", self.rank, self.n, self.partitioner.describe(),
                     "where the cost model predicts a gain" if self.kvr.min_tokens is None
                     else f"chunks of >= {self.kvr.min_tokens} tokens")
@@ -72,8 +72,7 @@ class TPChain:
     # -- per step -------------------------------------------------------------
     def plan(self, scheduler_output) -> TPStep:
         self.book.update(scheduler_output)
-        views = [v if v.on_head or v.num_computed == 0 else dataclasses.replace(v, on_head=AFTER_CACHED)
-                 for v in vllm_seam.request_views(scheduler_output, self.book)]
+        views = [tp_view(v) for v in vllm_seam.request_views(scheduler_output, self.book)]
         self.tokens["decode"] += sum(v.num_scheduled for v in views if v.on_head == DECODE)
         plan = make_plan(views, self.n, splitter=self.partitioner, block_size=self.block_size)
         step = tp_step(plan, self.guest.kv_cache_config.num_blocks)
@@ -81,7 +80,9 @@ class TPChain:
             self.counters.chunks_on_head[why] = self.counters.chunks_on_head.get(why, 0) + 1
         for r in step.requests:
             self.counters.chunks_ahead += 1
-            self.counters.tokens_ahead += r.tail + 1
+            self.counters.tokens_ahead += r.tail + 1 - r.start
+            self.counters.chunks_ahead_cached += r.start > 0
+            self.counters.prefix_tokens_sent += r.start
             for k, seg in enumerate(r.segments):
                 self.counters.segment_tokens[k] += seg.length
         return step
@@ -103,7 +104,7 @@ class TPChain:
             return
         segs = plan.guest_segments(self.rank)
         so = vllm_seam.segments_only(step.original, segs, self._guest_reqs,
-                                     GuestMeta.of(plan.traffic_for(self.rank)), self.book)
+                                     GuestMeta.of(plan.traffic_for(self.rank, self.total_heads)), self.book)
         self._guest_reqs = set(segs)
         self.guest.run(so, self.connector)
         self.tokens["guest"] += so.total_num_scheduled_tokens
@@ -117,13 +118,15 @@ class TPChain:
         return {
             "decode": "tp", "chain_pos": self.rank, "is_head": True, "n_workers": self.n,
             "tp_rank": self.rank, "tp_size": self.n, "tp_group": vllm_seam.tp_group_ranks(),
-            "chunks_ahead": c.chunks_ahead, "tokens_ahead": c.tokens_ahead, "chunks_on_tp": dict(c.chunks_on_head),
+            "chunks_ahead": c.chunks_ahead, "chunks_ahead_cached": c.chunks_ahead_cached,
+            "tokens_ahead": c.tokens_ahead, "prefix_tokens_gathered": c.prefix_tokens_sent,
+            "chunks_on_tp": dict(c.chunks_on_head),
             "segment_tokens": list(c.segment_tokens), "guest_tokens": self.tokens["guest"],
             "tp_tokens": self.tokens["tp"], "decode_tokens": self.tokens["decode"],
             "steps_run": c.steps_run, "chain_steps": c.steps, "layers_sent": c.layers_sent,
             "blocks_sent": c.blocks_sent, "blocks_received": c.blocks_received,
-            "bytes_sent": self.comm.bytes_sent + self.shards.bytes_sent,
-            "bytes_received": self.comm.bytes_received + self.shards.bytes_received,
+            "bytes_sent": self.comm.bytes_sent + self.shards.bytes_sent + self.gather.bytes_sent,
+            "bytes_received": self.comm.bytes_received + self.shards.bytes_received + self.gather.bytes_received,
             "live_requests": len(self.book), "partition": self.partitioner.describe(),
             "scratch_blocks": self.guest.kv_cache_config.num_blocks,
         }
