@@ -151,6 +151,16 @@ class ChainComm:
         dist.all_reduce(t, group=self.cpu_group)
         return (t / tp_size).tolist()
 
+    def warm_up_open(self, device: torch.device) -> None:
+        """``warm_up`` for a chain that is not a ring (TP layout): one tiny message down the chain."""
+        hops = torch.zeros(1, device=device)
+        if self.prev_rank is not None:
+            hops = self.recv(1, hops.dtype, device)
+        if self.next_rank is not None:
+            self.post_send(hops + 1)
+            self.wait_sends()
+        self.bytes_sent = self.bytes_received = 0
+
     def warm_up(self, device: torch.device, first: bool) -> int:
         """One tiny message around the ring, so the links (NCCL's per-pair communicators are
         created lazily) exist before the first request instead of inside its TTFT. The ``first``
@@ -245,6 +255,22 @@ class ShardComm:
 
     def abort_step(self) -> None:
         self._sends, self._recvs = [], []
+
+    def warm_up(self, device: torch.device) -> None:
+        """One tiny message each way between every pair, so the links (NCCL's communicators are made
+        lazily) exist before the first request. The lower rank of a pair sends first, the higher receives
+        first: on a pair's one group (not ``directional``) NCCL then pairs them in issue order."""
+        for peer in sorted(self._to):
+            one = torch.zeros(1, device=device)
+            if self.rank < peer:
+                self.post_send(peer, one)
+                self.post_recv(peer, (1,), one.dtype, device)
+            else:
+                self.post_recv(peer, (1,), one.dtype, device)
+                self.post_send(peer, one)
+        self.wait_recvs()
+        self.end_step()
+        self.bytes_sent = self.bytes_received = 0
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

@@ -64,6 +64,9 @@ class TPChain:
         self.connector.register_paged(vllm_seam.kv_caches_by_layer(runner, runner.kv_cache_config))
         vllm_seam.follow_rewritten_starts(runner, lambda: self._tails)
         self.partitioner = self._partitioner()
+        self.comm.warm_up_open(self.device)
+        self.shards.warm_up(self.device)
+        self.gather.warm_up(self.device)
         logger.info("KV-Runahead: TP rank %d of %d decodes; prompts run ahead on every rank's full model "
                     "(partition %s, %s)", self.rank, self.n, self.partitioner.describe(),
                     "where the cost model predicts a gain" if self.kvr.min_tokens is None
