@@ -108,9 +108,9 @@ def markdown(recs):
                 out.append(f"| {rate:g} | " + " | ".join(cells) + " |")
             kv = [r for r in ws if r.get("kvr") and _ok(r)]
             if kv:
-                out += ["", "KV-Runahead per run (kvr_stats deltas): chunks that ran ahead (kvr: of them after "
-                        "cached tokens; kvr-tp runs cold chunks only), and the share ahead: kvr, computed tokens on "
-                        "non-head workers; kvr-tp, prefill tokens on the guests.", "",
+                out += ["", "KV-Runahead per run (kvr_stats deltas): chunks that ran ahead (of them after cached "
+                        "tokens; -: not counted), and the share ahead: kvr, computed tokens on non-head workers; "
+                        "kvr-tp, prefill tokens on the guests.", "",
                         "| config | req/s | chunks ahead (cached) | tokens ahead | share ahead |", "|---|---|---|---|---|"]
                 for r in sorted(kv, key=lambda r: (r["n_gpus"], ORDER.get(r["config"], 9), r["request_rate"])):
                     k = r["kvr"]
