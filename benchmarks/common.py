@@ -12,7 +12,7 @@ import traceback
 
 from benchmarks import models, procs
 
-CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced")
+CONFIGS = ("1gpu", "tp", "kvr", "kvr-even", "kvr-balanced", "kvr-tp")
 
 
 def on_gpu():
@@ -33,22 +33,32 @@ def engine_kwargs(config, model_dir, max_len, n_gpus, interconnect="nvlink", bac
         kw["gpu_memory_utilization"] = 0.85
     else:
         kw["enforce_eager"] = True                       # compile time dominates on CPU
-    if config == "tp":
+    if config in ("tp", "kvr-tp"):
         kw["tensor_parallel_size"] = n_gpus
         if interconnect == "no-p2p":
             kw["disable_custom_all_reduce"] = True       # custom all-reduce is P2P; keep NCCL over host memory
+    if config == "kvr-tp":  # TP layout: vLLM's TP=N decodes; every rank's full-model guest runs prompts ahead
+        kw.update(worker_cls="vllm_kvrunahead.Worker",
+                  additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0}})
     elif config == "kvr":   # ttft.py: one engine for every kvr-* variant (switched by RPC), timed per worker
         kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
                   additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0, "profile": True}})
     elif config.startswith("kvr-"):
         kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
                   additional_config={"kv_runahead": {"partition": config[len("kvr-"):]}})
-    elif config != "1gpu":
+    elif config not in ("1gpu", "tp"):
         raise ValueError(f"unknown config {config!r}; known: {CONFIGS}")
     if config != "1gpu" and n_gpus > 1:
         kw["distributed_executor_backend"] = backend
     kw.update(extra or {})
     return kw
+
+
+def kv_cache_tokens(llm):
+    """The tokens of KV the engine can hold: vLLM's block count x block size (the engine log's "GPU KV cache
+    size" for one group of full-attention layers); the frontend learns the count when the engine core starts."""
+    cc = llm.llm_engine.vllm_config.cache_config
+    return cc.num_gpu_blocks * cc.block_size if cc.num_gpu_blocks else None
 
 
 def child_env(config, n_gpus, interconnect, cpu=False):
@@ -81,6 +91,23 @@ def merge_records(path, new, key):
     with open(tmp, "w") as f:
         json.dump(recs, f, indent=1)
     os.replace(tmp, path)
+
+
+def kv_capacity_line(rs, cols, name):
+    """A report's KV cache line: tokens per column (config, N) of the records rs that hold kv_cache_tokens, in
+    the order of cols, named by name(column); x 1 GPU, and for KV-Runahead also x TP at the same N."""
+    kv = {}
+    for r in rs:
+        if r.get("kv_cache_tokens"):
+            kv.setdefault((r["config"], r["n_gpus"]), r["kv_cache_tokens"])
+    one = next((v for (c, _), v in kv.items() if c == "1gpu"), None)
+    cells = []
+    for c in (c for c in cols if c in kv):
+        x = [f"{kv[c] / one:.2f}x 1 GPU"] if one and c[0] != "1gpu" else []
+        if c[0] not in ("1gpu", "tp") and ("tp", c[1]) in kv:
+            x.append(f"{kv[c] / kv[('tp', c[1])]:.2f}x TP")
+        cells.append(f"{name(c)} {kv[c]:,}" + (f" ({', '.join(x)})" if x else ""))
+    return ["- KV cache, tokens (vLLM's blocks x block size): " + "; ".join(cells)] if cells else []
 
 
 def write_report(out, name, markdown, plot, png=True):

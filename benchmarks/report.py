@@ -12,7 +12,9 @@ import json
 import os
 from collections import defaultdict
 
-ORDER = ["1gpu", "tp", "kvr-even", "kvr-balanced", "kvr-table"]
+from benchmarks import common
+
+ORDER = ["1gpu", "tp", "kvr-even", "kvr-balanced", "kvr-table", "kvr-tp"]
 
 
 def _cfg_order(cfgs):
@@ -75,7 +77,8 @@ def markdown(recs):
                 f"- device: {dev}; vLLM {', '.join(vers)}; interconnect: {ic}"
                 + (" (NCCL_P2P_DISABLE=1, TP without custom all-reduce)" if ic == "no-p2p" else "")
                 + f"; executor backend: {be}; dtype: {', '.join(dtypes)}",
-                f"- model: {rs[0].get('model_note', model)}", ""]
+                f"- model: {rs[0].get('model_note', model)}"] + \
+            common.kv_capacity_line(rs, [(c, n) for c in cfgs], lambda c: c[0]) + [""]
         hdr = ["prompt tokens"] + [f"{c} TTFT" for c in cfgs] + [f"{c} decode tok/s" for c in cfgs]
         out += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         by = {(r["prompt_tokens"], r["config"]): r for r in rs}
@@ -99,7 +102,8 @@ def markdown(recs):
     return "\n".join(out)
 
 
-COLORS = {"1gpu": "tab:blue", "tp": "tab:orange", "kvr-even": "tab:green", "kvr-balanced": "tab:red", "kvr-table": "tab:purple"}
+COLORS = {"1gpu": "tab:blue", "tp": "tab:orange", "kvr-even": "tab:green", "kvr-balanced": "tab:red", "kvr-table": "tab:purple",
+          "kvr-tp": "tab:brown"}
 
 
 def plot(recs, path):

@@ -1,5 +1,6 @@
 """`vllm serve` under load, measured by vLLM's own `vllm bench serve` (and `vllm bench latency`):
-plain vLLM on 1 GPU, tensor parallelism (TP=N) and KV-Runahead (N workers), one server at a time.
+plain vLLM on 1 GPU, tensor parallelism (TP=N) and KV-Runahead (N workers: a chain of full-model copies, or
+the TP layout), one server at a time.
 
 For each (config, N) this starts the real CLI, `python3 -m vllm.entrypoints.cli.main serve MODEL_DIR
 --load-format dummy ...` (no `vllm` script on the GPU machines), in its own process group, waits for
@@ -11,15 +12,18 @@ process exits or after 60 s, and we wait until no process of the group is left a
 behind for the next config.
 
 Configs: 1gpu (plain `vllm serve`, once, N=1), tp (--tensor-parallel-size N), kvr (--worker-cls
-vllm_kvrunahead.Worker --prefill-context-parallel-size N, no plugin options unless --kvr-options).
+vllm_kvrunahead.Worker --prefill-context-parallel-size N: the last copy decodes), kvr-tp (--worker-cls
+vllm_kvrunahead.Worker --tensor-parallel-size N: the TP layout, vLLM's TP model decodes and every rank's
+full-model guest runs prompts ahead); no plugin options unless --kvr-options (kvr and kvr-tp alike).
 vLLM's serving defaults otherwise: default step budget (chunked prefill; the plugin makes it 8192 x N),
 prefix caching on, --gpu-memory-utilization 0.85 for every config, bf16, dummy weights with the real
 config (models.py) and a word-level tokenizer over the model's vocabulary written next to it
 (models.write_tokenizer: k words = k tokens, so bench serve's random prompts are exactly as long as
 asked). The server runs with VLLM_SERVER_DEV_MODE=1: before each run its prefix cache is reset
-(POST /reset_prefix_cache, so no run profits from an earlier one) and, for kvr, collective_rpc
-("kvr_stats") deltas per run are recorded (how much prefill ran on the chain). Each (workload, rate)
-has its own --seed, the same for every config.
+(POST /reset_prefix_cache, so no run profits from an earlier one) and, for kvr and kvr-tp, collective_rpc
+("kvr_stats") deltas per run are recorded (how much prefill ran ahead). Each (workload, rate) has its own
+--seed, the same for every config. Every record names the KV capacity the server logged ("GPU KV cache
+size: X tokens").
 
 Workloads (GPU; --smoke scales every one down for CPU), each at 3 request rates (Poisson arrivals),
 light to saturating for 1 GPU; num_prompts = max(10, rate x --duration-s (default 15 s)):
@@ -34,7 +38,7 @@ light to saturating for 1 GPU; num_prompts = max(10, rate x --duration-s (defaul
 
 Modes (--modes, default serve,load):
   serve    the workloads above against each config's server
-  load     against each kvr server, after its workloads: benchmarks/serve_load.py's mix (--load-requests,
+  load     against each kvr and kvr-tp server, after its workloads: benchmarks/serve_load.py's mix (--load-requests,
            default 300, 32 concurrent clients; prompts of 1 to 32k tokens on GPU, up to 12 output tokens,
            half streamed, ~10% hang up mid-prefill or mid-decode); then: every request complete (as many
            tokens as asked), cancelled, or a clean error (HTTP status / error in the stream, never a dropped
@@ -58,17 +62,19 @@ Cost on a GPU (H100/H200, Llama-3-8B shape; 1 GPU prefills 16k in ~0.5 s, 32k ~1
     serve --configs kvr --n-gpus 2             ~380-500 s (with the load check)
     serve --configs tp  --n-gpus 4             ~320-420 s
     serve --configs kvr --n-gpus 4             ~370-480 s (with the load check)
+    serve --configs kvr-tp --n-gpus 2|4        not timed yet: kvr's plus the guest's load at server start
     serve --modes latency --configs 1gpu,kvr --n-gpus 2,4 --latency-lens 32768    ~250-400 s (3 engines)
   If a call runs short, --workloads picks fewer; --budget-s makes the script stop starting runs (it
   skips what would not finish, records those as skipped) and still write its results and report.
 
   python -m benchmarks.serve_bench --configs 1gpu,kvr --n-gpus 2 --budget-s 500 --out $OUT
-  python -m benchmarks.serve_bench --smoke --configs 1gpu,kvr --n-gpus 2 --out /tmp/serve_smoke   (CPU)
+  python -m benchmarks.serve_bench --smoke --configs 1gpu,kvr,kvr-tp --n-gpus 2 --out /tmp/serve_smoke   (CPU)
 """
 import argparse
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -78,7 +84,8 @@ import urllib.request
 
 from benchmarks import common, models, procs, serve_report
 
-CONFIGS = ("1gpu", "tp", "kvr")
+CONFIGS = ("1gpu", "tp", "kvr", "kvr-tp")
+KVR = ("kvr", "kvr-tp")   # KV-Runahead's servers: plugin options, kvr_stats, the load check
 MODES = ("serve", "load", "latency")
 WORKLOADS = ("random", "longmix", "prefix")
 CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]   # `vllm ...`: no `vllm` script on the GPU machines
@@ -150,7 +157,7 @@ def num_prompts(w, rate, p):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="1gpu,tp,kvr", help="of 1gpu, tp, kvr (1gpu runs once, N=1)")
+    ap.add_argument("--configs", default="1gpu,tp,kvr", help="of 1gpu, tp, kvr, kvr-tp (1gpu runs once, N=1)")
     ap.add_argument("--n-gpus", default="2", help="comma list, e.g. 2,4: tp and kvr run at each")
     ap.add_argument("--modes", default="serve,load", help=f"subset of {', '.join(MODES)}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {', '.join(WORKLOADS)}")
@@ -234,6 +241,8 @@ def parallel_args(cfg, n):
         return ["--tensor-parallel-size", str(n)]
     if cfg == "kvr":
         return ["--worker-cls", "vllm_kvrunahead.Worker", "--prefill-context-parallel-size", str(n)]
+    if cfg == "kvr-tp":
+        return ["--worker-cls", "vllm_kvrunahead.Worker", "--tensor-parallel-size", str(n)]
     return []
 
 
@@ -242,7 +251,7 @@ def engine_args(a, cfg, n, max_len, cpu):
     args = ["--load-format", "dummy", "--max-model-len", str(max_len), "--seed", "0"] + parallel_args(cfg, n)
     args += ["--dtype", "float32", "--enforce-eager", "--block-size", "128"] if cpu else \
         ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"]
-    if cfg == "kvr" and a.kvr_options:
+    if cfg in KVR and a.kvr_options:
         args += ["--additional-config", json.dumps({"kv_runahead": a.kvr_options})]
     return args
 
@@ -359,7 +368,7 @@ class Run:
             for name, w in self.a.specs.items():
                 out += [self.base(cfg, n, workload=name, request_rate=r, input_len=None, error=why)
                         for r in w["rates"]]
-        if "load" in self.a.modes and cfg == "kvr":
+        if "load" in self.a.modes and cfg in KVR:
             out.append(self.base(cfg, n, workload="load-check", request_rate=None, input_len=None, error=why))
         return out
 
@@ -393,13 +402,13 @@ class Run:
                 return
             print(f"[{tag}] server up in {start_s:.0f} s, warmed up", flush=True)
             info = dict(server_start_s=round(start_s, 1), server_args=argv[len(CLI) + 2:],
-                        gpu_processes_before_start=leftover or None, **_budget_line(log))
-            stats = serving_kvr_stats(base) if cfg == "kvr" else None
+                        gpu_processes_before_start=leftover or None, **_from_log(log))
+            stats = serving_kvr_stats(base) if cfg in KVR else None
             if "serve" in a.modes:
                 for name, w in a.specs.items():
                     for i, rate in enumerate(w["rates"]):
                         self.emit([self.bench(cfg, n, base, tag, name, w, i, rate, info, stats, proc)])
-            if "load" in a.modes and cfg == "kvr":
+            if "load" in a.modes and cfg in KVR:
                 self.emit([self.load_check(cfg, n, base, proc, info)])
         finally:
             dt = stop_group("server", proc)
@@ -441,12 +450,13 @@ class Run:
         if stats:
             k = stats.delta(before)
             if k:
-                head = next((x for x in k["workers"] if x.get("is_head")), {})
-                rec["kvr"] = dict(chain_share=k["chain_share"], partition=k["partition"],
+                head = next((x for x in k["workers"] if x.get("is_head")), {})   # TP layout: rank 0
+                per_worker = "guest_tokens" if k["layout"] == "tp" else "tokens_run"
+                rec["kvr"] = dict(layout=k["layout"], chain_share=k["chain_share"], partition=k["partition"],
                                   chunks_ahead=head.get("chunks_ahead"),
                                   chunks_ahead_cached=head.get("chunks_ahead_cached"),
                                   tokens_ahead=head.get("tokens_ahead"),
-                                  tokens_run=[x.get("tokens_run") for x in k["workers"]])
+                                  **{per_worker: [x.get(per_worker) for x in k["workers"]]})
         if rc != 0 or not os.path.exists(path):
             why = "cut by the time budget" if rc == "timeout" else f"bench serve rc={rc}"
             return dict(rec, error=f"{why}: {common.first_error(path[:-5] + '.log')}")
@@ -510,16 +520,21 @@ class Run:
         return rec
 
 
-def _budget_line(log):
-    """The step budget the server took (vLLM / the plugin log it), if found."""
+def _from_log(log):
+    """What the server logged at start, where found: the step budget it took (the plugin's line) and its KV
+    capacity in tokens (vLLM's "GPU KV cache size: X tokens")."""
+    out = {}
     try:
         with open(log, errors="replace") as f:
             for line in f:
                 if "max_num_batched_tokens=" in line and "KV-Runahead" in line:
-                    return dict(step_budget_line=line.strip()[-200:])
+                    out.setdefault("step_budget_line", line.strip()[-200:])
+                m = re.search(r"GPU KV cache size: ([\d,]+) tokens", line)
+                if m:
+                    out.setdefault("kv_cache_tokens", int(m.group(1).replace(",", "")))
     except OSError:
         pass
-    return {}
+    return out
 
 
 def serving_kvr_stats(base):
@@ -578,9 +593,9 @@ def main(a):
     print(f"device={r.dev} vllm={ver} model={a.model} configs={a.configs} n_gpus={a.n_gpus} modes={a.modes} "
           f"workloads={ {k: w['rates'] for k, w in a.specs.items()} } smoke={a.smoke} budget={a.budget_s or '-'} s",
           flush=True)
-    # kvr before tp at each N: if the budget runs out, the comparison (tp) is what is lost.
+    # KV-Runahead before tp at each N, the TP layout first: if the budget runs out, the comparison is what is lost.
     runs = ([("1gpu", 1)] if "1gpu" in a.configs else []) + \
-        [(c, n) for n in a.n_gpus for c in ("kvr", "tp") if c in a.configs]
+        [(c, n) for n in a.n_gpus for c in ("kvr-tp", "kvr", "tp") if c in a.configs]
     if "serve" in a.modes or "load" in a.modes:
         for cfg, n in runs:
             if cpu and cfg == "tp":

@@ -11,8 +11,8 @@ from collections import defaultdict
 from benchmarks import common
 
 KEY = ("device", "model", "workload", "request_rate", "config", "n_gpus", "input_len")
-ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
-COLORS = {"1gpu": "black", "tp": "tab:orange", "kvr": "tab:green"}
+ORDER = {"1gpu": 0, "tp": 1, "kvr": 2, "kvr-tp": 3}
+COLORS = {"1gpu": "black", "tp": "tab:orange", "kvr": "tab:green", "kvr-tp": "tab:brown"}
 
 
 def _ok(r):
@@ -74,7 +74,7 @@ def markdown(recs):
         starts = {_col(r): r["server_start_s"] for r in rs if r.get("server_start_s") and _ok(r)}
         if starts:
             out.append("- server start (s): " + ", ".join(f"{_col_name(c)} {starts[c]}" for c in _cols(rs) if c in starts))
-        out.append("")
+        out += common.kv_capacity_line([r for r in rs if _ok(r)], _cols(rs), _col_name) + [""]
         serve = [r for r in rs if r.get("request_rate") is not None]
         for wl in sorted({r["workload"] for r in serve}, key=_wl_order):
             ws = [r for r in serve if r["workload"] == wl]
@@ -108,14 +108,16 @@ def markdown(recs):
                 out.append(f"| {rate:g} | " + " | ".join(cells) + " |")
             kv = [r for r in ws if r.get("kvr") and _ok(r)]
             if kv:
-                out += ["", "KV-Runahead per run (kvr_stats deltas): chunks that ran on the chain (of them after "
-                        "cached tokens), share of computed tokens on non-head workers.", "",
-                        "| N | req/s | chunks ahead (cached) | tokens ahead | chain share |", "|---|---|---|---|---|"]
-                for r in sorted(kv, key=lambda r: (r["n_gpus"], r["request_rate"])):
+                out += ["", "KV-Runahead per run (kvr_stats deltas): chunks that ran ahead (of them after cached "
+                        "tokens; -: not counted), and the share ahead: kvr, computed tokens on non-head workers; "
+                        "kvr-tp, prefill tokens on the guests.", "",
+                        "| config | req/s | chunks ahead (cached) | tokens ahead | share ahead |", "|---|---|---|---|---|"]
+                for r in sorted(kv, key=lambda r: (r["n_gpus"], ORDER.get(r["config"], 9), r["request_rate"])):
                     k = r["kvr"]
                     share = f"{k['chain_share']:.2f}" if k.get("chain_share") is not None else "-"
-                    out.append(f"| {r['n_gpus']} | {r['request_rate']:g} | {k.get('chunks_ahead')} "
-                               f"({k.get('chunks_ahead_cached')}) | {k.get('tokens_ahead')} | {share} |")
+                    cached = "-" if k.get("chunks_ahead_cached") is None else k["chunks_ahead_cached"]
+                    out.append(f"| {_col_name(_col(r))} | {r['request_rate']:g} | {k.get('chunks_ahead')} "
+                               f"({cached}) | {k.get('tokens_ahead')} | {share} |")
             out.append("")
         out += _latency(rs) + _load(rs) + _errors(rs)
     return "\n".join(out) + "\n"

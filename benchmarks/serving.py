@@ -4,8 +4,10 @@ Unlike ttft.py, every engine runs with vLLM's own scheduler defaults: no max_num
 (the default step budget, chunked prefill: 16384 tokens on H100/H200 for `LLM`), prefix caching on
 (the default), no max_num_seqs, and KV-Runahead with no options at all (what a new user gets).
 Configs: 1gpu (once, n_gpus=1), tp (tensor_parallel_size=N), kvr (worker_cls=vllm_kvrunahead.Worker,
-prefill_context_parallel_size=N). One engine per (config, N), each in its own child process, runs
-every scenario; records are merged into OUT/serving.json as soon as each scenario ends.
+prefill_context_parallel_size=N: a chain of full-model copies, the last decodes), kvr-tp (the same worker
+with tensor_parallel_size=N: the TP layout, vLLM's TP model decodes and every rank's full-model guest runs
+prompts ahead). One engine per (config, N), each in its own child process, runs every scenario; records
+are merged into OUT/serving.json as soon as each scenario ends, with the engine's KV capacity in tokens.
 
 Scenarios (all prompts random token ids, new ones per repeat, the same ones for every config):
   default-budget         one prompt of 32k and one of 64k tokens, max_tokens=1; value = wall time of
@@ -18,11 +20,12 @@ Scenarios (all prompts random token ids, new ones per repeat, the same ones for 
                          prefix caching serves the history. value = mean per-request TTFT of turns 2-4
                          (RequestOutput.metrics.first_token_latency: arrival to first token, offline API
                          with disable_log_stats=False); prefix-cache hit rate from num_cached_tokens.
-For kvr every record holds collective_rpc("kvr_stats") deltas over the scenario, per worker (tokens
-each worker computed, chain steps): how much of the prefill ran on the chain vs on the head alone.
+For kvr and kvr-tp every record holds collective_rpc("kvr_stats") deltas over the scenario, per worker
+(kvr: tokens each worker computed, chain steps; kvr-tp: tokens each rank's guest and vLLM's TP model
+computed): how much of the prefill ran ahead.
 
   python -m benchmarks.serving --model llama3-8b --n-gpus 2 --configs 1gpu,tp,kvr --budget-s 500 --out $OUT
-  python -m benchmarks.serving --model tiny --n-gpus 2 --configs 1gpu,kvr --smoke --out /tmp/serving_smoke
+  python -m benchmarks.serving --model tiny --n-gpus 2 --configs 1gpu,kvr,kvr-tp --smoke --out /tmp/serving_smoke
 
 Cost (H100/H200, Llama-3-8B shape; 1 GPU prefills 16k in ~0.5 s, 32k ~1.2 s, 64k ~3.3 s, 16x16k ~7.6 s).
 Per engine: start 60-90 s (torch.compile + CUDA graphs; the compile cache is shared by 1gpu and kvr,
@@ -44,7 +47,7 @@ import traceback
 from benchmarks import common, models, serving_report
 
 SCENARIOS = ("default-budget", "concurrent", "multi-turn")
-SERVING_CONFIGS = ("1gpu", "tp", "kvr")
+SERVING_CONFIGS = ("1gpu", "tp", "kvr", "kvr-tp")
 
 # Scenario sizes: full (GPU) and --smoke (CPU, tiny model: every scenario, scaled down).
 FULL = dict(default_lengths=[32768, 65536], conc_n=16, conc_len=16384, conc_gen=64,
@@ -81,7 +84,7 @@ def plan(p, scenarios):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="1gpu,tp,kvr", help="of 1gpu, tp, kvr (1gpu runs once, n_gpus=1)")
+    ap.add_argument("--configs", default="1gpu,tp,kvr", help="of 1gpu, tp, kvr, kvr-tp (1gpu runs once, n_gpus=1)")
     ap.add_argument("--n-gpus", default="2", help="comma list, e.g. 2,4: tp and kvr run at each")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {', '.join(SCENARIOS)}")
     ap.add_argument("--repeats", type=int, default=0,
@@ -121,13 +124,15 @@ def base_record(a, config, n, scenario, prompt_tokens, max_tokens, num_requests)
 def serving_kwargs(config, model_dir, max_len, n, interconnect, extra):
     """LLM(...) arguments: common.engine_kwargs minus everything that overrides vLLM's scheduler
     defaults (step budget, prefix caching, max_num_seqs), and KV-Runahead without options."""
-    kw = common.engine_kwargs("tp" if config == "tp" else "1gpu", model_dir, max_len, n, interconnect, "mp")
+    kw = common.engine_kwargs("tp" if config in ("tp", "kvr-tp") else "1gpu", model_dir, max_len, n, interconnect, "mp")
     for k in ("max_num_batched_tokens", "enable_prefix_caching", "max_num_seqs"):
         kw.pop(k, None)
     if config == "kvr":
         kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n)
         if n > 1:
             kw["distributed_executor_backend"] = "mp"
+    elif config == "kvr-tp":   # TP=N with KV-Runahead's worker: the TP layout
+        kw["worker_cls"] = "vllm_kvrunahead.Worker"
     kw["disable_log_stats"] = False   # LLM turns stats off; on, RequestOutput.metrics carries per-request TTFT
     kw.update(extra)
     return kw
@@ -148,7 +153,8 @@ def _numeric(d):
 
 
 class KvrStats:
-    """collective_rpc("kvr_stats") before and after a scenario -> per-worker deltas of numeric fields."""
+    """collective_rpc("kvr_stats") before and after a scenario -> per-worker deltas of numeric fields, and
+    how much of the prefill ran ahead (layout "head": tokens on chain workers; "tp": tokens on the guests)."""
 
     def __init__(self, llm, enabled):
         self.llm, self.enabled = llm, enabled
@@ -173,11 +179,24 @@ class KvrStats:
             w.update(rank=x.get("rank"), chain_pos=x.get("chain_pos"), is_head=x.get("is_head"))
             workers.append(w)
         workers.sort(key=lambda w: (w["chain_pos"] is None, w["chain_pos"]))
+        if after and after[0].get("decode") == "tp":
+            return self._tp_layout(workers, after[0].get("partition"))
         head = sum(w.get("tokens_run", 0) for w in workers if w["is_head"])
         chain = sum(w.get("tokens_run", 0) for w in workers if not w["is_head"])
-        return dict(workers=workers, head_tokens=head, chain_tokens=chain,
+        return dict(layout="head", workers=workers, head_tokens=head, chain_tokens=chain,
                     chain_share=chain / (head + chain) if head + chain else None,
                     partition=after[0].get("partition") if after else None)
+
+    @staticmethod
+    def _tp_layout(workers, partition):
+        """Every rank runs vLLM's TP step (the same tokens on each) after its guest's segments; the share
+        ahead is the guests' tokens of all prefill tokens computed (vLLM's TP model: each chunk's last token,
+        and the chunks that did not run ahead)."""
+        guest = sum(w.get("guest_tokens", 0) for w in workers)
+        tp = workers[0].get("tp_tokens", 0) - workers[0].get("decode_tokens", 0) if workers else 0
+        return dict(layout="tp", workers=workers, guest_tokens=guest, tp_prefill_tokens=tp,
+                    chain_share=guest / (guest + tp) if guest + tp else None,
+                    chunks_ahead=workers[0].get("chunks_ahead") if workers else None, partition=partition)
 
 
 def _ttft(o):
@@ -216,13 +235,13 @@ def run_one(a):
     pc = vc.parallel_config
     engine = dict(dtype=kw["dtype"], engine_start_s=round(start_s, 1),
                   max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
-                  max_num_seqs=vc.scheduler_config.max_num_seqs,
+                  max_num_seqs=vc.scheduler_config.max_num_seqs, kv_cache_tokens=common.kv_cache_tokens(llm),
                   chunked_prefill=vc.scheduler_config.enable_chunked_prefill,
                   prefix_caching=vc.cache_config.enable_prefix_caching, max_model_len=p["max_model_len"],
                   parallel=dict(world=pc.world_size, tp=pc.tensor_parallel_size,
                                 pcp=pc.prefill_context_parallel_size, worker_cls=str(pc.worker_cls)))
     print(f"RESULT {cfg} N={n}: engine start {start_s:.1f} s, {json.dumps(engine)}", flush=True)
-    stats = KvrStats(llm, cfg == "kvr")
+    stats = KvrStats(llm, cfg in ("kvr", "kvr-tp"))
     out_json = os.path.join(a.out, "serving.json")
     over = (lambda: a.deadline and time.time() > a.deadline)
 
@@ -359,9 +378,9 @@ def main(a):
     t_start, deadline, cpu = common.start_parent(a)
     print(f"device={a.device_name} vllm={a.vllm_version} model={a.model} n_gpus={a.n_gpus} configs={a.configs} "
           f"scenarios={a.scenarios} smoke={a.smoke} interconnect={a.interconnect}", flush=True)
-    # kvr before tp at each N: if the budget runs out, the comparison (tp) is what is lost.
+    # KV-Runahead before tp at each N, the TP layout first: if the budget runs out, the comparison is what is lost.
     runs = ([("1gpu", 1)] if "1gpu" in a.configs else []) + \
-        [(c, n) for n in a.n_gpus for c in ("kvr", "tp") if c in a.configs]
+        [(c, n) for n in a.n_gpus for c in ("kvr-tp", "kvr", "tp") if c in a.configs]
     out_json = os.path.join(a.out, "serving.json")
     for cfg, n in runs:
         tag = f"serving_{a.model}_{cfg}_n{n}_{a.interconnect}"

@@ -1,5 +1,6 @@
 """serving.json -> serving.md (one table per device/model/interconnect: rows = scenario/prompt, columns =
-1gpu, tp N, kvr N with speedup over 1 GPU on the same device) and serving.png (speedup bars).
+1gpu, tp N, kvr N, kvr-tp N with speedup over 1 GPU on the same device; each engine's KV capacity) and
+serving.png (speedup bars).
 
   python -m benchmarks.serving_report OUT [--merge A/serving.json B/serving.json ...]   (matplotlib for the PNG)
 --merge first folds other runs' records (e.g. each device call's returned $OUT) into OUT/serving.json,
@@ -11,7 +12,7 @@ from collections import defaultdict
 from benchmarks import common
 
 KEY = ("device", "model", "scenario", "prompt_tokens", "max_tokens", "config", "n_gpus", "interconnect")
-ORDER = {"1gpu": 0, "tp": 1, "kvr": 2}
+ORDER = {"1gpu": 0, "tp": 1, "kvr": 2, "kvr-tp": 3}
 
 
 def _ok(r):
@@ -118,14 +119,15 @@ def markdown(recs):
                 "- step budget (max_num_batched_tokens, vLLM default): "
                 + (", ".join(f"{c} {b}" for c, b in budgets) or "-")
                 + "; prefix caching: " + ", ".join(sorted({str(r.get("prefix_caching")) for r in rs
-                                                            if "prefix_caching" in r})), ""]
+                                                            if "prefix_caching" in r}))] + \
+            common.kv_capacity_line(rs, cols, _col_name) + [""]
         out += ["| scenario | " + " | ".join(_col_name(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         by = {(_row_key(r), r["config"], r["n_gpus"]): r for r in rs}
         rows = sorted({_row_key(r) for r in rs}, key=_row_order)
         for k in rows:
             label = _row_label(_representative(rs, k))
             out.append(f"| {label} | " + " | ".join(_cell(recs, by.get((k, *c))) for c in cols) + " |")
-        out += [""] + _kvr_table(rs) + _turn_table(rs, cols) + _errors(rs)
+        out += [""] + _kvr_table(rs) + _tp_layout_table(rs) + _turn_table(rs, cols) + _errors(rs)
     return "\n".join(out)
 
 
@@ -143,6 +145,25 @@ def _kvr_table(rs):
         toks = " / ".join(str(w.get("tokens_run", "-")) for w in k["workers"])
         steps = " / ".join(str(w.get("chain_steps", "-")) for w in k["workers"])
         out.append(f"| {_row_label(r)} | {r['n_gpus']} | {share} | {toks} | {steps} |")
+    return out + [""]
+
+
+def _tp_layout_table(rs):
+    ks = [r for r in rs if r["config"] == "kvr-tp" and _ok(r) and r.get("kvr")]
+    if not ks:
+        return []
+    out = ["KV-Runahead TP layout: what ran ahead during the scenario (kvr_stats deltas). Chunks ahead: prefill "
+           "chunks the guests ran; guest tokens per rank: each rank's segments; TP model tokens: what vLLM's TP "
+           "step computed on every rank (each ahead chunk's last token, the chunks that did not run ahead, "
+           "decodes). ahead share = guests' tokens / all prefill tokens computed.", "",
+           "| scenario | N | ahead share | chunks ahead | guest tokens per rank | TP model tokens (of them decode) |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(ks, key=lambda r: (r["n_gpus"], _row_order(_row_key(r)))):
+        k, w0 = r["kvr"], (r["kvr"]["workers"] or [{}])[0]
+        share = f"{k['chain_share']:.2f}" if k.get("chain_share") is not None else "-"
+        guests = " / ".join(str(w.get("guest_tokens", "-")) for w in k["workers"])
+        out.append(f"| {_row_label(r)} | {r['n_gpus']} | {share} | {k.get('chunks_ahead')} | {guests} | "
+                   f"{w0.get('tp_tokens', '-')} ({w0.get('decode_tokens', '-')}) |")
     return out + [""]
 
 
@@ -173,7 +194,7 @@ def _errors(rs):
     return (["Errors / skipped:", *errs, ""] if errs else []) + (["Cut short:", *notes, ""] if notes else [])
 
 
-COLORS = {"tp": "tab:orange", "kvr": "tab:green"}
+COLORS = {"tp": "tab:orange", "kvr": "tab:green", "kvr-tp": "tab:brown"}
 
 
 def plot(recs, path):

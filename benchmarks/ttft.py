@@ -1,10 +1,15 @@
-"""TTFT benchmark: plain vLLM (1 GPU), tensor parallel, and KV-Runahead (even / balanced / table partition).
+"""TTFT benchmark: plain vLLM (1 GPU), tensor parallel, and KV-Runahead (even / balanced / table partition;
+kvr-tp: the TP layout).
 
-One engine per config, each in its own child process, measuring all prompt lengths; all kvr-*
-configs share one KV-Runahead engine and switch partition by RPC (kvr_set_partition). With
---tune-lengths that engine first runs the tuner (vllm_kvrunahead.tune) and kvr-table uses its table.
+One engine per config, each in its own child process, measuring all prompt lengths; the kvr-even,
+kvr-balanced and kvr-table configs share one KV-Runahead engine (chain of full-model copies, the last
+decodes) and switch partition by RPC (kvr_set_partition). With --tune-lengths that engine first runs the
+tuner (vllm_kvrunahead.tune) and kvr-table uses its table. kvr-tp is an engine of its own: TP=N with
+KV-Runahead's worker (vLLM's TP model decodes, every rank's full-model guest runs prompts ahead; cost-model
+split, every prompt ahead), its records holding per rank what ran ahead (kvr_stats deltas).
   TTFT     = wall time of llm.generate([prompt], max_tokens=1)  (`vllm bench latency --output-len 1`)
   decode   = 64 / (t(max_tokens=65) - TTFT median)  tokens/s of one request
+  KV       = kv_cache_tokens: tokens of KV the engine holds (vLLM's blocks x block size), every config
 Records are merged into OUT/ttft.json as soon as each length is measured (so a run cut short by
 the device's time limit keeps what it got), replacing records with the same key.
 
@@ -57,7 +62,8 @@ def parse_args(argv=None):
     a.lengths = sorted(int(x) for x in a.lengths.split(","))
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     a.tune_lengths = sorted(int(x) for x in a.tune_lengths.split(",") if x.strip())
-    a.kvr_variants = [c for c in a.configs if c.startswith("kvr-")]   # all measured in one "kvr" engine
+    # all measured in one "kvr" engine; kvr-tp (another layout) runs alone
+    a.kvr_variants = [c for c in a.configs if c.startswith("kvr-") and c != "kvr-tp"]
     return a
 
 
@@ -105,8 +111,11 @@ def run_one(a):
             raise RuntimeError(f"asked {max_tokens} tokens, got {n}")
         return dt
 
+    engine = dict(dtype=kw["dtype"], parallel=parallel, engine_start_s=round(start_s, 1),
+                  kv_cache_tokens=common.kv_cache_tokens(llm))
+    print(f"RESULT {cfg}: KV cache {engine['kv_cache_tokens']} tokens", flush=True)
     if cfg != "kvr":
-        measure_lengths(a, cfg, gen, dict(dtype=kw["dtype"], parallel=parallel, engine_start_s=round(start_s, 1)))
+        measure_lengths(a, cfg, gen, engine, counts=(lambda: tp_layout_counts(llm)) if cfg == "kvr-tp" else None)
         common.shutdown(llm)
         return
     table = None
@@ -134,13 +143,23 @@ def run_one(a):
             return [dict(pos=x["chain_pos"], step_s=x["profile"]["last_step_s"],
                          stall_s=x["profile"]["last_stall_s"], segment=(x["last_segments"] or [None])[-1])
                     for x in st if x["profile"]]
-        measure_lengths(a, kvr_name(a, variant), gen, dict(dtype=kw["dtype"], parallel=parallel,
-                                                          engine_start_s=round(start_s, 1), partition=desc), profile)
+        measure_lengths(a, kvr_name(a, variant), gen, dict(engine, partition=desc), profile)
     common.shutdown(llm)
 
 
-def measure_lengths(a, cfg, gen, extra, profile=None):
-    """TTFT (median of a.repeats after a warm-up) and decode speed at every length -> ttft.json."""
+TP_LAYOUT_COUNTS = ("chunks_ahead", "tokens_ahead", "guest_tokens", "tp_tokens", "decode_tokens", "bytes_sent",
+                    "bytes_received")
+
+
+def tp_layout_counts(llm):
+    """kvr-tp: per TP rank, the kvr_stats counters that say where prompts ran (guests ahead or vLLM's TP model)."""
+    st = sorted(llm.collective_rpc("kvr_stats"), key=lambda x: x["tp_rank"])
+    return [{k: x[k] for k in TP_LAYOUT_COUNTS} for x in st]
+
+
+def measure_lengths(a, cfg, gen, extra, profile=None, counts=None):
+    """TTFT (median of a.repeats after a warm-up) and decode speed at every length -> ttft.json. counts: per-rank
+    counters, recorded as their change over the warm-up and timed repeats ("runahead")."""
     out_json = os.path.join(a.out, "ttft.json")
     for n in a.lengths:
         rec = dict(base_record(a, cfg), prompt_tokens=n, **extra)
@@ -148,11 +167,14 @@ def measure_lengths(a, cfg, gen, extra, profile=None):
             rec["error"] = "skipped: time budget"
         else:
             try:
+                before = counts() if counts else None
                 gen(n, 10_000)                                   # warm-up, excluded
                 ts = [gen(n, r) for r in range(a.repeats)]       # a new prompt each repeat: nothing to cache
                 med = statistics.median(ts)
                 if profile is not None:
                     rec["profile"] = profile()                   # per chain worker, of the last repeat
+                if counts:
+                    rec["runahead"] = [{k: x[k] - b[k] for k in x} for b, x in zip(before, counts(), strict=True)]
                 t65 = gen(n, 20_000, GEN_TOKENS)
                 rec.update(ttft_s_median=med, ttft_s_all=ts, t_gen65_s=t65,
                            decode_tok_s=(GEN_TOKENS - 1) / (t65 - med) if t65 > med else None)
@@ -169,8 +191,8 @@ def main(a):
           f"interconnect={a.interconnect} backend={a.backend} lengths={a.lengths}", flush=True)
     unknown = [c for c in a.kvr_variants if c not in KVR_VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; known: 1gpu, tp, {', '.join(KVR_VARIANTS)}")
-    children = [c for c in a.configs if not c.startswith("kvr-")] + (["kvr"] if a.kvr_variants else [])
+        raise SystemExit(f"unknown config(s) {unknown}; known: 1gpu, tp, kvr-tp, {', '.join(KVR_VARIANTS)}")
+    children = [c for c in a.configs if c not in a.kvr_variants] + (["kvr"] if a.kvr_variants else [])
     for cfg in children:
         names = [kvr_name(a, v) for v in a.kvr_variants] if cfg == "kvr" else [cfg]
         tag = f"{a.model}_{cfg}_n{a.n_gpus}_{a.interconnect}_{a.backend}"
