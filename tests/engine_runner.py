@@ -175,7 +175,10 @@ def main(spec_path, out_path):
         out["seeded"].append([[list(c.token_ids) for c in o.outputs] for o in outs])
     if spec.get("steps"):
         out["steps"] = llm.collective_rpc("kvr_steps")[-1]  # the scheduler output the head received
-    out["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    out["metrics"] = {}
+    for m in llm.get_metrics():  # a labelled metric's samples summed
+        if hasattr(m, "value"):
+            out["metrics"][m.name] = out["metrics"].get(m.name, 0) + m.value
     out["kv_blocks"] = llm.collective_rpc(kv_blocks)
     if kvr:
         out["stats"] = llm.collective_rpc("kvr_stats")

@@ -6,6 +6,7 @@ one point of its first runahead step, chosen by KVR_TEST_FAULT:
   exit_after    the process dies right after its forward, before sample_tokens
   raise_sample  sampling raises (the worker's fail-fast then exits)
   exit_idle     the process dies ~1 s after its runahead step, while the head decodes alone
+  guest_stall   TP layout: rank 1's guest sleeps KVR_TEST_STALL_S before its forward
 
 A chain worker's model runner runs nothing but runahead segments, so its calls mark them.
 """
@@ -28,6 +29,16 @@ def _die(point):
 class FaultyWorker(Worker):
     def execute_model(self, scheduler_output):
         fault = os.environ.get("KVR_TEST_FAULT", "stall")
+        if fault == "guest_stall":
+            runner = self.host.guest.runner
+            if self.rank == 1 and not getattr(runner, "_faulty", False):
+                forward = runner.execute_model
+
+                def stalled_forward(*args, **kwargs):
+                    time.sleep(float(os.environ.get("KVR_TEST_STALL_S", "60")))
+                    return forward(*args, **kwargs)
+                runner.execute_model, runner._faulty = stalled_forward, True
+            return super().execute_model(scheduler_output)
         if self.rank != 0 or self.chain.is_head:
             return super().execute_model(scheduler_output)
         runner = self.model_runner

@@ -13,7 +13,9 @@ from benchmarks.serve_load import start_server, stop_server
 from tests.models import smollm2
 
 SYSTEM = "You are a concise assistant. Answer in one sentence."
-TP3_LOGPROB_TOL = 1e-5
+# fp32, SmolLM2's 30 layers: plain TP=3 (no plugin) differs from one worker by up to 1.6e-5 on this chat,
+# and TP layout from plain TP=3 by up to 1.4e-5 (measured side by side; the answers are identical)
+TP3_LOGPROB_TOL = 3e-5
 
 
 def turns() -> list[str]:
@@ -92,7 +94,6 @@ def test_three_turn_chat_in_tp_layout_on_three_ranks_equals_one_worker(one_worke
     assert run["answers"] == ref["answers"]
     assert run["prompt_tokens"] == ref["prompt_tokens"] and run["cached"] == ref["cached"]
     for got, want in zip(run["logprobs"], ref["logprobs"], strict=True):
-        # fp32; vLLM's TP=3 all-reduces sum in another order than one worker (30 layers of real weights)
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=TP3_LOGPROB_TOL, rtol=0)
     assert run["ahead"][0] == {"chunks_ahead": 2, "chunks_ahead_cached": 1}, run["ahead"]
     for turn in run["ahead"][1:]:  # the new tokens after the cached history: the prefix gathered from the ranks

@@ -18,14 +18,16 @@ BS = 128
 DIED = re.compile(r"Worker proc \S+ died unexpectedly")
 
 
-def faulty_engine_run(tmp_path, fault: str, recv_timeout_s: float, max_tokens: int) -> tuple[str, str]:
+def faulty_engine_run(tmp_path, fault: str, recv_timeout_s: float, max_tokens: int,
+                      layout: str = "prefill_context_parallel_size=2") -> tuple[str, str]:
     """One generate() on an engine whose first chain worker misbehaves; (RESULT line, output)."""
+    model = tiny_llama(kv_heads=2) if "tensor" in layout else tiny_llama()
     code = f"""
 import time
 from vllm import LLM, SamplingParams
-llm = LLM(model={tiny_llama()!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+llm = LLM(model={model!r}, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
           max_model_len=4096, block_size={BS}, worker_cls="tests.faulty_worker.FaultyWorker",
-          prefill_context_parallel_size=2,
+          {layout},
           additional_config={{"kv_runahead": {{"min_tokens": 0, "recv_timeout_s": {recv_timeout_s}}}}})
 t = time.time()
 try:
@@ -55,6 +57,15 @@ def test_stalled_chain_peer_fails_the_request_within_the_timeout(tmp_path):
     result, out = faulty_engine_run(tmp_path, "stall", 3, max_tokens=2)
     assert_failed_within(result, out, 30)             # well before the peer's 40 s stall ends
     assert re.search(r"no KV from chain rank 0 within 3(\.0)? s", out), out[-4000:]
+
+
+def test_tp_layout_stalled_guest_fails_the_request_within_the_timeout(tmp_path):
+    """TP layout: rank 1's guest stalls; rank 0, waiting for its heads of rank 1's segment, fails the step
+    within its bounded receive and exits (a guest that fails exits: its peers wait for its shards), and
+    vLLM ends the engine (EngineDeadError) long before the stall would."""
+    result, out = faulty_engine_run(tmp_path, "guest_stall", 3, max_tokens=2, layout="tensor_parallel_size=2")
+    assert_failed_within(result, out, 30)
+    assert re.search(r"no KV from chain rank 1 within 3(\.0)? s", out) and "failed mid-prefill" in out, out[-4000:]
 
 
 def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once(tmp_path):

@@ -22,6 +22,7 @@ from tests.test_vllm_e2e import BS, BUDGET, TINY_ENGINE, rand_prompts
 # TP model with TP's (its all-reduce sums in another order): plain TP=2's logprobs differ from one
 # worker's by up to ~5e-7 here.
 LOGPROB_TOL = 1e-6
+KV_TOL = 1e-6
 
 
 def layout_spec():
@@ -53,17 +54,16 @@ def test_tp_layout_every_rank_holds_its_kv_head_of_one_worker_and_plain_tp2(runs
             for layer in range(2):
                 a = kv[r][layer]
                 assert a.shape[:2] == (n // BS, 1)
-                # KV head r of one worker's cache, and plain TP=2's rank r. The guests computed every token
-                # but each chunk's last (vLLM's TP model's). Layer 0's KV comes straight from the embeddings:
-                # byte for byte one worker's in the blocks before the first chunk's last token. Later layers
-                # see attention outputs, whose sums run in another order when a segment's queries start
-                # after a prefix (chain) or the heads are split (TP).
-                g = (min(n, BUDGET) - 1) // BS
+                # KV head r of one worker's cache, and plain TP=2's rank r. Layer 0's KV comes straight from
+                # the embeddings: byte for byte both. Later layers see attention outputs, whose sums run in
+                # another order when a segment's queries start after a prefix (chain) or the heads are split
+                # (TP's all-reduce): measured within 2.4e-7 of both.
                 mine = full[layer][:, r:r + 1]
-                torch.testing.assert_close(a, mine, atol=1e-5, rtol=1e-5, msg=f"{n} rank {r} layer {layer}")
-                torch.testing.assert_close(a, ref[r][layer], atol=1e-5, rtol=1e-5, msg=f"{n} rank {r} layer {layer}")
                 if layer == 0:
-                    assert torch.equal(a[:g].view(torch.uint8), mine[:g].view(torch.uint8)), (n, r)
+                    assert torch.equal(a.view(torch.uint8), ref[r][0].view(torch.uint8)), (n, r)
+                    assert torch.equal(a.view(torch.uint8), mine.view(torch.uint8)), (n, r)
+                torch.testing.assert_close(a, mine, atol=KV_TOL, rtol=0, msg=f"{n} rank {r} layer {layer}")
+                torch.testing.assert_close(a, ref[r][layer], atol=KV_TOL, rtol=0, msg=f"{n} rank {r} layer {layer}")
 
 
 def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
@@ -85,7 +85,7 @@ def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
 # -- real traffic, and the KV capacity ---------------------------------------------------------------------
 KV_BLOCK_BYTES = 2 * 2 * BS * 2 * 64 * 4   # one worker's block: 2 layers x 2 KV heads x 128 slots x K,V x 64 x fp32
 KV_BYTES = 24 * KV_BLOCK_BYTES             # per rank, for every engine: 24 blocks of one worker's, 48 of a TP rank's
-TRAFFIC_MAX_LEN = 3072                     # what one worker's 24 blocks hold (vLLM refuses a longer max_model_len)
+TRAFFIC_MAX_LEN = 2048                     # within one worker's 24 blocks (vLLM refuses a max_model_len they cannot hold)
 
 
 def traffic_spec(workers: int, tp: int, decode: str | None = None) -> dict:
@@ -129,7 +129,7 @@ def _close(got, want, what):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), atol=LOGPROB_TOL, rtol=0, msg=f"{what} {i}")
 
 
-def test_tp_layout_under_real_traffic_equals_one_worker_and_plain_tp2(traffic):
+def test_traffic_equals_one_worker_and_plain_tp2(traffic):
     run = traffic["layout"]
     for ref in (traffic["tp2"], traffic["one"]):
         for i, (got, want) in enumerate(zip(run["rounds"], ref["rounds"], strict=True)):
@@ -149,13 +149,14 @@ def test_tp_layout_under_real_traffic_equals_one_worker_and_plain_tp2(traffic):
     assert len(run["chat"]) == 3 and all(t["cached"] >= 896 for t in run["chat"][1:])
 
 
-def test_tp_layout_holds_n_times_the_kv_of_the_chain_of_copies(traffic):
+def test_traffic_fits_n_times_the_kv_of_the_chain_of_copies(traffic):
     """The same KV bytes per rank: TP layout's ranks hold 2 x the blocks of a chain worker's (today's mode,
     which allocates one worker's blocks on every worker), and the 4 long requests that make one worker
     and today's mode preempt run without preemption."""
     one, head2, layout, tp2 = (traffic[k] for k in ("one", "head2", "layout", "tp2"))
-    assert one["kv_blocks"] == [24] and head2["kv_blocks"] == [24, 24]
-    assert layout["kv_blocks"] == tp2["kv_blocks"] == [48, 48]
+    blocks = one["kv_blocks"][0]   # 24 on 0.26 (0.32 may keep one back)
+    assert 23 <= blocks <= 24 and head2["kv_blocks"] == [blocks] * 2
+    assert layout["kv_blocks"] == tp2["kv_blocks"] and 2 * blocks - 1 <= layout["kv_blocks"][0] <= 2 * blocks
     assert one["long"][0]["preemptions"] > 0 and head2["long"][0]["preemptions"] > 0
     assert layout["long"][0]["preemptions"] == 0 == tp2["long"][0]["preemptions"]
     assert [r["tokens"] for r in head2["long"]] == [r["tokens"] for r in one["long"]]
@@ -163,11 +164,16 @@ def test_tp_layout_holds_n_times_the_kv_of_the_chain_of_copies(traffic):
     assert layout["long"][1]["preemptions"] > 0
 
 
-def test_tp_layout_decodes_on_every_rank_under_traffic(traffic):
+def test_traffic_decodes_on_every_rank(traffic):
     stats = traffic["layout"]["stats"]
     assert len(stats) == 2 and stats[0]["decode_tokens"] == stats[1]["decode_tokens"] > 1000
     assert stats[0]["chunks_ahead"] == stats[1]["chunks_ahead"] > 10
     assert stats[0]["chunks_ahead_cached"] >= 5   # A's second chunk, B and C after their hits, chat turns 2 and 3
+    # vLLM's stats path carries the same figures (the output rank's connector reports them after vLLM's
+    # TP forward, not after the guest's): /metrics and the stats log line
+    m = traffic["layout"]["metrics"]
+    assert m["vllm:kv_runahead_chunks_ahead"] == stats[0]["chunks_ahead"], m
+    assert m["vllm:kv_runahead_tokens_ahead"] == stats[0]["tokens_ahead"], m
     assert all(s["live_requests"] == 0 for s in stats)
 
 
@@ -198,10 +204,11 @@ def test_tp_layout_on_four_ranks_equals_one_worker_and_plain_tp4(engines):
         for r in range(4):
             for layer in range(2):
                 assert kv[r][layer].shape[:2] == (n // BS, 1)
-                torch.testing.assert_close(kv[r][layer], full[layer][:, r:r + 1], atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(kv[r][layer], ref[r][layer], atol=1e-5, rtol=1e-5)
-            g = (min(n, BUDGET) - 1) // BS   # layer 0 of the guests' blocks: one worker's, byte for byte
-            assert torch.equal(kv[r][0][:g].view(torch.uint8), full[0][:g, r:r + 1].view(torch.uint8)), (n, r)
+                torch.testing.assert_close(kv[r][layer], full[layer][:, r:r + 1], atol=KV_TOL, rtol=0)
+                torch.testing.assert_close(kv[r][layer], ref[r][layer], atol=KV_TOL, rtol=0)
+            # layer 0: byte for byte plain TP=4's rank and one worker's head
+            assert torch.equal(kv[r][0].view(torch.uint8), ref[r][0].view(torch.uint8)), (n, r)
+            assert torch.equal(kv[r][0].view(torch.uint8), full[0][:, r:r + 1].view(torch.uint8)), (n, r)
     stats = run["stats"]
     assert [s["tp_rank"] for s in stats] == [0, 1, 2, 3]
     assert len({s["decode_tokens"] for s in stats}) == 1 and stats[0]["decode_tokens"] > 0
@@ -221,7 +228,7 @@ def checkpoint_bytes(model_dir: str) -> int:
     return total
 
 
-def test_every_rank_holds_the_full_model_and_a_scratch_beside_vllms_tp_model(traffic):
+def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(traffic):
     """The guest: the whole checkpoint's weights under a one-rank TP group, its attention layers in its own
     forward context (the same names as vLLM's, no "Duplicate layer name"), the rotary cache shared with
     vLLM's model, and a scratch of guest.GUEST_RING regions for max(max_model_len, budget) tokens with every KV head.

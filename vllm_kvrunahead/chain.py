@@ -51,16 +51,34 @@ class Step:
     original: object                  # the scheduler output every worker received
 
 
-def partitioner_for(kvr: KVRunaheadConfig, cost: CostModel, shape, block_size: int, device: str,
-                    method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
-    """The configured split (no method, no table), another method, or a given table."""
-    n = kvr.num_workers
-    refiner = Refiner(n) if kvr.refine else None
-    kw = dict(min_tokens=kvr.min_tokens, block_size=block_size)
-    if table is not None:
-        return Partitioner("table", n, cost, table, refiner, **kw)
-    return Partitioner.build(method or kvr.partition, n, cost, shape, device,
-                             kvr.table_path if method is None else None, refiner, **kw)
+class SplitTools:
+    """The split of either chain (``Chain``, ``tp_chain.TPChain``) and the tools that change it (the tuner's
+    and the benchmarks' RPCs). The chain provides kvr, cost, shape, block_size and ``device_key``."""
+
+    partitioner: Partitioner
+
+    def device_key(self) -> str:
+        raise NotImplementedError
+
+    def _partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
+        """The configured split (no method, no table), another method, or a given table."""
+        n = self.kvr.num_workers
+        refiner = Refiner(n) if self.kvr.refine else None
+        kw = dict(min_tokens=self.kvr.min_tokens, block_size=self.block_size)
+        if table is not None:
+            return Partitioner("table", n, self.cost, table, refiner, **kw)
+        return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape, self.device_key(),
+                                 self.kvr.table_path if method is None else None, refiner, **kw)
+
+    def set_fractions(self, fractions) -> None:
+        """Cut every runahead prompt by these fractions (None: back to the configured split)."""
+        self.partitioner.set_override(fractions)
+
+    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        """Another partition method, or a table given as its JSON dict (None, None: the configuration)."""
+        self.partitioner = self._partitioner(
+            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
+        return self.partitioner.describe()
 
 
 class NoChain:
@@ -113,7 +131,7 @@ def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config) ->
                  vllm_seam.num_kv_blocks(kv_cache_config), comm, connector)
 
 
-class Chain:
+class Chain(SplitTools):
     """Topology, request book, holdings, split (partitioner and refiner), links, KV connector and
     stats of one worker of an N-worker chain (N runahead stages of T TP ranks each)."""
 
@@ -225,19 +243,9 @@ class Chain:
             "refine": self.partitioner.refiner.state() if self.partitioner.refiner else None,
         }
 
-    def _partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
-        return partitioner_for(self.kvr, self.cost, self.shape, self.block_size,
-                               stage_device(vllm_seam.device_name(self.device), self.topo.tp_size), method, table)
-
-    def set_fractions(self, fractions) -> None:
-        """Cut every runahead prompt by these fractions (None: back to the configured split)."""
-        self.partitioner.set_override(fractions)
-
-    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
-        """Another partition method, or a table given as its JSON dict (None, None: the configuration)."""
-        self.partitioner = self._partitioner(
-            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
-        return self.partitioner.describe()
+    def device_key(self) -> str:
+        """What shipped tables are keyed by: the GPU, and the TP ranks of a stage."""
+        return stage_device(vllm_seam.device_name(self.device), self.topo.tp_size)
 
     def close(self) -> None:
         vllm_seam.uninstall_connector()

@@ -113,6 +113,12 @@ def chain_options(vllm_config) -> dict | None:
     return options if options.get("num_workers", 1) >= 2 else None
 
 
+def runahead_options(vllm_config) -> dict | None:
+    """KV-Runahead's converted options when prompts run ahead on >= 2 workers, in either mode, else None."""
+    options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    return options if isinstance(options, dict) and options.get("num_workers", 1) >= 2 else None
+
+
 def is_kvrunahead_worker(worker_cls: Any) -> bool:
     """vllm_kvrunahead.Worker, or a user's subclass of it (given as a class or "module.Class")."""
     if isinstance(worker_cls, str):

@@ -30,7 +30,7 @@ from vllm.distributed import parallel_state
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
-from .vllm_seam import connector_installed, has_field, kv_caches_by_layer, layer_order
+from .vllm_seam import has_field, kv_caches_by_layer, layer_order
 
 GROUP_NAME = "kvr_guest_tp"
 
@@ -196,10 +196,10 @@ class Guest:
         return kv_caches_by_layer(self.runner, self.kv_cache_config)
 
     # -- running -------------------------------------------------------------------
-    def run(self, scheduler_output, connector) -> None:
-        """One step of segments (``vllm_seam.segments_only``), with ``connector``'s per-layer hooks: the
-        guest's forward is the only one that has them. Its tokens are thrown away."""
-        with self.active(), connector_installed(connector):
+    def run(self, scheduler_output) -> None:
+        """One step of segments (``vllm_seam.segments_only``, whose metadata drives the installed KV
+        connector's per-layer hooks). Its tokens are thrown away."""
+        with self.active():
             if self.runner.execute_model(scheduler_output) is None:  # V1: the forward now, sampling next
                 self.runner.sample_tokens(None)
 

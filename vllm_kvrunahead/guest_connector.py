@@ -29,7 +29,7 @@ from .comm import ChainComm, ShardComm
 from .connector import KVRunaheadConnector, RunaheadMeta
 from .stats import ChainStats
 from .tp_layout import GuestTraffic
-from .vllm_seam import KVConnectorRole, connector_metadata
+from .vllm_seam import KVConnectorRole, bound_metadata, connector_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,14 @@ class GuestConnector(KVRunaheadConnector):
         self.paged: dict[str, torch.Tensor] = {}
         super().__init__(guest_config, KVConnectorRole.WORKER, kv_cache_config, comm, stats)
 
-    def register_paged(self, paged: dict[str, torch.Tensor]) -> None:
-        """vLLM's own (TP) KV caches, by layer name: where this rank's heads land."""
+    def register_scratch(self, scratch: dict[str, torch.Tensor]) -> None:
+        """The guest's scratch, by layer name: what the chain's hooks read and write."""
+        super().register_kv_caches(scratch)
+
+    def register_kv_caches(self, paged: dict[str, torch.Tensor]) -> None:
+        """vLLM's own (TP) KV caches, by layer name, as its runner registers them with the installed
+        connector: where this rank's heads land. vLLM's TP forward binds no traffic (``EMPTY_META``): the
+        hooks do nothing there, and the connector only carries the stats to vLLM's stats path."""
         if set(paged) != set(self.kv_caches):
             raise ValueError("KV-Runahead: the guest's attention layers are not vLLM's model's "
                              f"({sorted(self.kv_caches)[:2]}... vs {sorted(paged)[:2]}...)")
@@ -163,3 +169,10 @@ class GuestConnector(KVRunaheadConnector):
                 self._reset()
                 raise
         super().wait_for_save()
+
+    def get_kv_connector_stats(self):
+        # The guest's runner asks too, and its output is thrown away: the interval's figures wait for
+        # vLLM's runner, whose output rank's reply carries them to vLLM's stats path.
+        if isinstance(bound_metadata(self), GuestMeta):
+            return None
+        return super().get_kv_connector_stats()

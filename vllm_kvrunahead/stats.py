@@ -71,6 +71,24 @@ class ChainStats:
             self.kv_bytes_sent[pos] += (len(t.send) + len(t.send_prefix) + len(t.upfront_send)) * block_bytes
             self.kv_bytes_received[pos] += (len(t.recv) + len(t.upfront_recv)) * block_bytes
 
+    def count_tp_step(self, step) -> None:
+        """One TP-layout step (``tp_layout.TPStep``), as every rank sees it: the guests' chunks, and the
+        prefill chunks vLLM's TP model computed, by reason (the cached prefix gathered counts as sent)."""
+        for _, why in step.on_tp:
+            self.chunks_on_head[why] = self.chunks_on_head.get(why, 0) + 1
+            self._changed = True
+        for r in step.requests:
+            self._changed = True
+            tokens = r.tail + 1 - r.start
+            self.chunks_ahead += 1
+            self.tokens_ahead += tokens
+            if r.start > 0:
+                self.chunks_ahead_cached += 1
+                self.tokens_ahead_cached += tokens
+                self.prefix_tokens_sent += r.start
+            for pos, seg in enumerate(r.segments):
+                self.segment_tokens[pos] += seg.length
+
     def count_run(self, tokens: int) -> None:
         if tokens:
             self.steps_run += 1

@@ -17,20 +17,20 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from . import vllm_seam
-from .chain import Step, partitioner_for
+from .chain import SplitTools, Step
 from .comm import ChainComm, ShardComm
 from .config import KVRunaheadConfig
 from .guest import Guest
+from .connector import EMPTY_META
 from .guest_connector import GuestConnector, GuestMeta
 from .log import logger
-from .lut import PartitionTable
 from .partition import CostModel
 from .plan import DECODE, make_plan
 from .stats import ChainStats
 from .tp_layout import TPStep, kv_heads_of, tp_step, tp_view
 
 
-class TPChain:
+class TPChain(SplitTools):
     """Request book, split, links (chain and head shards), the guest and its hooks of one TP rank."""
 
     is_head = True  # every rank runs vLLM's TP step and samples, as in plain TP
@@ -52,7 +52,8 @@ class TPChain:
         vllm_seam.set_worker_transfer_config(guest.config)  # the connector base class reads it
         self.connector = GuestConnector(guest.config, guest.kv_cache_config, self.comm, self.shards, self.gather,
                                         self.counters, rank, [kv_heads_of(k, n, total_heads) for k in range(n)])
-        self.connector.register_kv_caches(guest.scratch_by_layer())
+        self.connector.register_scratch(guest.scratch_by_layer())
+        vllm_seam.install_connector(self.connector)  # vLLM's runner registers its caches with it next
         self.book = vllm_seam.RequestBook()
         self._tails: dict[str, int] = {}      # vLLM's runner starts each runahead chunk here this step
         self._guest_reqs: set[str] = set()    # requests the guest's runner holds from its last step
@@ -61,7 +62,6 @@ class TPChain:
     def start(self, runner) -> None:
         """Once vLLM's runner has its KV caches: this rank's heads land in them."""
         self.device = self.connector.device
-        self.connector.register_paged(vllm_seam.kv_caches_by_layer(runner, runner.kv_cache_config))
         vllm_seam.follow_rewritten_starts(runner, lambda: self._tails)
         self.partitioner = self._partitioner()
         self.comm.warm_up_open(self.device)
@@ -79,15 +79,7 @@ class TPChain:
         self.tokens["decode"] += sum(v.num_scheduled for v in views if v.on_head == DECODE)
         plan = make_plan(views, self.n, splitter=self.partitioner, block_size=self.block_size)
         step = tp_step(plan, self.guest.kv_cache_config.num_blocks)
-        for _, why in step.on_tp:
-            self.counters.chunks_on_head[why] = self.counters.chunks_on_head.get(why, 0) + 1
-        for r in step.requests:
-            self.counters.chunks_ahead += 1
-            self.counters.tokens_ahead += r.tail + 1 - r.start
-            self.counters.chunks_ahead_cached += r.start > 0
-            self.counters.prefix_tokens_sent += r.start
-            for k, seg in enumerate(r.segments):
-                self.counters.segment_tokens[k] += seg.length
+        self.counters.count_tp_step(step)
         return step
 
     def rewrite(self, scheduler_output) -> Step:
@@ -95,7 +87,7 @@ class TPChain:
         step = self.plan(scheduler_output)
         tails = step.tails()
         self._tails = {rid: seg.start for rid, seg in tails.items()}
-        mine = vllm_seam.starting_at(scheduler_output, tails, scheduler_output.kv_connector_metadata)
+        mine = vllm_seam.starting_at(scheduler_output, tails, EMPTY_META)  # the connector: stats only
         self.tokens["tp"] += mine.total_num_scheduled_tokens
         self.counters.count_run(mine.total_num_scheduled_tokens)
         return Step(step, mine, scheduler_output)
@@ -109,7 +101,7 @@ class TPChain:
         so = vllm_seam.segments_only(step.original, segs, self._guest_reqs,
                                      GuestMeta.of(plan.traffic_for(self.rank, self.total_heads)), self.book)
         self._guest_reqs = set(segs)
-        self.guest.run(so, self.connector)
+        self.guest.run(so)
         self.tokens["guest"] += so.total_num_scheduled_tokens
 
     def learn(self, step: Step) -> None:
@@ -134,17 +126,8 @@ class TPChain:
             "scratch_blocks": self.guest.kv_cache_config.num_blocks,
         }
 
-    def _partitioner(self, method: str | None = None, table: PartitionTable | None = None):
-        return partitioner_for(self.kvr, self.cost, self.shape, self.block_size,
-                               vllm_seam.device_name(self.device), method, table)
-
-    def set_fractions(self, fractions) -> None:
-        self.partitioner.set_override(fractions)
-
-    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
-        self.partitioner = self._partitioner(
-            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
-        return self.partitioner.describe()
+    def device_key(self) -> str:
+        return vllm_seam.device_name(self.device)
 
     def close(self) -> None:
-        pass
+        vllm_seam.uninstall_connector()

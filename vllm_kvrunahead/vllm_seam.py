@@ -11,7 +11,6 @@ version number; everything else reads the same on all of them.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import vllm
@@ -146,6 +145,11 @@ def connector_metadata(connector):
     return connector._get_connector_metadata()
 
 
+def bound_metadata(connector):
+    """The step metadata bound to ``connector`` now, or None between steps."""
+    return getattr(connector, "_connector_metadata", None)
+
+
 def kv_block_count(connector) -> int:
     """KV blocks (scheduler blocks) in the cache config the connector was built with."""
     return num_kv_blocks(connector._kv_cache_config)
@@ -206,17 +210,6 @@ def install_connector(connector) -> None:
 
 def uninstall_connector() -> None:
     kv_transfer_state._KV_CONNECTOR_AGENT = None
-
-
-@contextlib.contextmanager
-def connector_installed(connector):
-    """``connector`` is the KV connector inside the block only (TP layout: the guest's forward has hooks,
-    vLLM's TP forward none)."""
-    install_connector(connector)
-    try:
-        yield
-    finally:
-        uninstall_connector()
 
 
 def kv_caches_by_layer(runner, kv_cache_config) -> dict:

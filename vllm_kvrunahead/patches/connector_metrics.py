@@ -26,10 +26,10 @@ def _apply() -> None:
     def make_init(orig):
         def __init__(self, vllm_config, labelnames, per_engine_labelvalues):
             orig(self, vllm_config, labelnames, per_engine_labelvalues)
-            from ..config import chain_options
+            from ..config import runahead_options
             from ..metrics import KVRunaheadMetrics
 
-            if self.prom_metrics is None and chain_options(vllm_config):
+            if self.prom_metrics is None and runahead_options(vllm_config):
                 types = {metrics.Gauge: self._gauge_cls, metrics.Counter: self._counter_cls,
                          metrics.Histogram: self._histogram_cls}
                 self.prom_metrics = KVRunaheadMetrics.build_prom_metrics(vllm_config, types, labelnames,
