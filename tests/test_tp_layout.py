@@ -169,11 +169,14 @@ def test_traffic_decodes_on_every_rank(traffic):
     assert len(stats) == 2 and stats[0]["decode_tokens"] == stats[1]["decode_tokens"] > 1000
     assert stats[0]["chunks_ahead"] == stats[1]["chunks_ahead"] > 10
     assert stats[0]["chunks_ahead_cached"] >= 5   # A's second chunk, B and C after their hits, chat turns 2 and 3
-    # vLLM's stats path carries the same figures (the output rank's connector reports them after vLLM's
-    # TP forward, not after the guest's): /metrics and the stats log line
+    # vLLM's stats path carries the figures (the output rank's connector reports them after vLLM's TP
+    # forward, not after the guest's). The offline LLM records a step's scheduler stats only when the step
+    # returns request outputs: the first step here, a partial prefill alone, goes unrecorded, in either
+    # mode (measured: the scheduler makes the stats, the Prometheus logger never sees them; the server
+    # records every step: tests/test_metrics.py). So one 1000-token chunk is missing here.
     m = traffic["layout"]["metrics"]
-    assert m["vllm:kv_runahead_chunks_ahead"] == stats[0]["chunks_ahead"], m
-    assert m["vllm:kv_runahead_tokens_ahead"] == stats[0]["tokens_ahead"], m
+    assert m["vllm:kv_runahead_chunks_ahead"] == stats[0]["chunks_ahead"] - 1, m
+    assert m["vllm:kv_runahead_tokens_ahead"] == stats[0]["tokens_ahead"] - 1000, m
     assert all(s["live_requests"] == 0 for s in stats)
 
 
