@@ -264,5 +264,5 @@ class GuestHost:
         """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch is in place
         and the guest has been profiled."""
         self.guest.allocate_scratch(cache_config)
-        peak = self.guest.profile()
-        return kv_bytes_left(measure(), self.guest.reserved_bytes() + peak, cache_config)
+        self.activation_peak = self.guest.profile()
+        return kv_bytes_left(measure(), self.guest.reserved_bytes() + self.activation_peak, cache_config)
