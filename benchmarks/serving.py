@@ -255,7 +255,8 @@ def run_one(a):
                 raise RuntimeError(f"asked {max_tokens} tokens, got {len(o.outputs[0].token_ids)}")
         return dt, outs
 
-    # Warm-up (excluded): long enough to run ahead (plugin default min_tokens is 2048), a few decodes.
+    # Warm-up (excluded): long enough for the cost model to run it ahead (~1.1k tokens at N=2, ~2.3k at N=4), a
+    # few decodes.
     _, w = gen([common.prompt(p["warmup_len"], vocab, TAG_WARMUP)], 4)
     have_metrics = _ttft(w[0]) is not None
     print(f"RESULT {cfg} N={n}: warm-up done, per-request metrics {'on' if have_metrics else 'OFF'}", flush=True)
