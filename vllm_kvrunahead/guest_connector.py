@@ -8,7 +8,7 @@ own heads from its paged blocks, the others' from the ranks that hold them (``ga
 before the forward): rank 0's guest writes its own tokens into the block holding an unaligned c before
 the layer's entry hook runs, and the prefix's slots of that block must be there first.
 After each layer this rank also
-- copies its own KV heads of [0, segment end) from the scratch into its paged blocks (vLLM's TP layer
+- copies its own KV heads of [c, segment end) from the scratch into its paged blocks (vLLM's TP layer
   of the same name), and
 - sends every earlier rank that rank's KV heads of this rank's segment (``ShardComm``, one group per pair).
 Its own heads of the later segments, posted for the whole step when the step starts, are waited for
@@ -110,7 +110,6 @@ class GuestConnector(KVRunaheadConnector):
     def _post_gather(self, layer: int) -> None:
         """Send this rank's heads of the prefix, layer ``layer``, to those lacking them; post its receives."""
         name = self.order[layer]
-        lo, hi = self.heads[self.rank]
         for dst, ids in self._gather_to:
             self.gather.post_send(dst, kv_layout.gather(self.paged[name], ids))
             self.stats.blocks_sent += len(ids)

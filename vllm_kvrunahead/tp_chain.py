@@ -57,10 +57,10 @@ class TPChain(SplitTools):
         self.book = vllm_seam.RequestBook()
         self._tails: dict[str, int] = {}      # vLLM's runner starts each runahead chunk here this step
         self._guest_reqs: set[str] = set()    # requests the guest's runner holds from its last step
-        self.tokens = {"guest": 0, "tp": 0, "decode": 0}
+        self.decode_tokens = 0                # decode steps vLLM's TP model ran (the same on every rank)
 
     def start(self, runner) -> None:
-        """Once vLLM's runner has its KV caches: this rank's heads land in them."""
+        """Once vLLM's runner has registered its KV caches with the connector: the split, and every link warmed."""
         self.device = self.connector.device
         vllm_seam.follow_rewritten_starts(runner, lambda: self._tails)
         self.partitioner = self._partitioner()
@@ -76,7 +76,7 @@ class TPChain(SplitTools):
     def plan(self, scheduler_output) -> TPStep:
         self.book.update(scheduler_output)
         views = [tp_view(v) for v in vllm_seam.request_views(scheduler_output, self.book)]
-        self.tokens["decode"] += sum(v.num_scheduled for v in views if v.on_head == DECODE)
+        self.decode_tokens += sum(v.num_scheduled for v in views if v.on_head == DECODE)
         plan = make_plan(views, self.n, splitter=self.partitioner, block_size=self.block_size)
         step = tp_step(plan, self.guest.kv_cache_config.num_blocks)
         self.counters.count_tp_step(step)
@@ -88,7 +88,6 @@ class TPChain(SplitTools):
         tails = step.tails()
         self._tails = {rid: seg.start for rid, seg in tails.items()}
         mine = vllm_seam.starting_at(scheduler_output, tails, EMPTY_META)  # the connector: stats only
-        self.tokens["tp"] += mine.total_num_scheduled_tokens
         self.counters.count_run(mine.total_num_scheduled_tokens)
         return Step(step, mine, scheduler_output)
 
@@ -102,7 +101,6 @@ class TPChain(SplitTools):
                                      GuestMeta.of(plan.traffic_for(self.rank, self.total_heads)), self.book)
         self._guest_reqs = set(segs)
         self.guest.run(so)
-        self.tokens["guest"] += so.total_num_scheduled_tokens
 
     def learn(self, step: Step) -> None:
         pass
@@ -116,8 +114,9 @@ class TPChain(SplitTools):
             "chunks_ahead": c.chunks_ahead, "chunks_ahead_cached": c.chunks_ahead_cached,
             "tokens_ahead": c.tokens_ahead, "prefix_tokens_gathered": c.prefix_tokens_sent,
             "chunks_on_tp": dict(c.chunks_on_head),
-            "segment_tokens": list(c.segment_tokens), "guest_tokens": self.tokens["guest"],
-            "tp_tokens": self.tokens["tp"], "decode_tokens": self.tokens["decode"],
+            # this rank's guest ran its segments; vLLM's TP model ran the rest of every step
+            "segment_tokens": list(c.segment_tokens), "guest_tokens": c.segment_tokens[self.rank],
+            "tp_tokens": c.tokens_run, "decode_tokens": self.decode_tokens,
             "steps_run": c.steps_run, "chain_steps": c.steps, "layers_sent": c.layers_sent,
             "blocks_sent": c.blocks_sent, "blocks_received": c.blocks_received,
             "bytes_sent": self.comm.bytes_sent + self.shards.bytes_sent + self.gather.bytes_sent,
