@@ -15,6 +15,8 @@ Why each piece (``V/`` = vLLM 0.26.0's ``site-packages/vllm/``, ``W/`` = 0.32.0'
 - Attention layers register under their prefix in the *current* config's ``static_forward_context`` and
   refuse a duplicate name (``V/model_executor/layers/attention/attention.py:443-446``); a copy taken
   before vLLM loads its model still has an empty context, so the guest's layers live in the copy's.
+- The guest's pieces get CUDA-graph wrappers only under a piecewise mode (``V/compilation/backends.py:656``),
+  and a wrapper captures on a size's first call (``V/compilation/cuda_graph.py:233-277``): its mode is NONE.
 - The runner collects KV specs and binds caches from its own config's context
   (``V/v1/worker/gpu_model_runner.py:7718-7730``, ``:7528``), so vLLM's KV sizing never sees the guest.
 """
@@ -25,7 +27,7 @@ import copy
 import math
 
 import torch
-from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.config import CUDAGraphMode, VllmConfig, set_current_vllm_config
 from vllm.distributed import parallel_state
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
@@ -67,6 +69,10 @@ def guest_config(vllm_config: VllmConfig) -> VllmConfig:
     pc.tensor_parallel_size = 1
     # The guest's step returns its output at once (no async output to wait for on a private runner).
     cfg.scheduler_config.async_scheduling = False
+    # No CUDA graphs (torch.compile stays): nothing captures the guest's graphs up front, so its runner
+    # would capture each size up to the capture size lazily, mid-step, and return outputs whose kernels
+    # never ran (measured on one H100, issue 33). Its segments are long prefills, where graphs gain little.
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
     return cfg
 
 
