@@ -450,7 +450,7 @@ class Run:
         if stats:
             k = stats.delta(before)
             if k:
-                head = next((x for x in k["workers"] if x.get("is_head")), {})   # TP layout: rank 0
+                head = next((x for x in k["workers"] if x.get("returns_output")), {})   # TP layout: rank 0
                 per_worker = "guest_tokens" if k["layout"] == "tp" else "tokens_run"
                 rec["kvr"] = dict(layout=k["layout"], chain_share=k["chain_share"], partition=k["partition"],
                                   chunks_ahead=head.get("chunks_ahead"),

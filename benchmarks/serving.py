@@ -139,6 +139,14 @@ def serving_kwargs(config, model_dir, max_len, n, interconnect, extra):
 
 
 # ---------------------------------------------------------------- child: one engine, all scenarios
+def rank_figures(x: dict) -> dict:
+    """One rank's kvr_stats with the TP layout's per-rank figures under the names the reports use: its
+    guest's tokens (its own segments) and vLLM's TP model's tokens on it."""
+    if x.get("mode") == "tp_layout":
+        return dict(x, guest_tokens=x["segment_tokens"][x["position"]], tp_tokens=x["tokens_run"])
+    return x
+
+
 def _numeric(d):
     """The numeric (not bool) fields of a dict, one level of nested dicts flattened as a.b."""
     out = {}
@@ -174,15 +182,15 @@ class KvrStats:
             return None
         workers = []
         for b, x in zip(before, after):
-            nb, nx = _numeric(b), _numeric(x)
-            w = {k: nx[k] - nb.get(k, 0) for k in nx if k not in ("rank", "chain_pos")}
-            w.update(rank=x.get("rank"), chain_pos=x.get("chain_pos"), is_head=x.get("is_head"))
+            nb, nx = _numeric(rank_figures(b)), _numeric(rank_figures(x))
+            w = {k: nx[k] - nb.get(k, 0) for k in nx if k not in ("rank", "position")}
+            w.update(rank=x.get("rank"), position=x.get("position"), returns_output=x.get("returns_output"))
             workers.append(w)
-        workers.sort(key=lambda w: (w["chain_pos"] is None, w["chain_pos"]))
-        if after and after[0].get("decode") == "tp":
+        workers.sort(key=lambda w: (w["position"] is None, w["position"]))
+        if after and after[0].get("mode") == "tp_layout":
             return self._tp_layout(workers, after[0].get("partition"))
-        head = sum(w.get("tokens_run", 0) for w in workers if w["is_head"])
-        chain = sum(w.get("tokens_run", 0) for w in workers if not w["is_head"])
+        head = sum(w.get("tokens_run", 0) for w in workers if w["returns_output"])
+        chain = sum(w.get("tokens_run", 0) for w in workers if not w["returns_output"])
         return dict(layout="head", workers=workers, head_tokens=head, chain_tokens=chain,
                     chain_share=chain / (head + chain) if head + chain else None,
                     partition=after[0].get("partition") if after else None)

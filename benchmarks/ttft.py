@@ -139,8 +139,8 @@ def run_one(a):
         print(f"RESULT {variant}: partition {desc}", flush=True)
 
         def profile():
-            st = sorted(llm.collective_rpc("kvr_stats"), key=lambda x: x["chain_pos"])
-            return [dict(pos=x["chain_pos"], step_s=x["profile"]["last_step_s"],
+            st = sorted(llm.collective_rpc("kvr_stats"), key=lambda x: x["position"])
+            return [dict(pos=x["position"], step_s=x["profile"]["last_step_s"],
                          stall_s=x["profile"]["last_stall_s"], segment=(x["last_segments"] or [None])[-1])
                     for x in st if x["profile"]]
         measure_lengths(a, kvr_name(a, variant), gen, dict(engine, partition=desc), profile)
@@ -154,7 +154,9 @@ TP_LAYOUT_COUNTS = ("chunks_ahead", "tokens_ahead", "guest_tokens", "tp_tokens",
 def tp_layout_counts(llm):
     """kvr-tp: per TP rank, the kvr_stats counters that say where prompts ran (guests ahead or vLLM's TP model)."""
     st = sorted(llm.collective_rpc("kvr_stats"), key=lambda x: x["tp_rank"])
-    return [{k: x[k] for k in TP_LAYOUT_COUNTS} for x in st]
+    from benchmarks.serving import rank_figures
+
+    return [{k: rank_figures(x)[k] for k in TP_LAYOUT_COUNTS} for x in st]
 
 
 def measure_lengths(a, cfg, gen, extra, profile=None, counts=None):

@@ -39,10 +39,10 @@ class FaultyWorker(Worker):
                     return forward(*args, **kwargs)
                 runner.execute_model, runner._faulty = stalled_forward, True
             return super().execute_model(scheduler_output)
-        if self.rank != 0 or self.chain.is_head:
+        if self.rank != 0 or self.runahead.returns_output:
             return super().execute_model(scheduler_output)
         runner = self.model_runner
-        before = self.chain.counters.steps_run
+        before = self.runahead.counters.steps_run
         if fault in ("stall", "raise") and not getattr(runner, "_faulty", False):
             forward = runner.execute_model
 
@@ -53,7 +53,7 @@ class FaultyWorker(Worker):
                 return forward(*args, **kwargs)
             runner.execute_model, runner._faulty = faulty_forward, True
         out = super().execute_model(scheduler_output)
-        if self.chain.counters.steps_run > before:  # this step ran a runahead segment here
+        if self.runahead.counters.steps_run > before:  # this step ran a runahead segment here
             if fault == "exit_after":
                 _die("after execute_model")
             elif fault == "raise_sample":

@@ -39,7 +39,7 @@ class RecordingWorker(_Recorder, CPUWorker):
 class RecordingKVRWorker(_Recorder, Worker):
     def kvr_holdings(self):
         """Per chain position and KV block: the leading slots the record says equal the head's."""
-        return self.chain.holdings._valid.copy()
+        return self.runahead.holdings._valid.copy()
 
     def kvr_guest_report(self) -> dict:
         """TP layout: what this rank's guest holds (its weights, its scratch) and where it runs."""

@@ -19,7 +19,7 @@ def _layout(engine_args):
     vllm_kvrunahead.plugin.register()
     cfg = engine_args.create_engine_config()
     pc, kvr = cfg.parallel_config, cfg.additional_config["kv_runahead"]
-    return kvr["decode"], kvr["num_workers"], pc.world_size, pc.tensor_parallel_size
+    return kvr["mode"], kvr["num_workers"], pc.world_size, pc.tensor_parallel_size
 
 
 def test_llm_harnesses_start_kvr_tp_as_the_tp_layout_and_kvr_as_the_chain(model_dir):
@@ -28,10 +28,10 @@ def test_llm_harnesses_start_kvr_tp_as_the_tp_layout_and_kvr_as_the_chain(model_
     def layout(kw):
         return _layout(EngineArgs(**kw))
 
-    assert layout(common.engine_kwargs("kvr-tp", model_dir, 4096, 2)) == ("tp", 2, 2, 2)
-    assert layout(serving.serving_kwargs("kvr-tp", model_dir, 4096, 2, "nvlink", {})) == ("tp", 2, 2, 2)
-    assert layout(common.engine_kwargs("kvr", model_dir, 4096, 2)) == ("head", 2, 2, 1)
-    assert layout(serving.serving_kwargs("kvr", model_dir, 4096, 2, "nvlink", {})) == ("head", 2, 2, 1)
+    assert layout(common.engine_kwargs("kvr-tp", model_dir, 4096, 2)) == ("tp_layout", 2, 2, 2)
+    assert layout(serving.serving_kwargs("kvr-tp", model_dir, 4096, 2, "nvlink", {})) == ("tp_layout", 2, 2, 2)
+    assert layout(common.engine_kwargs("kvr", model_dir, 4096, 2)) == ("copies", 2, 2, 1)
+    assert layout(serving.serving_kwargs("kvr", model_dir, 4096, 2, "nvlink", {})) == ("copies", 2, 2, 1)
     # ttft.py: kvr-tp is an engine of its own, not a partition of the chain engine
     a = ttft.parse_args(["--configs", "1gpu,tp,kvr-balanced,kvr-tp"])
     assert a.kvr_variants == ["kvr-balanced"]
@@ -43,7 +43,7 @@ def test_serve_bench_starts_kvr_tp_as_the_tp_layout(model_dir):
 
     a = serve_bench.parse_args(["--smoke"])
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
-    for cfg, want in (("kvr-tp", ("tp", 2, 2, 2)), ("kvr", ("head", 2, 2, 1))):
+    for cfg, want in (("kvr-tp", ("tp_layout", 2, 2, 2)), ("kvr", ("copies", 2, 2, 1))):
         argv = ["--model", model_dir, "--skip-tokenizer-init"] + serve_bench.engine_args(a, cfg, 2, 4096, True)
         args = EngineArgs.from_cli_args(parser.parse_args(argv))
         assert _layout(args) == want, cfg
@@ -54,10 +54,10 @@ class _Engine:
     """collective_rpc("kvr_stats") of a TP-layout engine at N=2: two snapshots, before and after a scenario."""
 
     def __init__(self):
-        snap = [dict(decode="tp", rank=r, chain_pos=r, is_head=True, tp_rank=r, chunks_ahead=0, tokens_ahead=0,
-                     guest_tokens=0, tp_tokens=0, decode_tokens=0) for r in range(2)]
-        after = [dict(s, chunks_ahead=2, tokens_ahead=4096, guest_tokens=g, tp_tokens=10, decode_tokens=8)
-                 for s, g in zip(snap, (3000, 1094))]
+        snap = [dict(mode="tp_layout", rank=r, position=r, returns_output=True, tp_rank=r, chunks_ahead=0,
+                     tokens_ahead=0, segment_tokens=[0, 0], tokens_run=0, decode_tokens=0) for r in range(2)]
+        after = [dict(s, chunks_ahead=2, tokens_ahead=4096, segment_tokens=[3000, 1094], tokens_run=10, decode_tokens=8)
+                 for s in snap]
         self.snaps = [snap, after]
 
     def collective_rpc(self, method):

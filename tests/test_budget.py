@@ -43,7 +43,7 @@ def test_scheduler_demand_reads_running_and_the_first_waiting_request():
 
 def test_off_for_plain_vllm_and_for_a_fixed_budget():
     assert step_budget_of(scheduler()) is None
-    assert step_budget_of(scheduler(options={"num_workers": 2, "step_budget": None})) is None
-    assert step_budget_of(scheduler(options={"num_workers": 1, "step_budget": 8192})) is None
-    assert step_budget_of(scheduler(options={"num_workers": 4, "step_budget": 8192}, most=32768)) \
+    assert step_budget_of(scheduler(options={"num_workers": 2, "mode": "copies", "step_budget": None})) is None
+    assert step_budget_of(scheduler(options={"num_workers": 1, "mode": "off", "step_budget": 8192})) is None
+    assert step_budget_of(scheduler(options={"num_workers": 4, "mode": "copies", "step_budget": 8192}, most=32768)) \
         == StepBudget(8192, 32768)

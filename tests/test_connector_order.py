@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_kvrunahead.connector import ChainStats, KVRunaheadConnector, RunaheadMeta
+from vllm_kvrunahead.connector import ChainHooks, KVRunaheadConnector, RunaheadMeta
 from vllm_kvrunahead.profiling import StepProfiler
 from vllm_kvrunahead.ring_order import POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Role, step_order
+from vllm_kvrunahead.stats import RunaheadStats
 
 LAYERS, BLOCKS, BLOCK = 3, 8, (2, 4)   # 3 layers of 8 blocks, each block [2, 4]
 
@@ -35,14 +36,15 @@ class RecordingComm:
 
 
 def connector(meta, send_on_entry):
+    """vLLM's connector base needs an engine config; the chain's hooks are the connector's whole step."""
     c = object.__new__(KVRunaheadConnector)
-    c.comm, c.send_on_entry, c.stats = RecordingComm(), send_on_entry, ChainStats()
-    c.order = [f"layers.{i}.attn" for i in range(LAYERS)]
-    c.kv_caches = {name: torch.full((BLOCKS, *BLOCK), float(i)) for i, name in enumerate(c.order)}
-    c.block_shape, c.dtype, c.device, c.per_block = BLOCK, torch.float32, torch.device("cpu"), 1
-    c.profiler = StepProfiler(c.device, False)
+    c.comm, c.stats = RecordingComm(), RunaheadStats()
+    c.chain = h = ChainHooks(c.comm, c.stats, BLOCKS, send_on_entry=send_on_entry)
+    h.order = c.order = [f"layers.{i}.attn" for i in range(LAYERS)]
+    h.kv_caches = c.kv_caches = {name: torch.full((BLOCKS, *BLOCK), float(i)) for i, name in enumerate(c.order)}
+    h.block_shape, h.dtype, h.device, h.per_block = BLOCK, torch.float32, torch.device("cpu"), 1
+    h.profiler = StepProfiler(h.device, False)
     c._get_connector_metadata = lambda: meta
-    c._reset()
     return c
 
 
@@ -99,7 +101,7 @@ def test_received_kv_lands_in_the_layer_it_was_sent_for():
 def test_a_step_without_traffic_issues_nothing():
     c = connector(RunaheadMeta(), send_on_entry=False)
     run_step(c)
-    assert c.comm.log == [] and c.stats == ChainStats()
+    assert c.comm.log == [] and c.stats == RunaheadStats()
 
 
 def test_a_model_with_fewer_attention_layers_than_caches_is_refused():

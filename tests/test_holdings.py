@@ -99,7 +99,7 @@ class Sim:
         for i in range((r.computed + m) // BS):
             self.cache.setdefault(hash(tuple(r.seq[: (i + 1) * BS])), r.blocks[i])
         return ReqView(r.rid, r.computed, m, r.prompt_len, tuple(r.blocks),
-                       on_head="decode" if r.computed >= r.prompt_len else "" if r.eligible else "lora")
+                       not_ahead="decode" if r.computed >= r.prompt_len else "" if r.eligible else "lora")
 
     def step(self):
         rng, n = self.rng, self.n
@@ -138,7 +138,7 @@ class Sim:
                 r.left -= 1
         self.check_held()
         self.held_tokens += sum(sum(p.held) for p in plan.requests)
-        self.not_final += sum(why == "prefix_not_final" for _, why in plan.on_head)
+        self.not_final += sum(why == "prefix_not_final" for _, why in plan.not_ahead)
         for r in [r for r in self.live if r.left == 0]:
             self.live.remove(r)
             self.done.append(r.seq)
@@ -175,7 +175,7 @@ def test_multi_turn_receives_only_the_part_of_history_a_position_lacks():
     h.record(p1, [turn1])
     e0, e1 = (s.end for s in p1.requests[0].segments[:2])
     for t in range(64, 68):  # the head decodes alone into the last block and a new one
-        v = ReqView("t1", t, 1, 64, tuple(range(1, 18)), on_head="decode")
+        v = ReqView("t1", t, 1, 64, tuple(range(1, 18)), not_ahead="decode")
         h.record(make_plan([v], n, splitter=split, block_size=BS, holdings=h), [v])
     # turn 2 hits the cache for turn 1's 17 blocks minus the last partial one: 64 tokens, then 40 new
     new = tuple(range(40, 50))
@@ -196,7 +196,7 @@ def test_work_the_head_does_alone_clears_what_positions_held_from_there_on():
     held = h.held((1, 2, 3, 4, 5, 6), 24)[0]
     assert 2 * BS <= held < 24
     # another request reuses block 2 (freed) and the head alone writes its slots 2..3
-    w = ReqView("b", 6, 2, 30, (7, 2), on_head="lora")
+    w = ReqView("b", 6, 2, 30, (7, 2), not_ahead="lora")
     h.record(make_plan([w], 2, splitter=split, block_size=BS, holdings=h), [w])
     assert h.held((1, 2, 3, 4, 5, 6), 24) == (BS,)          # block 1 still held, block 2 no longer whole
     assert h.held((2,), 2 * BS) == (0,)

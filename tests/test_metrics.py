@@ -59,7 +59,7 @@ def served():
         stats = http(base, "/collective_rpc", {"method": "kvr_stats"})["results"]
         deadline = time.time() + 30  # the front end records an interval's stats as they arrive; the log line each second
         while time.time() < deadline and not (
-                metrics(base).get('vllm:kv_runahead_chunks_on_head_total{reason="prompt_logprobs"}')
+                metrics(base).get('vllm:kv_runahead_chunks_not_ahead_total{reason="prompt_logprobs"}')
                 and any("KV-Runahead" in line for line in log)):
             time.sleep(0.5)
         yield dict(base=base, log=log, stats=stats, metrics=metrics(base), answers=answers, long=long,
@@ -69,27 +69,27 @@ def served():
 
 
 def test_metrics_count_what_ran_ahead_and_why_the_rest_stayed_on_the_head(served):
-    m, stats = served["metrics"], sorted(served["stats"], key=lambda s: s["chain_pos"])
+    m, stats = served["metrics"], sorted(served["stats"], key=lambda s: s["position"])
     assert m['vllm:kv_runahead_chunks_ahead_total{start="cold"}'] == 2       # the long prompt, turn 1
     assert m['vllm:kv_runahead_chunks_ahead_total{start="cached"}'] == 1     # turn 2, after its cached history
     assert m['vllm:kv_runahead_tokens_ahead_total{start="cold"}'] == 900 + 700
     assert m['vllm:kv_runahead_tokens_ahead_total{start="cached"}'] == served["turn2"] - served["cached_at"]
     # every prefill chunk that stayed on the head, once, by its reason; decodes are not chunks
-    on_head = {k: v for k, v in m.items() if k.startswith("vllm:kv_runahead_chunks_on_head_total")}
-    assert on_head == {'vllm:kv_runahead_chunks_on_head_total{reason="too_short"}': 1,
-                       'vllm:kv_runahead_chunks_on_head_total{reason="prompt_logprobs"}': 1}, on_head
+    on_head = {k: v for k, v in m.items() if k.startswith("vllm:kv_runahead_chunks_not_ahead_total")}
+    assert on_head == {'vllm:kv_runahead_chunks_not_ahead_total{reason="too_short"}': 1,
+                       'vllm:kv_runahead_chunks_not_ahead_total{reason="prompt_logprobs"}': 1}, on_head
     head = stats[-1]
-    assert head["chunks_ahead"] == 3 and head["chunks_on_head"] == {"too_short": 1, "prompt_logprobs": 1}
+    assert head["chunks_ahead"] == 3 and head["chunks_not_ahead"] == {"too_short": 1, "prompt_logprobs": 1}
     assert m["vllm:kv_runahead_prefix_tokens_held_total{}"] == head["prefix_tokens_held"] > 0
     assert m["vllm:kv_runahead_prefix_tokens_held_total{}"] + m.get("vllm:kv_runahead_prefix_tokens_sent_total{}", 0) \
         == served["cached_at"]                                            # one chain position, turn 2's history
     for s in stats:  # what the plan said each position moves is what its links counted
-        pos = s["chain_pos"]
+        pos = s["position"]
         # the head sends and position 0 receives only history position 0 lacks (none here: it held turn 2's)
         assert m.get(f'vllm:kv_runahead_kv_bytes_sent_total{{position="{pos}"}}', 0) == s["bytes_sent"]
         assert m.get(f'vllm:kv_runahead_kv_bytes_received_total{{position="{pos}"}}', 0) == s["bytes_received"]
         # profile on: every runahead step timed on every position
-        assert m[f'vllm:kv_runahead_step_seconds_count{{position="{pos}"}}'] == s["chain_steps"] == 3
+        assert m[f'vllm:kv_runahead_step_seconds_count{{position="{pos}"}}'] == s["kv_steps"] == 3
         assert m[f'vllm:kv_runahead_recv_stall_seconds_count{{position="{pos}"}}'] == 3
     assert stats[0]["bytes_sent"] > 0 and stats[-1]["bytes_received"] > 0   # the chain's segments reached the head
     split = [m[f'vllm:kv_runahead_segment_tokens_total{{position="{p}"}}'] for p in (0, 1)]

@@ -13,10 +13,10 @@ BS = 16
 COST = CostModel()
 
 
-def view(rid, c, m, prompt_len=None, on_head=""):
+def view(rid, c, m, prompt_len=None, not_ahead=""):
     end = c + m
     return ReqView(rid, c, m, prompt_len or end, tuple(range(1000 * len(rid), 1000 * len(rid) + -(-end // BS))),
-                   on_head)
+                   not_ahead)
 
 
 def splitter(n, **kw):
@@ -43,12 +43,12 @@ def test_ring_messages_match_and_cover_what_each_position_lacks(n, c):
 
 
 def test_which_chunks_run_ahead():
-    reqs = [view("cold", 0, 3000), view("later", 4096, 2000), view("decode", 5000, 1, prompt_len=100, on_head="decode"),
-            view("tiny", 0, 20), view("logprobs", 0, 3000, on_head="prompt_logprobs")]
+    reqs = [view("cold", 0, 3000), view("later", 4096, 2000), view("decode", 5000, 1, prompt_len=100, not_ahead="decode"),
+            view("tiny", 0, 20), view("logprobs", 0, 3000, not_ahead="prompt_logprobs")]
     plan = make_plan(reqs, 3, splitter=splitter(3), block_size=BS)
     assert [r.req_id for r in plan.requests] == ["cold", "later"]   # tiny: < 2 chain blocks; others on the head
     # every prefill chunk that stays on the head says why, once; a decode is not a prefill chunk
-    assert plan.on_head == (("tiny", "too_short"), ("logprobs", "prompt_logprobs"))
+    assert plan.not_ahead == (("tiny", "too_short"), ("logprobs", "prompt_logprobs"))
     at_least_2500 = make_plan(reqs, 3, splitter=splitter(3, min_tokens=2500), block_size=BS)
     assert [r.req_id for r in at_least_2500.requests] == ["cold"]
     assert not make_plan(reqs, 1, splitter=splitter(3), block_size=BS)             # one worker: plain vLLM
@@ -70,11 +70,11 @@ def test_a_prefix_computed_in_the_same_step_keeps_its_chunk_on_the_head(n):
     c = ReqView("C", 1024, 400, 1424, a_blocks[:16] + (300, 301, 302, 303, 304, 305, 306))
     split = Partitioner("model", n, COST, min_tokens=0, block_size=bs)
     plan = make_plan([a, b, c], n, splitter=split, block_size=bs)
-    assert [r.req_id for r in plan.requests] == ["A", "C"] and plan.on_head == (("B", "prefix_not_final"),)
+    assert [r.req_id for r in plan.requests] == ["A", "C"] and plan.not_ahead == (("B", "prefix_not_final"),)
     # the next step, A's blocks are final: B's next chunk may run ahead
     b2 = ReqView("B", 1900, 600, 2500, b.block_ids + tuple(range(205, 215)))
     later = make_plan([b2], n, splitter=split, block_size=bs)
-    assert [r.req_id for r in later.requests] == ["B"] and later.on_head == ()
+    assert [r.req_id for r in later.requests] == ["B"] and later.not_ahead == ()
 
 
 def test_cost_model_decides_by_gain():

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.models import tiny_llama
-from vllm_kvrunahead.config import KVRunaheadConfig
+from vllm_kvrunahead.config import KVRunaheadConfig, mode_of
 
 
 def test_vllm_plugin_loader_runs_register_idempotently():
@@ -33,7 +33,7 @@ print("OK")
 
 
 def test_unknown_vllm_version_refused_with_what_to_install():
-    from vllm_kvrunahead.plugin import check_vllm_version
+    from vllm_kvrunahead.config import check_vllm_version
 
     check_vllm_version("0.26.0")
     check_vllm_version("0.26.0+cu130")   # a local build of the supported release
@@ -65,25 +65,27 @@ def test_config_turns_pcp_into_chain_workers():
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False,
-        "decode": "head"}
+        "mode": "copies"}
+    assert mode_of(cfg) == "copies" and mode_of(engine_config(worker_cls="auto", prefill_context_parallel_size=1)) is None
 
 
 def test_config_tensor_parallel_size_alone_is_the_tp_layout():
     """--tensor-parallel-size N with the plugin's worker: vLLM's plain TP=N (its world, groups, executor
     sizes and scheduler untouched), the guests' chain N long; the chain-of-copies patches stay out of it."""
-    from vllm_kvrunahead.config import chain_options
 
     cfg = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=1,
                         additional_config={"kv_runahead": {"min_tokens": 100}})
     pc = cfg.parallel_config
     assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (2, 2, 1)
     kvr = cfg.additional_config["kv_runahead"]
-    assert (kvr["decode"], kvr["num_workers"], kvr["min_tokens"], kvr["step_budget"]) == ("tp", 2, 100, None)
-    assert chain_options(cfg) is None
+    assert (kvr["mode"], kvr["num_workers"], kvr["min_tokens"], kvr["step_budget"]) == ("tp_layout", 2, 100, None)
+    assert mode_of(cfg) == "tp_layout"
+    one = engine_config(prefill_context_parallel_size=1)   # the plugin's worker alone: plain vLLM
+    assert mode_of(one) == "off" and one.additional_config["kv_runahead"]["num_workers"] == 1
     plain = engine_config(worker_cls="auto", tensor_parallel_size=2, prefill_context_parallel_size=1)
     assert cfg.scheduler_config.max_num_batched_tokens == plain.scheduler_config.max_num_batched_tokens
-    with pytest.raises(ValueError, match="unknown option.*decode"):   # the flags decide it, not an option
-        engine_config(additional_config={"kv_runahead": {"decode": "tp"}})
+    with pytest.raises(ValueError, match="unknown option.*mode"):   # the flags decide it, not an option
+        engine_config(additional_config={"kv_runahead": {"mode": "tp_layout"}})
 
 
 def _foreign(path):
@@ -214,7 +216,7 @@ def test_unsupported_models_refused(model, message):
     from vllm_kvrunahead.patches.config_hook import check_supported
 
     with pytest.raises(ValueError, match=message):
-        check_supported(stub_config(**model), KVRunaheadConfig(num_workers=2))
+        check_supported(stub_config(**model), KVRunaheadConfig(num_workers=2, mode="copies"))
 
 
 def test_sliding_window_mix_refused_at_config_time(tmp_path):
@@ -241,16 +243,16 @@ def test_more_workers_than_gpus_refused(monkeypatch):
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self=None: True, raising=False)
     monkeypatch.setattr(type(current_platform), "device_count", classmethod(lambda cls: 2), raising=False)
     with pytest.raises(ValueError, match="4 workers need 4 GPUs, only 2 visible"):
-        check_supported(stub_config(), KVRunaheadConfig(num_workers=4))
+        check_supported(stub_config(), KVRunaheadConfig(num_workers=4, mode="copies"))
     tp2 = stub_config()
     tp2.parallel_config.tensor_parallel_size = 2
     with pytest.raises(ValueError, match="2 stages x 2 TP ranks need 4 GPUs, only 2 visible; use "
                                          "--prefill-context-parallel-size 1 or fewer"):
-        check_supported(tp2, KVRunaheadConfig(num_workers=2))
+        check_supported(tp2, KVRunaheadConfig(num_workers=2, mode="copies"))
 
 
 def test_worker_without_plugin_says_what_to_do():
-    from vllm_kvrunahead.chain import runahead_config
+    from vllm_kvrunahead.config import runahead_config
 
     with pytest.raises(RuntimeError, match="plugin did not run"):
         runahead_config(SimpleNamespace(additional_config={}))

@@ -9,12 +9,13 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
 from vllm_kvrunahead import vllm_seam
-from vllm_kvrunahead.chain import NO_CHAIN, Chain
+from vllm_kvrunahead.chain import Chain
 from vllm_kvrunahead.comm import ChainComm
 from vllm_kvrunahead.config import KVRunaheadConfig
 from vllm_kvrunahead.partition import CostModel
-from vllm_kvrunahead.partitioner import Partitioner
-from vllm_kvrunahead.stats import ChainStats
+from vllm_kvrunahead.partitioner import SplitSetting
+from vllm_kvrunahead.runahead import NO_RUNAHEAD
+from vllm_kvrunahead.stats import RunaheadStats
 from vllm_kvrunahead.topology import ChainTopology
 
 BS = 16
@@ -22,10 +23,10 @@ BLOCKS = list(range(40, 60))  # 20 blocks: 320 tokens
 
 
 def chain(rank: int, n: int = 2) -> Chain:
-    kvr = KVRunaheadConfig(num_workers=n, min_tokens=0)
+    kvr = KVRunaheadConfig(num_workers=n, min_tokens=0, partition="model", mode="copies")
     c = Chain(kvr, ChainTopology(n, n - 1, rank), None, BS, 64, ChainComm(None, None),
-              SimpleNamespace(stats=ChainStats(n)))
-    c.partitioner = Partitioner("model", n, CostModel(), min_tokens=0, block_size=BS)
+              SimpleNamespace(stats=RunaheadStats(n)))
+    c.split = SplitSetting(kvr, CostModel(), None, BS, "cpu")
     c.block_bytes = 1000  # one KV block of every layer
     return c
 
@@ -106,7 +107,7 @@ def test_a_decode_step_runs_on_the_head_and_nothing_on_the_chain():
 
 def test_one_worker_has_no_chain():
     so = step([new_req("a", 300, 0)], {"a": 300})
-    s = NO_CHAIN.rewrite(so)
-    assert s.scheduler_output is so and not s.plan and NO_CHAIN.is_head
+    s = NO_RUNAHEAD.rewrite(so)
+    assert s.scheduler_output is so and not s.plan and NO_RUNAHEAD.returns_output
     with pytest.raises(RuntimeError, match="no chain to split"):
-        NO_CHAIN.set_fractions([0.5, 0.5])
+        NO_RUNAHEAD.set_fractions([0.5, 0.5])

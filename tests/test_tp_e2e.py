@@ -54,7 +54,7 @@ def test_s2_t2_head_kv_equals_plain_tp2_per_rank_and_one_worker(runs):
 
 def test_s2_t2_chain_is_two_chains_one_per_tp_rank(runs):
     stats = runs["s2t2"]["stats"]
-    assert [(s["rank"], s["chain_pos"], s["tp_rank"], s["is_head"]) for s in stats] == [
+    assert [(s["rank"], s["position"], s["tp_rank"], s["returns_output"]) for s in stats] == [
         (0, 0, 0, False), (1, 0, 1, False), (2, 1, 0, True), (3, 1, 1, True)]
     # vLLM built its TP groups per stage, as for TP x PCP (TP innermost): [0, 1] and [2, 3]
     assert [s["tp_group"] for s in stats] == [[0, 1], [0, 1], [2, 3], [2, 3]]
@@ -114,5 +114,5 @@ def test_smollm2_s2_t3_tokens_and_head_kv_equal_plain_tp3_and_one_worker(smol_ru
                 torch.testing.assert_close(kv[r][layer], ref[r][layer], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(kv[r][layer], full[layer][:, r:r + 1], atol=1e-4, rtol=1e-4)
     head = run["stats"][3]
-    assert head["is_head"] and head["tp_group"] == [3, 4, 5]
+    assert head["returns_output"] and head["tp_group"] == [3, 4, 5]
     assert head["chunks_ahead"] == 3 and head["chunks_ahead_cached"] == 2   # 2 chunks, then after the cache

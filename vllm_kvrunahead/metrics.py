@@ -1,6 +1,6 @@
 """KV-Runahead's figures on vLLM's own stats path: its periodic stats log line and `/metrics`.
 
-The head's KV connector returns ``stats.ChainStats.report()`` from ``get_kv_connector_stats`` every
+The output rank's KV connector returns ``stats.RunaheadStats.report()`` from ``get_kv_connector_stats`` every
 step; vLLM carries it from the output rank to the scheduler's stats and on to the front end, where
 ``KVRunaheadStats`` sums an interval for the log line and ``KVRunaheadPromMetrics`` records it with
 vLLM's labels (``model_name``, ``engine``) plus the metric's own (``start``, ``reason``, ``position``).
@@ -35,7 +35,7 @@ def _add(a, b):
 
 
 class KVRunaheadStats(KVConnectorStats):
-    """One interval's figures (``data``: ``ChainStats.report()``'s, summed)."""
+    """One interval's figures (``data``: ``RunaheadStats.report()``'s, summed)."""
 
     def reset(self) -> None:
         self.data = {}
@@ -58,7 +58,7 @@ class KVRunaheadStats(KVConnectorStats):
         return {
             "KV-Runahead chunks ahead cold/cached": f"{d.get('chunks_ahead_cold', 0)}/{d.get('chunks_ahead_cached', 0)}",
             "tokens ahead cold/cached": f"{d.get('tokens_ahead_cold', 0)}/{d.get('tokens_ahead_cached', 0)}",
-            "chunks on head": ", ".join(f"{k} {v}" for k, v in sorted(d.get("chunks_on_head", {}).items())) or "0",
+            "chunks not ahead": ", ".join(f"{k} {v}" for k, v in sorted(d.get("chunks_not_ahead", {}).items())) or "0",
             "prefix tokens held/sent": f"{d.get('prefix_tokens_held', 0)}/{d.get('prefix_tokens_sent', 0)}",
             "KV MB sent per position": per_pos("kv_bytes_sent", 2 ** -20),
             "tokens per position": per_pos("segment_tokens"),
@@ -80,17 +80,17 @@ class KVRunaheadPromMetrics(KVConnectorPromMetrics):
             return self._histogram_cls(name=PREFIX + name, documentation=doc, buckets=list(TIME_BUCKETS),
                                        labelnames=[*labelnames, "position"])
 
-        self.chunks_ahead = counter("chunks_ahead", "Prefill chunks that ran on the chain (start: cold, or "
-                                    "after cached tokens)", ["start"])
-        self.tokens_ahead = counter("tokens_ahead", "Tokens of prefill chunks that ran on the chain", ["start"])
-        self.chunks_on_head = counter("chunks_on_head", "Prefill chunks that stayed on the head, by reason",
-                                      ["reason"])
-        self.prefix_held = counter("prefix_tokens_held", "Cached-prefix tokens chain positions held from "
-                                   "earlier steps and were not sent")
-        self.prefix_sent = counter("prefix_tokens_sent", "Cached-prefix tokens chain positions received")
-        self.bytes_sent = counter("kv_bytes_sent", "KV bytes a chain position sent", ["position"])
-        self.bytes_received = counter("kv_bytes_received", "KV bytes a chain position received", ["position"])
-        self.segment_tokens = counter("segment_tokens", "Tokens a chain position computed in runahead chunks "
+        self.chunks_ahead = counter("chunks_ahead", "Prefill chunks that ran ahead (start: cold, or after "
+                                    "cached tokens)", ["start"])
+        self.tokens_ahead = counter("tokens_ahead", "Tokens of prefill chunks that ran ahead", ["start"])
+        self.chunks_not_ahead = counter("chunks_not_ahead", "Prefill chunks vLLM's own model computed (the "
+                                        "head, or the TP model), by reason", ["reason"])
+        self.prefix_held = counter("prefix_tokens_held", "Cached-prefix tokens positions held from earlier "
+                                   "steps and were not sent")
+        self.prefix_sent = counter("prefix_tokens_sent", "Cached-prefix tokens positions received")
+        self.bytes_sent = counter("kv_bytes_sent", "KV bytes a position sent", ["position"])
+        self.bytes_received = counter("kv_bytes_received", "KV bytes a position received", ["position"])
+        self.segment_tokens = counter("segment_tokens", "Tokens a position computed in runahead chunks "
                                       "(the split in use)", ["position"])
         self.step_seconds = histogram("step_seconds", "Runahead step time per chain position (profile on)")
         self.stall_seconds = histogram("recv_stall_seconds", "Time a chain position waited for KV in a "
@@ -109,8 +109,8 @@ class KVRunaheadPromMetrics(KVConnectorPromMetrics):
         for start in ("cold", "cached"):
             inc(self.chunks_ahead, d.get(f"chunks_ahead_{start}", 0), start)
             inc(self.tokens_ahead, d.get(f"tokens_ahead_{start}", 0), start)
-        for reason, n in d.get("chunks_on_head", {}).items():
-            inc(self.chunks_on_head, n, reason)
+        for reason, n in d.get("chunks_not_ahead", {}).items():
+            inc(self.chunks_not_ahead, n, reason)
         inc(self.prefix_held, d.get("prefix_tokens_held", 0))
         inc(self.prefix_sent, d.get("prefix_tokens_sent", 0))
         for metric, key in ((self.bytes_sent, "kv_bytes_sent"), (self.bytes_received, "kv_bytes_received"),

@@ -1,28 +1,27 @@
-"""Which KV-Runahead a worker runs, decided once from its options (``KVRunaheadConfig.decode``).
+"""Which KV-Runahead a rank runs, decided once, here, from its options (``KVRunaheadConfig.mode``): the
+factory of the mode contract (``runahead.Runahead``). Nothing else asks which mode runs.
 
-- one worker: plain vLLM (``NO_GUEST``, ``NO_CHAIN``);
-- "head": a chain of full-model workers; the head decodes (``chain.Chain``);
-- "tp": vLLM's plain TP=N decodes on every rank, each rank's guest runs the prefill ahead
-  (``guest.GuestHost``, ``tp_chain.TPChain``).
+- "off" (one worker): plain vLLM (``NO_GUEST``, ``NO_RUNAHEAD``);
+- "copies": a chain of full-model workers; the head decodes (``chain.Chain``);
+- "tp_layout": vLLM's plain TP=N decodes on every rank, each rank's guest runs the prefill ahead
+  (``guest.GuestHost``, ``tp_chain.TPLayoutRank``).
 """
 from __future__ import annotations
 
-from . import chain, guest
-from .config import KVRunaheadConfig
-from .tp_chain import TPChain
-
-
-def _tp_layout(kvr: KVRunaheadConfig) -> bool:
-    return kvr.decode == "tp" and kvr.num_workers > 1
+from . import chain, guest, tp_chain
+from .config import COPIES, TP_LAYOUT, KVRunaheadConfig
+from .runahead import NO_RUNAHEAD, Runahead
 
 
 def host_for(kvr: KVRunaheadConfig):
     """What builds this rank's guest during vLLM's worker set-up (``NO_GUEST``: nothing)."""
-    return guest.GuestHost() if _tp_layout(kvr) else guest.NO_GUEST
+    return guest.GuestHost() if kvr.mode == TP_LAYOUT else guest.NO_GUEST
 
 
-def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, host):
-    """This worker's share of KV-Runahead, its links made (collective: every rank calls it at once)."""
-    if _tp_layout(kvr):
-        return TPChain(kvr, vllm_config, rank, kv_cache_config, host.guest)
-    return chain.chain_for(kvr, vllm_config, rank, kv_cache_config)
+def runahead_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, host) -> Runahead:
+    """This rank's share of KV-Runahead, its links made (collective: every rank calls it at once)."""
+    if kvr.mode == TP_LAYOUT:
+        return tp_chain.tp_layout_for(kvr, vllm_config, rank, kv_cache_config, host.guest)
+    if kvr.mode == COPIES:
+        return chain.chain_for(kvr, vllm_config, rank, kv_cache_config)
+    return NO_RUNAHEAD

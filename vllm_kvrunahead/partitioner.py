@@ -176,3 +176,32 @@ class Partitioner:
             extra = sum(self.cost.layer_compute(c.start, c.end) for c in head_only)
             bounds = self.split.step(chunks, self.n_workers, self.cost, extra)
         return [align_bounds(c, b, self.block_size) for c, b in zip(chunks, bounds)]
+
+
+class SplitSetting:
+    """The configured split of one rank's runahead chunks (``partitioner``) and the tools that change it
+    without an engine restart (the tuner's and the benchmarks' RPCs). Every rank of both modes holds one."""
+
+    def __init__(self, kvr, cost: CostModel, shape: ModelShape | None, block_size: int, device_key: str) -> None:
+        self.kvr, self.cost, self.shape, self.block_size, self.device_key = kvr, cost, shape, block_size, device_key
+        self.partitioner = self._build()
+
+    def _build(self, method: str | None = None, table: PartitionTable | None = None) -> Partitioner:
+        """The configured split (no method, no table), another method, or a given table."""
+        n = self.kvr.num_workers
+        refiner = Refiner(n) if self.kvr.refine else None
+        kw = dict(min_tokens=self.kvr.min_tokens, block_size=self.block_size)
+        if table is not None:
+            return Partitioner("table", n, self.cost, table, refiner, **kw)
+        return Partitioner.build(method or self.kvr.partition, n, self.cost, self.shape, self.device_key,
+                                 self.kvr.table_path if method is None else None, refiner, **kw)
+
+    def set_fractions(self, fractions) -> None:
+        """Cut every runahead chunk by these fractions (None: back to the configured split)."""
+        self.partitioner.set_override(fractions)
+
+    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        """Another partition method, or a table given as its JSON dict (None, None: the configuration)."""
+        self.partitioner = self._build(
+            method, PartitionTable.from_dict(table, "kvr_set_partition") if table is not None else None)
+        return self.partitioner.describe()

@@ -47,7 +47,7 @@ class ReqView:
     num_scheduled: int          # m: tokens computed this step
     prompt_len: int             # chain workers compute prompt tokens only
     block_ids: tuple[int, ...]  # KV cache group 0, covering [0, num_computed + num_scheduled)
-    on_head: str = ""           # why the chain cannot carry it (DECODE, a feature such as "lora"); "": it may
+    not_ahead: str = ""         # why it cannot run ahead (DECODE, a feature such as "lora"); "": it may
 
     @property
     def chunk(self) -> Chunk:
@@ -93,6 +93,10 @@ class RunaheadReq:
     def start(self) -> int:
         return self.segments[0].start
 
+    @property
+    def tokens(self) -> int:
+        return self.segments[-1].end - self.start
+
     def received(self, pos: int, n_workers: int) -> tuple[int, int]:
         """Tokens [lo, hi) position ``pos`` receives per layer (``partition.ring_receives``)."""
         lo, hi = ring_receives(pos, n_workers, self.start, self.segments[pos].start, self.held)
@@ -118,7 +122,7 @@ class StepPlan:
     n_workers: int
     requests: tuple[RunaheadReq, ...]
     block_size: int = 1
-    on_head: tuple[tuple[str, str], ...] = ()  # (req id, why) of the prefill chunks that stay on the head
+    not_ahead: tuple[tuple[str, str], ...] = ()  # (req id, why) of the prefill chunks the head computes alone
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -143,6 +147,21 @@ class StepPlan:
         """The block holding c where c is not block aligned: head -> pos 0, all layers, before the forward."""
         bs = self.block_size
         return self._blocks([(r.start // bs, r.start // bs + (r.start % bs > 0)) for r in self.requests])
+
+    def prefix_received(self, r: RunaheadReq) -> tuple[int, ...]:
+        """Tokens of ``r``'s cached prefix each chain position receives (the head holds it; the others
+        only what they do not hold from earlier steps)."""
+        return tuple(r.start - h for h in (r.held or (0,) * (self.n_workers - 1)))
+
+    def kv_bytes(self, block_bytes: int) -> tuple[list[int], list[int]]:
+        """KV bytes each position sends and receives in this step (``block_bytes``: one KV block of every
+        layer, as it crosses a link)."""
+        sent, received = [], []
+        for pos in range(self.n_workers):
+            t = self.traffic_for(pos)
+            sent.append((len(t.send) + len(t.send_prefix) + len(t.upfront_send)) * block_bytes)
+            received.append((len(t.recv) + len(t.upfront_recv)) * block_bytes)
+        return sent, received
 
     def traffic_for(self, pos: int) -> Traffic:
         """Everything ring position ``pos`` receives and sends in this step."""
@@ -179,8 +198,8 @@ PREFIX_NOT_FINAL = "prefix_not_final"    # its cached prefix is computed in this
 
 def head_only_reason(r: ReqView, n_workers: int, block_size: int, written: set[int]) -> str:
     """Why prefill chunk ``r`` cannot run ahead in this step ("": it can, if it gains from the chain)."""
-    if r.on_head:
-        return r.on_head
+    if r.not_ahead:
+        return r.not_ahead
     if r.chunk.block_bounds(block_size) < n_workers - 1:  # no room for a bound per chain position
         return TOO_SHORT
     if not prefix_final(r, written, block_size):
@@ -195,9 +214,9 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
     written = blocks_written(reqs, block_size)
-    chunks, on_head = {}, []
+    chunks, not_ahead = {}, []
     for r in reqs:
-        if r.num_scheduled <= 0 or r.on_head == DECODE:
+        if r.num_scheduled <= 0 or r.not_ahead == DECODE:
             continue
         why = head_only_reason(r, n_workers, block_size, written)
         if not why:
@@ -207,9 +226,9 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
                 chunks[r.req_id] = chunk
                 continue
             why = TOO_SHORT
-        on_head.append((r.req_id, why))
+        not_ahead.append((r.req_id, why))
     if not chunks:
-        return StepPlan(n_workers, (), block_size, tuple(on_head))
+        return StepPlan(n_workers, (), block_size, tuple(not_ahead))
     ahead = [r for r in reqs if r.req_id in chunks]
     head_only = [r.chunk for r in reqs if r.req_id not in chunks and r.num_scheduled > 0]
     out = []
@@ -217,4 +236,4 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
         if len(r.block_ids) * block_size < r.chunk.end:
             raise ValueError(f"request {r.req_id}: {len(r.block_ids)} blocks cannot hold {r.chunk.end} tokens")
         out.append(RunaheadReq(r.req_id, segs, tuple(r.block_ids), chunks[r.req_id].held))
-    return StepPlan(n_workers, tuple(out), block_size, tuple(on_head))
+    return StepPlan(n_workers, tuple(out), block_size, tuple(not_ahead))

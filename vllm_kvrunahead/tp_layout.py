@@ -40,11 +40,11 @@ SEGMENT_EMPTY = "segment_empty"  # a rank's segment would be empty (the last one
 
 def tp_view(v: ReqView) -> ReqView:
     """``v`` as TP layout sees it: the guests compute chunks of prompt tokens; any other prefill chunk
-    is the TP model's (``on_head`` says why)."""
-    if v.on_head:
+    is the TP model's (``not_ahead`` says why)."""
+    if v.not_ahead:
         return v
     if v.num_computed + v.num_scheduled > v.prompt_len:
-        return dataclasses.replace(v, on_head=OUTPUT_TOKENS)
+        return dataclasses.replace(v, not_ahead=OUTPUT_TOKENS)
     return v
 
 
@@ -98,6 +98,11 @@ class GuestReq:
     def start(self) -> int:
         return self.segments[0].start
 
+    @property
+    def tokens(self) -> int:
+        """The chunk's tokens: the guests' segments and the last one, which vLLM's TP forward computes."""
+        return self.tail + 1 - self.start
+
     def scratch_ids(self, lo: int, hi: int, bs: int) -> list[int]:
         return [self.scratch + b for b in _blocks(lo, hi, bs)]
 
@@ -141,7 +146,8 @@ class TPStep:
     n: int
     block_size: int
     requests: tuple[GuestReq, ...] = ()
-    on_tp: tuple[tuple[str, str], ...] = ()   # (req id, why) of the prefill chunks the TP model computes
+    not_ahead: tuple[tuple[str, str], ...] = ()   # (req id, why) of the prefill chunks the TP model computes
+    total_heads: int = 0   # the model's KV heads (0: not given; then every rank is taken to lack some)
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -154,6 +160,28 @@ class TPStep:
         """Rank ``rank``'s guest work: per chunk its segment and the scratch blocks of [0, segment end)."""
         bs = self.block_size
         return {r.req_id: (r.segments[rank], r.scratch_ids(0, r.segments[rank].end, bs)) for r in self.requests}
+
+    def prefix_received(self, r: GuestReq) -> tuple[int, ...]:
+        """Tokens of ``r``'s cached prefix each rank receives (of the KV heads it lacks; with one KV
+        head every rank holds it all)."""
+        return (r.start,) * self.n if r.start and self.total_heads != 1 else ()
+
+    def kv_bytes(self, block_bytes: int) -> tuple[list[int], list[int]]:
+        """KV bytes each rank sends and receives in this step: the chain's blocks whole, the head shards
+        and the prefix gather by the share of the KV heads they carry (``block_bytes``: one KV block of
+        every layer, all heads)."""
+        total = self.total_heads or self.n
+        share = lambda k: (lambda lo, hi: (hi - lo) / total)(*kv_heads_of(k, self.n, total))  # noqa: E731
+        sent, received = [], []
+        for k in range(self.n):
+            t = self.traffic_for(k, total)
+            out = len(t.send) + sum(len(ids) * share(dst) for dst, ids in t.shard_send) \
+                + sum(len(ids) * share(k) for _, ids in t.gather_send)
+            into = len(t.recv) + sum(len(ids) * share(k) for _, ids in t.shard_recv) \
+                + sum(len(ids) * share(src) for src, ids in t.gather_recv)
+            sent.append(round(out * block_bytes))
+            received.append(round(into * block_bytes))
+        return sent, received
 
     def traffic_for(self, rank: int, total_heads: int) -> GuestTraffic:
         """The one rule of TP-layout traffic: every rank gathers the cached prefix's heads it lacks from
@@ -183,21 +211,21 @@ class TPStep:
                             gather_send, gather_recv)
 
 
-def tp_step(plan: StepPlan, scratch_blocks: int) -> TPStep:
+def tp_step(plan: StepPlan, scratch_blocks: int, total_heads: int = 0) -> TPStep:
     """The TP-layout step of ``plan`` (``make_plan``'s cut of the step's chunks, N segments each): the
     last segment gives up its last token to the TP forward, and each chunk takes scratch blocks for
     [0, c + m - 1) while they last (a chunk that does not fit, or one of whose segments would be
     empty, is prefilled by the TP model)."""
-    bs, out, on_tp, used = plan.block_size, [], list(plan.on_head), 0
+    bs, out, not_ahead, used = plan.block_size, [], list(plan.not_ahead), 0
     for r in plan.requests:
         last = r.segments[-1]
         need = -(-(last.end - 1) // bs)
         if last.length < 2 or any(g.length < 1 for g in r.segments[:-1]):
-            on_tp.append((r.req_id, SEGMENT_EMPTY))
+            not_ahead.append((r.req_id, SEGMENT_EMPTY))
         elif used + need > scratch_blocks:
-            on_tp.append((r.req_id, SCRATCH_FULL))
+            not_ahead.append((r.req_id, SCRATCH_FULL))
         else:
             segs = r.segments[:-1] + (dataclasses.replace(last, end=last.end - 1),)
             out.append(GuestReq(r.req_id, segs, r.block_ids, used))
             used += need
-    return TPStep(plan.n_workers, bs, tuple(out), tuple(on_tp))
+    return TPStep(plan.n_workers, bs, tuple(out), tuple(not_ahead), total_heads)

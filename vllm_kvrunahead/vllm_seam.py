@@ -5,7 +5,7 @@ worker receives (V1-based CPUModelRunner on CPU, model runner V2 on GPUs) and
 the KV-connector hooks the attention op calls per layer
 (``maybe_transfer_kv_layer`` -> ``wait_for_layer_load`` / ``save_kv_layer``).
 
-The releases it is tested with are listed once, in ``plugin.SUPPORTED_VLLM``. Where releases differ,
+The releases it is tested with are listed once, in ``config.SUPPORTED_VLLM``. Where releases differ,
 the seam decides by what the installed vLLM has (a field, an attribute), once, here, never by its
 version number; everything else reads the same on all of them.
 """
@@ -258,7 +258,7 @@ class RequestBook:
         return self._blocks[req_id]
 
 
-def _why_on_head(nr: NewRequestData) -> str:
+def _why_not_ahead(nr: NewRequestData) -> str:
     """Why the chain cannot compute this request's prompt ("": it can). It computes plain token prompts
     of generative, text-only requests; the head needs all logits for prompt logprobs."""
     sp = nr.sampling_params
@@ -303,7 +303,7 @@ def request_views(so: SchedulerOutput, book: RequestBook) -> list[ReqView]:
         views.append(ReqView(
             req_id=rid, num_computed=c, num_scheduled=m, prompt_len=prompt_len,
             block_ids=tuple(book.blocks(rid)),
-            on_head=_why_past_prompt(c, m, prompt_len) or _why_on_head(nr)
+            not_ahead=_why_past_prompt(c, m, prompt_len) or _why_not_ahead(nr)
             or ("spec_decode" if rid in so.scheduled_spec_decode_tokens else ""),
         ))
     return views

@@ -1,10 +1,10 @@
-"""KV-Runahead's vLLM worker: the platform's worker speaking vLLM's protocol, delegating the chain.
+"""KV-Runahead's vLLM worker: the platform's worker speaking vLLM's protocol, delegating to its mode.
 
-Every worker receives the same SchedulerOutput. Its chain (``modes.chain_for``; ``NO_CHAIN`` for one
-worker) rewrites it into this worker's share. In TP layout (``tp_chain.py``) every rank first runs its
-guest's segments (``run_ahead``), then vLLM's TP step. In the chain-of-copies mode (``chain.py``) the
-head (vLLM's output rank) runs the last segment of each runahead chunk, everything else in the step,
-and samples; the other workers run nothing but their segments.
+Every worker receives the same SchedulerOutput. Its mode (``runahead.Runahead``, built once by
+``modes.runahead_for``; ``NO_RUNAHEAD`` for one worker) rewrites it into this rank's share. In the TP
+layout (``tp_chain.py``) every rank first runs its guest's segments (``run_ahead``), then vLLM's TP step.
+In the chain of copies (``chain.py``) the head (vLLM's output rank) runs the last segment of each runahead
+chunk, everything else in the step, and samples; the other workers run nothing but their segments.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import logging
 import os
 
 from . import modes, vllm_seam
-from .chain import NO_CHAIN, runahead_config
+from .config import runahead_config
 from .log import logger
+from .runahead import NO_RUNAHEAD
 
 
 class Worker(vllm_seam.worker_base()):
@@ -31,9 +32,9 @@ class Worker(vllm_seam.worker_base()):
         self.kvr = runahead_config(vllm_config)  # before vLLM's set-up: a missing plugin fails here
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                          is_driver_worker=is_driver_worker)
-        self.chain = NO_CHAIN
+        self.runahead = NO_RUNAHEAD
         self.host = modes.host_for(self.kvr)  # the guest's builder (TP layout), or NO_GUEST
-        self._sample_owed = False  # a chain worker's runner ran a step and waits for sample_tokens
+        self._sample_owed = False  # a rank that returns no output ran a step and waits for sample_tokens
 
     def init_device(self) -> None:
         super().init_device()
@@ -47,17 +48,17 @@ class Worker(vllm_seam.worker_base()):
         return self.host.kv_bytes_left(super().determine_available_memory, self.cache_config)
 
     def initialize_from_config(self, kv_cache_config) -> None:
-        self.chain = modes.chain_for(self.kvr, self.vllm_config, self.rank, kv_cache_config, self.host)
+        self.runahead = modes.runahead_for(self.kvr, self.vllm_config, self.rank, kv_cache_config, self.host)
         super().initialize_from_config(kv_cache_config)
-        self.chain.start(self.model_runner)
+        self.runahead.start(self.model_runner)
 
     def execute_model(self, scheduler_output):
-        step = self.chain.rewrite(scheduler_output)
+        step = self.runahead.rewrite(scheduler_output)
         with self._fail_fast(every_rank=True):
-            self.chain.run_ahead(step)
+            self.runahead.run_ahead(step)
         out = self._run(step.scheduler_output)
-        self.chain.learn(step)
-        return out if self.chain.is_head else None  # vLLM reads the output rank's reply only
+        self.runahead.learn(step)
+        return out if self.runahead.returns_output else None  # vLLM reads the output rank's reply only
 
     def _run(self, scheduler_output):
         self._sample_owed = False
@@ -65,11 +66,11 @@ class Worker(vllm_seam.worker_base()):
             return None
         with self._fail_fast():
             out = super().execute_model(scheduler_output)
-        self._sample_owed = out is None and not self.chain.is_head
+        self._sample_owed = out is None and not self.runahead.returns_output
         return out
 
     def sample_tokens(self, grammar_output):
-        if self.chain.is_head:
+        if self.runahead.returns_output:
             return super().sample_tokens(grammar_output)
         if self._sample_owed:
             self._sample_owed = False
@@ -87,7 +88,7 @@ class Worker(vllm_seam.worker_base()):
         process is noticed by the executor within a second, so the engine fails its requests and
         stops instead of hanging.
         """
-        if self.chain.is_head and not every_rank:
+        if self.runahead.returns_output and not every_rank:
             yield
             return
         try:
@@ -101,18 +102,18 @@ class Worker(vllm_seam.worker_base()):
     # -- RPCs (collective_rpc) --------------------------------------------------
     def kvr_stats(self) -> dict:
         """Per-worker evidence: what this worker computed and moved."""
-        return {"rank": self.rank, **self.chain.stats()}
+        return {**self.runahead.stats(), "rank": self.rank}
 
     def kvr_set_fractions(self, fractions) -> None:
         """Tuner hook: cut every runahead prompt by these fractions (None: back to the configured split)."""
-        self.chain.set_fractions(fractions)
+        self.runahead.set_fractions(fractions)
 
     def kvr_set_partition(self, method: str | None = None, table: dict | None = None) -> str:
         """Benchmark hook: another partition method, or a table given as its JSON dict, without an
         engine restart (None, None: back to the configuration)."""
-        return self.chain.set_partition(method, table)
+        return self.runahead.set_partition(method, table)
 
     def shutdown(self) -> None:
-        self.chain.close()
-        self.chain = NO_CHAIN
+        self.runahead.close()
+        self.runahead = NO_RUNAHEAD
         super().shutdown()

@@ -90,7 +90,7 @@ def apply_all() -> list[str]:
 
 def describe() -> str:
     """The registry as markdown (patches/README.md is this text; a test keeps them equal)."""
-    from ..plugin import SUPPORTED_VLLM
+    from ..config import SUPPORTED_VLLM
 
     releases = " and ".join(SUPPORTED_VLLM)
     rows = [f"# Patches to vLLM {releases} applied by `register()`", "",

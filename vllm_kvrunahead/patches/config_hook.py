@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import ADDITIONAL_CONFIG_KEY, KVRunaheadConfig, is_kvrunahead_worker
+from ..config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, TP_LAYOUT, KVRunaheadConfig, flags_mode
 from . import Patch, check_not_replaced, wrap_method
 
 
@@ -61,7 +61,7 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
                              "(hybrid / sliding-window mixes are not supported)")
     from vllm.platforms import current_platform
 
-    if current_platform.is_cuda_alike() and pc.nnodes == 1 and cfg.decode == "head":
+    if current_platform.is_cuda_alike() and pc.nnodes == 1 and cfg.mode == COPIES:
         have = current_platform.device_count()
         tp = pc.tensor_parallel_size
         if n * tp > have:
@@ -82,24 +82,20 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
 
 def convert(vllm_config) -> None:
     pc = vllm_config.parallel_config
-    if not is_kvrunahead_worker(pc.worker_cls):
+    mode = flags_mode(pc.worker_cls, pc.prefill_context_parallel_size, pc.tensor_parallel_size)
+    if mode is None:
         return
     extra = vllm_config.additional_config
     if isinstance(extra, dict) and isinstance(extra.get(ADDITIONAL_CONFIG_KEY), dict) \
             and "num_workers" in extra[ADDITIONAL_CONFIG_KEY]:
         return  # converted already (a config copied after post-init)
-    n = pc.prefill_context_parallel_size
-    options = (extra or {}).get(ADDITIONAL_CONFIG_KEY)
-    if n == 1 and pc.tensor_parallel_size > 1:
-        # TP layout: vLLM runs plain TP=N; every rank adds the full model for the runahead prefill
-        cfg = KVRunaheadConfig.from_dict(pc.tensor_parallel_size, options, decode="tp")
+    # TP layout: vLLM runs plain TP=N and every rank adds the full model for the runahead prefill
+    n = pc.tensor_parallel_size if mode == TP_LAYOUT else pc.prefill_context_parallel_size
+    cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY), mode)
+    if mode != OFF:
         check_not_replaced()
         check_supported(vllm_config, cfg)
-    else:
-        cfg = KVRunaheadConfig.from_dict(n, options)
-    if n > 1:
-        check_not_replaced()
-        check_supported(vllm_config, cfg)
+    if mode == COPIES:
         # world_size (= S x T) was computed with it and stays; vLLM then lays the ranks out as
         # [S, DP=1, PP=1, PCP=1, TP] (parallel_state.initialize_model_parallel): the same TP groups
         # as TP x PCP, one per stage, with none of PCP's MLA-only paths

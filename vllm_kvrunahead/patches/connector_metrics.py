@@ -26,10 +26,10 @@ def _apply() -> None:
     def make_init(orig):
         def __init__(self, vllm_config, labelnames, per_engine_labelvalues):
             orig(self, vllm_config, labelnames, per_engine_labelvalues)
-            from ..config import runahead_options
+            from ..config import COPIES, TP_LAYOUT, mode_of
             from ..metrics import KVRunaheadMetrics
 
-            if self.prom_metrics is None and runahead_options(vllm_config):
+            if self.prom_metrics is None and mode_of(vllm_config) in (COPIES, TP_LAYOUT):
                 types = {metrics.Gauge: self._gauge_cls, metrics.Counter: self._counter_cls,
                          metrics.Histogram: self._histogram_cls}
                 self.prom_metrics = KVRunaheadMetrics.build_prom_metrics(vllm_config, types, labelnames,

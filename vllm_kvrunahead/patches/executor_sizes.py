@@ -8,7 +8,7 @@ PCP = 1, so the check is answered with the KV-Runahead stage count in PCP's plac
 """
 from __future__ import annotations
 
-from ..config import chain_options
+from ..config import COPIES, mode_of
 from . import Patch, wrap_method
 
 
@@ -18,8 +18,9 @@ def _apply() -> None:
     def make(orig):
         def _get_parallel_sizes(self):
             tp, pp, pcp = orig(self)
-            options = chain_options(self.vllm_config)
-            return (tp, pp, options["num_workers"]) if options else (tp, pp, pcp)
+            if mode_of(self.vllm_config) != COPIES:
+                return tp, pp, pcp
+            return tp, pp, self.vllm_config.additional_config["kv_runahead"]["num_workers"]
         return _get_parallel_sizes
 
     wrap_method(MultiprocExecutor, "_get_parallel_sizes", make)
@@ -30,8 +31,8 @@ PATCH = Patch(
     symbol="vllm.v1.executor.multiproc_executor.MultiprocExecutor._get_parallel_sizes",
     why="The mp and Ray (V2) executors assert world_size == TP x PP x PCP; KV-Runahead's N workers "
         "run with PCP=1 (see pcp-flag-starts-kvrunahead-workers).",
-    how="Wraps _get_parallel_sizes to report the KV-Runahead worker count in PCP's place when "
-        "additional_config['kv_runahead'].num_workers > 1; otherwise unchanged.",
+    how="Wraps _get_parallel_sizes to report the KV-Runahead worker count in PCP's place for the chain of "
+        "copies (the engine's mode, config.mode_of); otherwise unchanged.",
     upstream="Not upstream; goes away with the config hook.",
     remove_when="Together with pcp-flag-starts-kvrunahead-workers.",
     apply=_apply,

@@ -11,7 +11,7 @@ as with one GPU at vLLM's default.
 """
 from __future__ import annotations
 
-from ..config import ADDITIONAL_CONFIG_KEY, is_kvrunahead_worker
+from ..config import ADDITIONAL_CONFIG_KEY, COPIES, flags_mode
 from ..log import logger
 from . import Patch, wrap_method
 
@@ -24,7 +24,8 @@ def _apply() -> None:
             user_set = self.max_num_batched_tokens is not None
             orig(self, usage_context, model_config, parallel_config)
             n = self.prefill_context_parallel_size
-            if user_set or n <= 1 or not is_kvrunahead_worker(self.worker_cls):
+            mode = flags_mode(self.worker_cls, n, self.tensor_parallel_size)
+            if user_set or mode != COPIES:
                 return
             default = self.max_num_batched_tokens
             self.max_num_batched_tokens = min(default * n, self.max_num_seqs * model_config.max_model_len)

@@ -8,7 +8,7 @@ vLLM's scheduler reads it.
 from __future__ import annotations
 
 from ..budget import StepBudget
-from ..config import chain_options
+from ..config import ADDITIONAL_CONFIG_KEY, COPIES, mode_of
 from . import Patch, wrap_method
 
 _UNSET = object()
@@ -16,8 +16,10 @@ _UNSET = object()
 
 def step_budget_of(scheduler) -> StepBudget | None:
     """KV-Runahead's per-step budget for this scheduler, or None (plain vLLM, or a fixed budget)."""
-    options = chain_options(scheduler.vllm_config)
-    if options is None or options.get("step_budget") is None:
+    if mode_of(scheduler.vllm_config) != COPIES:
+        return None
+    options = scheduler.vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]
+    if options.get("step_budget") is None:
         return None
     most = scheduler.max_num_scheduled_tokens
     return StepBudget(base=min(options["step_budget"], most), most=most)

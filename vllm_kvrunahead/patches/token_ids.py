@@ -7,7 +7,7 @@ request is refused with HTTP 400 instead, before it reaches any worker.
 """
 from __future__ import annotations
 
-from ..config import chain_options
+from ..config import COPIES, TP_LAYOUT, mode_of
 from . import Patch, wrap_method
 
 
@@ -28,7 +28,7 @@ def _apply() -> None:
     def make(orig):
         def _validate_model_input(self, prompt_input, prompt_type, *args, **kwargs):
             orig(self, prompt_input, prompt_type, *args, **kwargs)
-            if (chain_options(self.vllm_config) is None or prompt_input.get("type") == "embeds"
+            if (mode_of(self.vllm_config) not in (COPIES, TP_LAYOUT) or prompt_input.get("type") == "embeds"
                     or frontend_tokenizer(self) is not None):
                 return  # plain vLLM, or vLLM checked the ids against its tokenizer itself
             check_prompt_ids(prompt_input.get("prompt_token_ids"), self.model_config.get_vocab_size(), RequestError)
