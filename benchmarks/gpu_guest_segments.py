@@ -3,8 +3,8 @@
 The TP layout needs >= 2 GPUs; everything one rank does runs on one. A one-GPU engine with vLLM's defaults
 (model runner V2, torch.compile, FULL_AND_PIECEWISE CUDA graphs with capture sizes up to 512, prefix caching)
 and the plugin's worker with the guest built as every TP-layout rank builds it (``GuestHost``) and its
-``TPChain`` made for N = 1 (this rank owns every KV head; no peers). vLLM prefills one prompt P; then RPCs
-drive the guest through segments of P exactly as ``TPChain.run_ahead`` does (``TPStep.traffic_for``,
+``TPLayoutRank`` made for N = 1 (this rank owns every KV head; no peers). vLLM prefills one prompt P; then RPCs
+drive the guest through segments of P exactly as ``TPLayoutRank.run_ahead`` does (``TPStep.traffic_for``,
 ``GuestMeta``, ``segments_only``, the ``GuestConnector``'s hooks): the cached prefix [0, c) lands in the
 scratch from vLLM's paged blocks, the guest computes [c, c + s), and the keep path copies its KV into paged
 blocks, here spare blocks, so that vLLM's own KV of the same tokens stays beside it for comparison.
@@ -71,7 +71,7 @@ class _Book:
 
 
 class SegmentsWorker(Worker):
-    """The plugin's worker on one GPU with the TP layout's guest and its ``TPChain`` for N = 1."""
+    """The plugin's worker on one GPU with the TP layout's guest and its ``TPLayoutRank`` for N = 1."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,12 +93,12 @@ class SegmentsWorker(Worker):
         self._seg = 0
 
     def initialize_from_config(self, kv_cache_config) -> None:
-        from vllm_kvrunahead.tp_chain import TPChain
+        from vllm_kvrunahead.tp_chain import tp_layout_for
 
-        kvr = dataclasses.replace(self.kvr, decode="tp")
-        self.chain = TPChain(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest)
+        kvr = dataclasses.replace(self.kvr, mode="tp_layout")   # one rank: no peers, every KV head its own
+        self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest)
         super(Worker, self).initialize_from_config(kv_cache_config)   # vLLM's own: its runner registers its caches
-        self.chain.start(self.model_runner)
+        self.runahead.start(self.model_runner)
 
     def execute_model(self, scheduler_output):
         so = scheduler_output
@@ -137,9 +137,9 @@ class SegmentsWorker(Worker):
             guest_dispatch={n: str(disp.dispatch(num_tokens=n)[0]) for n in sizes} if disp else None,
             guest_weight_bytes=g.weight_bytes(), guest_scratch_bytes=g.scratch_bytes(),
             guest_activation_peak_bytes=self.host.activation_peak, scratch_blocks=g.kv_cache_config.num_blocks,
-            paged_blocks=int(next(iter(self.chain.connector.paged.values())).shape[0]),
-            block_size=self.chain.block_size,
-            paged_block_shape=list(next(iter(self.chain.connector.paged.values())).shape[1:]),
+            paged_blocks=int(next(iter(self.runahead.connector.paged.values())).shape[0]),
+            block_size=self.runahead.block_size,
+            paged_block_shape=list(next(iter(self.runahead.connector.paged.values())).shape[1:]),
             memory_allocated=torch.cuda.memory_allocated() if torch.cuda.is_available() else None)
 
     def kvr_timing(self, on: bool) -> list:
@@ -159,7 +159,7 @@ class SegmentsWorker(Worker):
         from vllm_kvrunahead.tp_layout import GuestReq, TPStep
 
         nr, blocks = next(t for t in self.tables.values() if len(t[0].prompt_token_ids) == prompt_len)  # P: the first
-        chain, bs = self.chain, self.chain.block_size
+        chain, bs = self.runahead, self.runahead.block_size
         paged = chain.connector.paged
         num_paged = next(iter(paged.values())).shape[0]
         first, end = c // bs, math.ceil((c + s) / bs)
@@ -175,6 +175,12 @@ class SegmentsWorker(Worker):
         empty = dataclasses.replace(vllm_seam.SchedulerOutput.make_empty(), num_common_prefix_blocks=[0])
         so = vllm_seam.segments_only(empty, step.guest_segments(0), chain._guest_reqs, meta, _Book(data))
         chain._guest_reqs = {rid}
+        # poison what the guest must write or land (scratch, its paged blocks): stale KV cannot pass for it
+        for t in self.host.guest.runner.kv_caches:
+            t.fill_(float("nan"))
+        spare_t = torch.tensor(spare, dtype=torch.long, device=chain.device)
+        for cache in paged.values():
+            cache.index_fill_(0, spare_t, float("nan"))
         if peak and torch.cuda.is_available():
             _sync()
             torch.cuda.reset_peak_memory_stats()
@@ -359,12 +365,15 @@ def main():
     cmd = [sys.executable, "-m", "benchmarks.gpu_guest_segments", "--child", path, "--model-dir", model,
            "--out", a.out, "--prompt", str(a.prompt), "--max-model-len", str(a.max_model_len),
            "--budget", str(a.budget)] + (["--tiny"] if a.tiny else []) + (["--no-timing"] if a.no_timing else [])
+    from benchmarks.procs import end_group
+
     with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout, env=env,
-                                start_new_session=True).returncode
+            rc = p.wait(timeout=a.timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+        end_group(p, grace_s=10)   # an engine the child left behind (it exits with os._exit) holds the GPU
     rec = json.load(open(path)) if os.path.exists(path) else {}
     rec["rc"] = rc
     import torch
