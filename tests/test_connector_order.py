@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_kvrunahead.connector import ChainHooks, KVRunaheadConnector, RunaheadMeta
+from vllm_kvrunahead.chain_hooks import ChainHooks
+from vllm_kvrunahead.connector import KVRunaheadConnector, RunaheadMeta
 from vllm_kvrunahead.profiling import StepProfiler
 from vllm_kvrunahead.ring_order import POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Role, step_order
 from vllm_kvrunahead.stats import RunaheadStats

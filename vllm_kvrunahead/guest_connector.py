@@ -1,6 +1,6 @@
 """The guest's per-layer hooks in TP layout (``tp_layout.py``): the chain, plus each layer's KV head shards.
 
-The chain part is ``KVRunaheadConnector``'s, aimed at the guest's scratch: the KV of [c, segment start)
+The chain part is ``chain_hooks.ChainHooks``, aimed at the guest's scratch: the KV of [c, segment start)
 arrives from rank - 1 before each attention layer, and [c, segment end) goes on to rank + 1 after it.
 A chunk after c cached tokens also needs the cached prefix [0, c), all heads, in the scratch: this rank's
 own heads from its paged blocks, the others' from the ranks that hold them (``gather``, its own
@@ -24,7 +24,8 @@ import torch
 
 from . import kv_layout
 from .comm import ChainComm, ShardComm
-from .connector import ChainHooks, WorkerConnector
+from .chain_hooks import ChainHooks
+from .kv_connector import WorkerConnector
 from .stats import RunaheadStats
 from .tp_layout import GuestTraffic
 from .vllm_seam import KVConnectorMetadata, bound_metadata, connector_metadata, layer_order
