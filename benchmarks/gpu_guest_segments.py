@@ -75,7 +75,7 @@ class SegmentsWorker(Worker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm_kvrunahead import guest
+        from vllm_kvrunahead.vllm_side import guest
 
         if os.environ.get("KVR_GUEST_CUDAGRAPHS") == "1":   # the bug of issue 33, for contrast
             made = guest.guest_config
@@ -93,7 +93,7 @@ class SegmentsWorker(Worker):
         self._seg = 0
 
     def initialize_from_config(self, kv_cache_config) -> None:
-        from vllm_kvrunahead.tp_chain import tp_layout_for
+        from vllm_kvrunahead.core.tp_step.rank import tp_layout_for
 
         kvr = dataclasses.replace(self.kvr, mode="tp_layout")   # one rank: no peers, every KV head its own
         self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest)
@@ -153,10 +153,10 @@ class SegmentsWorker(Worker):
         of the whole blocks inside [c, c + s) beside vLLM's own."""
         import torch
 
-        from vllm_kvrunahead import vllm_seam
-        from vllm_kvrunahead.guest_connector import GuestMeta
-        from vllm_kvrunahead.partition import Segment
-        from vllm_kvrunahead.tp_layout import GuestReq, TPStep
+        from vllm_kvrunahead.core.partition import Segment
+        from vllm_kvrunahead.core.tp_step import GuestReq, TPStep
+        from vllm_kvrunahead.core.tp_step.connector import GuestMeta
+        from vllm_kvrunahead.vllm_side import seam
 
         nr, blocks = next(t for t in self.tables.values() if len(t[0].prompt_token_ids) == prompt_len)  # P: the first
         chain, bs = self.runahead, self.runahead.block_size
@@ -172,8 +172,8 @@ class SegmentsWorker(Worker):
         meta = GuestMeta.of(step.traffic_for(0, chain.total_heads))
         data = dataclasses.replace(nr, req_id=rid, prompt_token_ids=list(nr.prompt_token_ids[:c + s]),
                                    prefill_token_ids=None, num_computed_tokens=c)
-        empty = dataclasses.replace(vllm_seam.SchedulerOutput.make_empty(), num_common_prefix_blocks=[0])
-        so = vllm_seam.segments_only(empty, step.guest_segments(0), chain._guest_reqs, meta, _Book(data))
+        empty = dataclasses.replace(seam.SchedulerOutput.make_empty(), num_common_prefix_blocks=[0])
+        so = seam.segments_only(empty, step.guest_segments(0), chain._guest_reqs, meta, _Book(data))
         chain._guest_reqs = {rid}
         # poison what the guest must write or land (scratch, its paged blocks): stale KV cannot pass for it
         for t in self.host.guest.runner.kv_caches:

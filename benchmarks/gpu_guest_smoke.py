@@ -21,7 +21,6 @@ import time
 
 from vllm_kvrunahead.worker import Worker
 
-
 LENGTHS = (300, 5000, 12000)
 
 
@@ -30,7 +29,7 @@ class GuestSmokeWorker(Worker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm_kvrunahead.guest import GuestHost
+        from vllm_kvrunahead.vllm_side.guest import GuestHost
 
         self.host = GuestHost()
 

@@ -89,7 +89,7 @@ def worker_checks(worker, install_counter=False):
              runner_mro=[f"{c.__module__}.{c.__qualname__}" for c in type(runner).__mro__[:6]])
     plugin = _sys.modules.get("vllm_kvrunahead.plugin")
     r["plugin_registered_here"] = bool(plugin and plugin.is_registered())
-    patches = _sys.modules.get("vllm_kvrunahead.patches")
+    patches = _sys.modules.get("vllm_kvrunahead.vllm_side.patches")
     r["patches_applied_here"] = sorted(getattr(patches, "_applied", ())) if patches else []
     try:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
@@ -101,7 +101,7 @@ def worker_checks(worker, install_counter=False):
     r["update_requests_code"] = V2.update_requests.__code__.co_filename
     if r["runner_is_v2"]:
         r["runner_update_requests_is_class_attr"] = type(runner).update_requests is V2.update_requests
-        from vllm_kvrunahead.vllm_seam import SEGMENT_STARTS
+        from vllm_kvrunahead.vllm_side.seam import SEGMENT_STARTS
         r["runner_has_segment_starts_mark"] = getattr(runner, SEGMENT_STARTS, None) is not None
         if install_counter and "update_requests" not in vars(runner):
             bound = runner.update_requests   # the class's (the plugin's wrapper where it is applied)

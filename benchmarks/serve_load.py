@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/serving_cpu")
     a = ap.parse_args()
-    from vllm_kvrunahead.demo_models import tiny_llama
+    from vllm_kvrunahead.tools.demo_models import tiny_llama
 
     rows = []
     for workers in sorted({1, a.workers}):

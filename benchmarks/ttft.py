@@ -4,7 +4,7 @@ kvr-tp: the TP layout).
 One engine per config, each in its own child process, measuring all prompt lengths; the kvr-even,
 kvr-balanced and kvr-table configs share one KV-Runahead engine (chain of full-model copies, the last
 decodes) and switch partition by RPC (kvr_set_partition). With --tune-lengths that engine first runs the
-tuner (vllm_kvrunahead.tune) and kvr-table uses its table. kvr-tp is an engine of its own: TP=N with
+tuner (vllm_kvrunahead.tools.tune) and kvr-table uses its table. kvr-tp is an engine of its own: TP=N with
 KV-Runahead's worker (vLLM's TP model decodes, every rank's full-model guest runs prompts ahead; cost-model
 split, every prompt ahead), its records holding per rank what ran ahead (kvr_stats deltas).
   TTFT     = wall time of llm.generate([prompt], max_tokens=1)  (`vllm bench latency --output-len 1`)
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--engine-args", default="{}", help='JSON merged into LLM(...), e.g. \'{"enforce_eager": true}\'')
     ap.add_argument("--models-dir", default="/tmp/kvr_models")
     ap.add_argument("--tune-lengths", default="", help="kvr engine: tune a table at these lengths first")
-    ap.add_argument("--tune-args", default="{}", help='JSON for vllm_kvrunahead.tune.tune, e.g. \'{"levels": 2}\'')
+    ap.add_argument("--tune-args", default="{}", help='JSON for vllm_kvrunahead.tools.tune.tune, e.g. \'{"levels": 2}\'')
     ap.add_argument("--table", default=None, help="kvr-table without tuning: this lookup table JSON")
     ap.add_argument("--early-send", action="store_true",
                     help="kvr engine with early_send on; its records are named kvr-*-early (A/B against a run without)")
@@ -120,7 +120,7 @@ def run_one(a):
         return
     table = None
     if a.tune_lengths:
-        from vllm_kvrunahead.tune import tune
+        from vllm_kvrunahead.tools.tune import tune
         table = tune(llm, a.n_gpus, a.tune_lengths, log=lambda m: print("RESULT tune: " + m, flush=True),
                      **json.loads(a.tune_args))
         path = os.path.join(a.out, f"table_{a.model}_n{a.n_gpus}_{a.interconnect}.json")

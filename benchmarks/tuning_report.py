@@ -1,6 +1,6 @@
 """Lookup tables -> markdown: TTFT of the tuned (table), cost-model and even splits per length.
 
-  python -m benchmarks.tuning_report vllm_kvrunahead/tables/*.json > OUT/tuning.md
+  python -m benchmarks.tuning_report vllm_kvrunahead/core/tables/*.json > OUT/tuning.md
 The numbers are the tuner's re-measurements (median of 3 on fresh prompts, after the search),
 all in one engine, so the three columns of a row are side by side.
 """

@@ -1,1 +1,1 @@
-from vllm_kvrunahead.demo_models import smollm2, tiny_llama  # noqa: F401
+from vllm_kvrunahead.tools.demo_models import smollm2, tiny_llama  # noqa: F401

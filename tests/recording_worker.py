@@ -4,7 +4,7 @@ and what the scheduler put in each step. RecordingWorker is plain vLLM's CPU wor
 RecordingKVRWorker is KV-Runahead's."""
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_kvrunahead.vllm_seam import RequestBook
+from vllm_kvrunahead.vllm_side.seam import RequestBook
 from vllm_kvrunahead.worker import Worker
 
 
@@ -45,7 +45,7 @@ class RecordingKVRWorker(_Recorder, Worker):
         """TP layout: what this rank's guest holds (its weights, its scratch) and where it runs."""
         from vllm.distributed.parallel_state import get_tp_group
 
-        from vllm_kvrunahead import guest
+        from vllm_kvrunahead.vllm_side import guest
 
         g = self.host.guest
         rope = lambda m: {id(b) for n, b in m.named_buffers() if "rotary" in n}  # noqa: E731

@@ -1,9 +1,9 @@
 """The per-step budget (pure) and what the scheduler patch reads from vLLM's scheduler."""
 from types import SimpleNamespace
 
-from vllm_kvrunahead.budget import StepBudget
-from vllm_kvrunahead.patches.step_schedule import step_budget_of
-from vllm_kvrunahead.vllm_seam import scheduler_demand
+from vllm_kvrunahead.core.budget import StepBudget
+from vllm_kvrunahead.vllm_side.patches.step_schedule import step_budget_of
+from vllm_kvrunahead.vllm_side.seam import scheduler_demand
 
 B = StepBudget(base=16384, most=65536)
 

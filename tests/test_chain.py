@@ -1,13 +1,13 @@
 """The chain over real gloo processes: exact delivery, and the reference prefill
 run by N processes equals the one-process prefill."""
 import pytest
-import torch.distributed as dist
 import torch
+import torch.distributed as dist
 
 from tests.dist_utils import run_ranks
-from vllm_kvrunahead.comm import ChainComm, ChainPeerLost, ChainTimeout
-from vllm_kvrunahead.partition import balanced_split, even_split
-from vllm_kvrunahead.reference import TinyConfig, TinyLlama
+from vllm_kvrunahead.core.partition import balanced_split, even_split
+from vllm_kvrunahead.tools.reference import TinyConfig, TinyLlama
+from vllm_kvrunahead.transport.comm import ChainComm, ChainPeerLost, ChainTimeout
 
 
 def _relay(rank, world, layers):
@@ -207,7 +207,7 @@ def test_gather_times_in_chain_order():
 def _ring(rank, world, layers):
     """The ring as workers build it: head = last rank; the head sends its 'prefix' to position 0
     over the closing link's own group, the rest relays down the chain to the head."""
-    from vllm_kvrunahead.topology import ChainTopology
+    from vllm_kvrunahead.core.topology import ChainTopology
 
     topo = ChainTopology(world, world - 1, rank)
     comm = ChainComm.for_ring(topo, dist.group.WORLD, timeout_s=30)
@@ -238,7 +238,7 @@ def test_ring_closes_through_the_head_on_a_group_of_its_own(world):
 def test_topology_of_stages_of_tp_groups_follows_vllms_rank_layout():
     """S=3 stages x T=2 TP ranks: rank = stage * T + tp_rank (vLLM's TP-innermost layout); the head
     stage is the last (vLLM's output rank world - T is its TP rank 0); one chain per TP rank."""
-    from vllm_kvrunahead.topology import ChainTopology
+    from vllm_kvrunahead.core.topology import ChainTopology
 
     S, T = 3, 2
     topos = [ChainTopology(S, S * T - T, r, T) for r in range(S * T)]
@@ -258,7 +258,7 @@ def test_topology_of_stages_of_tp_groups_follows_vllms_rank_layout():
 def _tp_ring(rank, world, tp, layers):
     """Two chains side by side (S = world / tp stages, T = tp): each rank relays its own 'KV shard'
     down its TP rank's chain; the heads send their prefix to position 0 over their own ring link."""
-    from vllm_kvrunahead.topology import ChainTopology
+    from vllm_kvrunahead.core.topology import ChainTopology
 
     s = world // tp
     topo = ChainTopology(s, world - tp, rank, tp)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_kvrunahead.chain_hooks import ChainHooks
-from vllm_kvrunahead.connector import KVRunaheadConnector, RunaheadMeta
-from vllm_kvrunahead.profiling import StepProfiler
-from vllm_kvrunahead.ring_order import POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Role, step_order
-from vllm_kvrunahead.stats import RunaheadStats
+from vllm_kvrunahead.copies.connector import KVRunaheadConnector, RunaheadMeta
+from vllm_kvrunahead.core.ring_order import POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Role, step_order
+from vllm_kvrunahead.core.stats import RunaheadStats
+from vllm_kvrunahead.transport.chain_hooks import ChainHooks
+from vllm_kvrunahead.transport.profiling import StepProfiler
 
 LAYERS, BLOCKS, BLOCK = 3, 8, (2, 4)   # 3 layers of 8 blocks, each block [2, 4]
 

@@ -9,7 +9,7 @@ The CPU platform resolves vLLM's own mode to NONE, so here the GPU's resolved se
 from vllm.config import CompilationMode, CUDAGraphMode, ParallelConfig, VllmConfig
 from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
-from vllm_kvrunahead.guest import guest_config
+from vllm_kvrunahead.vllm_side.guest import guest_config
 
 SIZES = (1, 32, 300, 304, 512, 600, 2048, 8192)
 

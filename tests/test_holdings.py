@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from vllm_kvrunahead.holdings import ChainHoldings
-from vllm_kvrunahead.partition import CostModel
-from vllm_kvrunahead.partitioner import Partitioner
-from vllm_kvrunahead.plan import ReqView, make_plan
+from vllm_kvrunahead.core.holdings import ChainHoldings
+from vllm_kvrunahead.core.partition import CostModel
+from vllm_kvrunahead.core.partitioner import Partitioner
+from vllm_kvrunahead.core.plan import ReqView, make_plan
 
 BS = 4
 NUM_BLOCKS = 160

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vllm_kvrunahead.lut import FORMAT, PartitionTable, TableError
+from vllm_kvrunahead.core.lut import FORMAT, PartitionTable, TableError
 
 
 def table(**kw):

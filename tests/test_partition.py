@@ -1,15 +1,8 @@
 import pytest
 
-from vllm_kvrunahead.partition import (
-    CostModel,
-    Segment,
-    balanced_split,
-    check_fractions,
-    even_split,
-    fractions_of,
-    from_fractions,
-    predicted_ttft,
-    worker_costs,
+from vllm_kvrunahead.core.partition import (
+    CostModel, Segment, balanced_split, check_fractions, even_split, fractions_of, from_fractions, predicted_ttft,
+    worker_costs
 )
 
 LENGTHS = [1, 2, 3, 7, 8, 100, 1023, 4096, 32_768, 131_071, 1_000_000]
@@ -97,7 +90,7 @@ def test_more_workers_than_tokens(split):
 
 
 def test_cost_model_of_a_model_shape():
-    from vllm_kvrunahead.partition import ModelShape
+    from vllm_kvrunahead.core.partition import ModelShape
 
     llama3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
     assert CostModel.for_shape(llama3) == CostModel.from_shape(
@@ -133,7 +126,7 @@ def test_bad_cost_model():
 @pytest.mark.parametrize("n", [1025, 4096, 32_768, 100_003])
 @pytest.mark.parametrize("align", [16, 128])
 def test_aligned_boundaries_are_whole_blocks(n_workers, n, align):
-    from vllm_kvrunahead.partition import Chunk, align_bounds
+    from vllm_kvrunahead.core.partition import Chunk, align_bounds
 
     bounds = [float(s.end) for s in balanced_split(n, n_workers)[:-1]]
     if n < (n_workers - 1) * align + 1:
@@ -164,7 +157,7 @@ def test_fit_recovers_measured_one_gpu_ttft():
 def test_cost_model_of_a_tensor_parallel_stage():
     """S stages of T TP ranks: a stage computes at TP=T speed plus two all-reduces per layer and token,
     and each rank moves 1/T of the KV (its KV heads) to the next stage."""
-    from vllm_kvrunahead.partition import ModelShape
+    from vllm_kvrunahead.core.partition import ModelShape
 
     llama3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
     one, tp2 = CostModel.for_shape(llama3), CostModel.for_shape(llama3, 2)

@@ -3,11 +3,10 @@ import json
 
 import pytest
 
-from vllm_kvrunahead.lut import PartitionTable
-from vllm_kvrunahead.partition import CostModel, balanced_split, even_split
-from vllm_kvrunahead.partition import ModelShape
-from vllm_kvrunahead.partitioner import SHIPPED_TABLES, Partitioner, find_table
-from vllm_kvrunahead.refine import Refiner
+from vllm_kvrunahead.core.lut import PartitionTable
+from vllm_kvrunahead.core.partition import CostModel, ModelShape, balanced_split, even_split
+from vllm_kvrunahead.core.partitioner import SHIPPED_TABLES, Partitioner, find_table
+from vllm_kvrunahead.core.refine import Refiner
 
 LLAMA3 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
 LLAMA2 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, head_dim=128)
@@ -92,7 +91,7 @@ def test_shipped_tables_load_and_are_found_by_their_own_key():
 
 
 def test_lone_chunk_after_cached_tokens_uses_the_table_where_it_measured_that_offset():
-    from vllm_kvrunahead.partition import Chunk, align_bounds, balanced_step_bounds
+    from vllm_kvrunahead.core.partition import Chunk, align_bounds, balanced_step_bounds
     table = PartitionTable.from_dict({
         "format": "kvrunahead-lut/2", "n_workers": 2,
         "entries": [{"tokens": 1000, "fractions": [0.6, 0.4]}, {"tokens": 4000, "fractions": [0.6, 0.4]},
@@ -127,7 +126,7 @@ def test_lone_chunk_after_cached_tokens_uses_the_table_where_it_measured_that_of
 
 
 def test_override_cuts_a_lone_chunk_at_any_offset():
-    from vllm_kvrunahead.partition import Chunk
+    from vllm_kvrunahead.core.partition import Chunk
     p = Partitioner("model", 2, COST, block_size=16)
     chunk = Chunk(8192, 8192 + 2000, 10192, held=(4096,))
     before = p.split_step([chunk], [])[0]

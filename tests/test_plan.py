@@ -3,11 +3,12 @@ which KV blocks every position of the ring receives and sends."""
 import numpy as np
 import pytest
 
-from vllm_kvrunahead.kv_layout import kernel_blocks
-from vllm_kvrunahead.partition import (Chunk, CostModel, align_bounds, balanced_split, balanced_step_bounds,
-                                       runahead_gain)
-from vllm_kvrunahead.partitioner import Partitioner
-from vllm_kvrunahead.plan import ReqView, make_plan
+from vllm_kvrunahead.core.partition import (
+    Chunk, CostModel, align_bounds, balanced_split, balanced_step_bounds, runahead_gain
+)
+from vllm_kvrunahead.core.partitioner import Partitioner
+from vllm_kvrunahead.core.plan import ReqView, make_plan
+from vllm_kvrunahead.transport.kv_layout import kernel_blocks
 
 BS = 16
 COST = CostModel()

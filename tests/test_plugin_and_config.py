@@ -101,7 +101,7 @@ def test_a_plugin_that_replaced_what_kvrunahead_wraps_is_refused(monkeypatch):
     calls that plugin's code. Either way the engine is refused at config time, with one line."""
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-    from vllm_kvrunahead import patches
+    from vllm_kvrunahead.vllm_side import patches
 
     engine_config()  # registers; nothing replaced: accepted
     ours = MultiprocExecutor._get_parallel_sizes
@@ -125,15 +125,15 @@ def test_partition_balanced_is_read_as_model():
 
 def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_stage():
     """--tensor-parallel-size 2 --prefill-context-parallel-size 3: 3 runahead stages of 2 TP ranks."""
-    from vllm_kvrunahead import vllm_seam
-    from vllm_kvrunahead.topology import ChainTopology
+    from vllm_kvrunahead.core.topology import ChainTopology
+    from vllm_kvrunahead.vllm_side import seam
 
     cfg = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=3)
     pc = cfg.parallel_config
     assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (6, 2, 1)
     assert cfg.additional_config["kv_runahead"]["num_workers"] == 3
-    assert vllm_seam.head_rank(pc) == 4 and vllm_seam.tp_size(pc) == 2   # TP rank 0 of the last stage
-    assert ChainTopology(3, vllm_seam.head_rank(pc), 5, vllm_seam.tp_size(pc)).is_head
+    assert seam.head_rank(pc) == 4 and seam.tp_size(pc) == 2   # TP rank 0 of the last stage
+    assert ChainTopology(3, seam.head_rank(pc), 5, seam.tp_size(pc)).is_head
     # vLLM's own layout ([-1, DP, PP, PCP, TP] after the hook): TP groups are the stages, as for TP x PCP
     import torch
 
@@ -213,7 +213,7 @@ def stub_config(**model):
      "one KV cache group; m mixes full_attention, sliding_attention"),
 ])
 def test_unsupported_models_refused(model, message):
-    from vllm_kvrunahead.patches.config_hook import check_supported
+    from vllm_kvrunahead.vllm_side.patches.config_hook import check_supported
 
     with pytest.raises(ValueError, match=message):
         check_supported(stub_config(**model), KVRunaheadConfig(num_workers=2, mode="copies"))
@@ -238,7 +238,7 @@ def test_sliding_window_mix_refused_at_config_time(tmp_path):
 def test_more_workers_than_gpus_refused(monkeypatch):
     from vllm.platforms import current_platform
 
-    from vllm_kvrunahead.patches.config_hook import check_supported
+    from vllm_kvrunahead.vllm_side.patches.config_hook import check_supported
 
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self=None: True, raising=False)
     monkeypatch.setattr(type(current_platform), "device_count", classmethod(lambda cls: 2), raising=False)
@@ -261,14 +261,14 @@ def test_worker_without_plugin_says_what_to_do():
 def test_patch_registry_document_is_current():
     from pathlib import Path
 
-    from vllm_kvrunahead.patches import describe
+    from vllm_kvrunahead.vllm_side.patches import describe
 
     doc = (Path(__file__).resolve().parent.parent / "patches" / "README.md").read_text()
-    assert doc.strip() == describe().strip(), "regenerate: python -m vllm_kvrunahead.patches > patches/README.md"
+    assert doc.strip() == describe().strip(), "regenerate: python -m vllm_kvrunahead.vllm_side.patches > patches/README.md"
 
 
 def test_prompt_ids_outside_the_vocabulary_are_refused_with_the_id_named():
-    from vllm_kvrunahead.patches.token_ids import check_prompt_ids
+    from vllm_kvrunahead.vllm_side.patches.token_ids import check_prompt_ids
 
     check_prompt_ids([0, 511], 512)
     check_prompt_ids([], 512)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_kvrunahead.refine import RefineConfig, Refiner, bucket_of, nudge
+from vllm_kvrunahead.core.refine import RefineConfig, Refiner, bucket_of, nudge
 
 A, B = 7e-7, 2.5e-11  # per token, per (token x attended token): a Llama-3-8B layer
 

@@ -14,8 +14,9 @@ import itertools
 
 import pytest
 
-from vllm_kvrunahead.ring_order import (
-    PREFIX_LEAD, LAYER, POST_RECV, PREFIX, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order)
+from vllm_kvrunahead.core.ring_order import (
+    LAYER, POST_RECV, PREFIX, PREFIX_LEAD, SEND, UPFRONT, WAIT_RECV, Op, Role, StepOrder, step_order
+)
 
 
 def roles(n, layers, links, upfront=False, send_on_entry=False):

@@ -1,7 +1,7 @@
 """The seam's runner-facing pieces that the CPU engine (model runner V1) never exercises."""
 from types import SimpleNamespace
 
-from vllm_kvrunahead import vllm_seam
+from vllm_kvrunahead.vllm_side import seam
 
 
 class _Staged:
@@ -39,7 +39,7 @@ def test_installed_v2_runner_starts_the_heads_chunk_at_its_segment():
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    from vllm_kvrunahead.patches import apply_all
+    from vllm_kvrunahead.vllm_side.patches import apply_all
 
     apply_all()
     update = GPUModelRunner.update_requests
@@ -50,7 +50,7 @@ def test_installed_v2_runner_starts_the_heads_chunk_at_its_segment():
         CachedRequestData.make_empty(), req_ids=["a"], new_block_ids=[None], num_computed_tokens=[5000]))
     head, plain = _v2_runner({"a": 3, "b": 5}), _v2_runner({"a": 3, "b": 5})
     starts = {}
-    vllm_seam.follow_rewritten_starts(head, lambda: starts)
+    seam.follow_rewritten_starts(head, lambda: starts)
     starts.update(a=7000, gone=10)                       # a request the runner no longer holds is skipped
     update(head, so)
     assert head.req_states.num_computed_tokens_np[3] == 5000          # vLLM's own part ran
@@ -71,12 +71,12 @@ def test_installed_vllm_runs_start_load_kv_before_the_forward(monkeypatch):
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.worker import kv_connector_model_runner_mixin as mixin
 
-    from vllm_kvrunahead.connector import EMPTY_META
-    from vllm_kvrunahead.plan import StepPlan
+    from vllm_kvrunahead.copies.connector import EMPTY_META
+    from vllm_kvrunahead.core.plan import StepPlan
 
     calls = []
 
-    class Recording(vllm_seam.KVConnectorBase_V1):
+    class Recording(seam.KVConnectorBase_V1):
         def start_load_kv(self, forward_context, **kwargs):
             calls.append("start_load_kv")
 
@@ -103,12 +103,12 @@ def test_installed_vllm_runs_start_load_kv_before_the_forward(monkeypatch):
     monkeypatch.setattr(kv_transfer_state, "_KV_CONNECTOR_AGENT", conn)
     monkeypatch.setattr(mixin, "get_forward_context", lambda: None)
     so, plan = SchedulerOutput.make_empty(), StepPlan(2, ())
-    for step in (vllm_seam.for_head(so, plan, EMPTY_META),
-                 vllm_seam.for_chain_worker(so, plan, 0, set(), EMPTY_META, vllm_seam.RequestBook())):
+    for step in (seam.for_head(so, plan, EMPTY_META),
+                 seam.for_chain_worker(so, plan, 0, set(), EMPTY_META, seam.RequestBook())):
         calls.clear()
         with mixin.KVConnectorModelRunnerMixin._get_kv_connector_output(step):
             calls.append("forward")
-        assert calls == ["start_load_kv", "forward", "wait_for_save"], (vllm_seam.VLLM_VERSION, calls)
+        assert calls == ["start_load_kv", "forward", "wait_for_save"], (seam.VLLM_VERSION, calls)
 
 
 def test_rewritten_steps_differ_only_where_the_release_does():
@@ -119,14 +119,14 @@ def test_rewritten_steps_differ_only_where_the_release_does():
 
     from vllm.v1.core.sched.output import SchedulerOutput
 
-    from vllm_kvrunahead.connector import EMPTY_META
-    from vllm_kvrunahead.plan import StepPlan
+    from vllm_kvrunahead.copies.connector import EMPTY_META
+    from vllm_kvrunahead.core.plan import StepPlan
 
     so = SchedulerOutput.make_empty()
-    head = vllm_seam.for_head(so, StepPlan(2, ()), EMPTY_META)
+    head = seam.for_head(so, StepPlan(2, ()), EMPTY_META)
     if hasattr(so, "has_sync_kv_loads"):
-        assert vllm_seam.STEP_FIELDS == {"has_sync_kv_loads": True}
+        assert seam.STEP_FIELDS == {"has_sync_kv_loads": True}
         assert head == dataclasses.replace(so, kv_connector_metadata=EMPTY_META, has_sync_kv_loads=True)
     else:
-        assert vllm_seam.STEP_FIELDS == {} and not hasattr(so, "has_sync_kv_loads")
+        assert seam.STEP_FIELDS == {} and not hasattr(so, "has_sync_kv_loads")
         assert head == dataclasses.replace(so, kv_connector_metadata=EMPTY_META)

@@ -8,15 +8,15 @@ import pytest
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
-from vllm_kvrunahead import vllm_seam
-from vllm_kvrunahead.chain import Chain
-from vllm_kvrunahead.comm import ChainComm
 from vllm_kvrunahead.config import KVRunaheadConfig
-from vllm_kvrunahead.partition import CostModel
-from vllm_kvrunahead.partitioner import SplitSetting
+from vllm_kvrunahead.copies.rank import Chain
+from vllm_kvrunahead.core.partition import CostModel
+from vllm_kvrunahead.core.partitioner import SplitSetting
+from vllm_kvrunahead.core.stats import RunaheadStats
+from vllm_kvrunahead.core.topology import ChainTopology
 from vllm_kvrunahead.runahead import NO_RUNAHEAD
-from vllm_kvrunahead.stats import RunaheadStats
-from vllm_kvrunahead.topology import ChainTopology
+from vllm_kvrunahead.transport.comm import ChainComm
+from vllm_kvrunahead.vllm_side import seam
 
 BS = 16
 BLOCKS = list(range(40, 60))  # 20 blocks: 320 tokens
@@ -71,7 +71,7 @@ def test_rewrite_gives_each_position_its_segment_and_ring_traffic(computed):
     # position 0: its segment alone, sampled as plain greedy (the user's seed stays the head's)
     (cr,) = first.scheduler_output.scheduled_new_reqs
     assert cr.num_computed_tokens == computed and cr.block_ids == (list(BLOCKS[:19]),)
-    assert cr.sampling_params is vllm_seam.CHAIN_SAMPLING
+    assert cr.sampling_params is seam.CHAIN_SAMPLING
     assert first.scheduler_output.num_scheduled_tokens == {"a": seg0.length}
     fm = first.scheduler_output.kv_connector_metadata
     np.testing.assert_array_equal(fm.recv, hm.send_prefix)

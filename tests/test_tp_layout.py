@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_tp_e2e import LENGTHS, tp_spec
 from tests.models import tiny_llama
+from tests.test_tp_e2e import LENGTHS, tp_spec
 from tests.test_vllm_e2e import BS, BUDGET, TINY_ENGINE, rand_prompts
 
 # fp32. The guest computes KV with one worker's numerics (its layers see one worker's hidden states), vLLM's
@@ -248,7 +248,7 @@ def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(tra
     vLLM's model, and a scratch of guest.GUEST_RING regions for max(max_model_len, budget) tokens with every KV head.
     vLLM's KV budget is the explicit kv_cache_memory_bytes here, so the guest comes on top of it and vLLM's
     blocks equal plain TP=2's (asserted above)."""
-    from vllm_kvrunahead.guest import GUEST_RING
+    from vllm_kvrunahead.vllm_side.guest import GUEST_RING
 
     full = checkpoint_bytes(tiny_llama(kv_heads=2))
     scratch_blocks = math.ceil(max(TRAFFIC_MAX_LEN, BUDGET) / BS)
@@ -270,6 +270,6 @@ def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(tra
 def test_kv_budget_subtracts_the_guest_where_vllm_does_not_count_it(explicit, rss_counted, left):
     from types import SimpleNamespace
 
-    from vllm_kvrunahead.guest import kv_bytes_left
+    from vllm_kvrunahead.vllm_side.guest import kv_bytes_left
 
     assert kv_bytes_left(1000, 300, SimpleNamespace(kv_cache_memory_bytes=explicit), rss_counted=rss_counted) == left

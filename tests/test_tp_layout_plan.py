@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from vllm_kvrunahead.partition import Segment
-from vllm_kvrunahead.plan import RunaheadReq, StepPlan
-from vllm_kvrunahead.tp_layout import SCRATCH_FULL, SEGMENT_EMPTY, kv_heads_of, tp_step
+from vllm_kvrunahead.core.partition import Segment
+from vllm_kvrunahead.core.plan import RunaheadReq, StepPlan
+from vllm_kvrunahead.core.tp_step import SCRATCH_FULL, SEGMENT_EMPTY, kv_heads_of, tp_step
 
 
 def test_kv_heads_follow_vllms_tp_sharding():
@@ -90,8 +90,8 @@ def test_chunks_the_guests_cannot_take_go_to_the_tp_model():
 
 
 def test_the_guests_take_chunks_of_prompt_tokens_only():
-    from vllm_kvrunahead.plan import ReqView
-    from vllm_kvrunahead.tp_layout import OUTPUT_TOKENS, tp_view
+    from vllm_kvrunahead.core.plan import ReqView
+    from vllm_kvrunahead.core.tp_step import OUTPUT_TOKENS, tp_view
 
     cold, after = ReqView("a", 0, 500, 800, tuple(range(4))), ReqView("b", 256, 500, 800, tuple(range(6)))
     assert tp_view(cold) is cold and tp_view(after) is after

@@ -8,9 +8,9 @@ import pytest
 
 from tests.models import tiny_llama
 from tests.procs import run_python
-from vllm_kvrunahead.lut import PartitionTable
-from vllm_kvrunahead.partition import CostModel, balanced_split, from_fractions, predicted_ttft
-from vllm_kvrunahead.tune import search
+from vllm_kvrunahead.core.lut import PartitionTable
+from vllm_kvrunahead.core.partition import CostModel, balanced_split, from_fractions, predicted_ttft
+from vllm_kvrunahead.tools.tune import search
 
 
 def test_search_finds_known_optimum_of_a_bowl():
@@ -55,7 +55,7 @@ def test_search_refuses_bad_start():
 def test_tuner_refuses_offsets_it_cannot_measure():
     from types import SimpleNamespace
 
-    from vllm_kvrunahead.tune import tune
+    from vllm_kvrunahead.tools.tune import tune
 
     def llm(prefix_caching):
         cache = SimpleNamespace(block_size=128, enable_prefix_caching=prefix_caching)
@@ -71,7 +71,7 @@ def test_tuner_cli_writes_a_loadable_table(tmp_path):
     # one engine: cold prompts and chunks after a 512-token prefix-cache hit (4 blocks)
     out = tmp_path / "table.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    done = run_python(["-m", "vllm_kvrunahead.tune", "--model", tiny_llama(), "--workers", "2",
+    done = run_python(["-m", "vllm_kvrunahead.tools.tune", "--model", tiny_llama(), "--workers", "2",
                        "--lengths", "600,1200", "--offsets", "0,512", "--out", str(out),
                        "--repeats", "1", "--search-repeats", "1", "--levels", "1",
                        "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],

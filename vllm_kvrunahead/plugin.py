@@ -9,7 +9,7 @@ def register() -> list[str]:
     possibly more than once. Fails loudly: an exception here stops vLLM's start."""
     global _registered
     from .config import check_vllm_version
-    from .patches import apply_all
+    from .vllm_side.patches import apply_all
 
     if not _registered:
         check_vllm_version()

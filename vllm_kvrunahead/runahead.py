@@ -1,7 +1,7 @@
 """The one contract between KV-Runahead's worker and its modes.
 
 Like vLLM's KV connector (``KVConnectorBase_V1``, with ``NO_OP_KV_CONNECTOR`` for "off"): the worker talks
-to one ``Runahead``; each mode implements it (``chain.Chain``: the chain of copies; ``tp_chain.TPLayoutRank``:
+to one ``Runahead``; each mode implements it (``copies.rank.Chain``: the chain of copies; ``tp_layout.rank.TPLayoutRank``:
 the TP layout; ``NO_RUNAHEAD``: one worker, plain vLLM), ``modes.runahead_for`` builds the right one once,
 and nothing outside that factory asks which mode runs. Per step, on every rank:
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .plan import StepPlan
-from .tp_layout import TPStep
+from .core.plan import StepPlan
+from .core.tp_step import TPStep
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class NoRunahead:
         pass
 
     def stats(self) -> dict:
-        from .stats import idle_stats
+        from .core.stats import idle_stats
 
         return idle_stats()
 

@@ -2,8 +2,8 @@
 
 Every worker receives the same SchedulerOutput. Its mode (``runahead.Runahead``, built once by
 ``modes.runahead_for``; ``NO_RUNAHEAD`` for one worker) rewrites it into this rank's share. In the TP
-layout (``tp_chain.py``) every rank first runs its guest's segments (``run_ahead``), then vLLM's TP step.
-In the chain of copies (``chain.py``) the head (vLLM's output rank) runs the last segment of each runahead
+layout (``tp_layout/rank.py``) every rank first runs its guest's segments (``run_ahead``), then vLLM's TP step.
+In the chain of copies (``copies/rank.py``) the head (vLLM's output rank) runs the last segment of each runahead
 chunk, everything else in the step, and samples; the other workers run nothing but their segments.
 """
 from __future__ import annotations
@@ -12,13 +12,14 @@ import contextlib
 import logging
 import os
 
-from . import modes, vllm_seam
+from . import modes
 from .config import runahead_config
 from .log import logger
 from .runahead import NO_RUNAHEAD
+from .vllm_side import seam
 
 
-class Worker(vllm_seam.worker_base()):
+class Worker(seam.worker_base()):
     """Use with --worker-cls vllm_kvrunahead.Worker and
     --tensor-parallel-size N: TP layout (every rank decodes and holds its KV heads; each also holds the
     full model, its guest, for the runahead prefill), or

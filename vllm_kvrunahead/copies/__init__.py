@@ -1,0 +1,1 @@
+"""The chain of copies (--prefill-context-parallel-size N)."""

@@ -1,0 +1,1 @@
+"""Pure: the plan of every step, no torch, no vLLM."""

@@ -1,0 +1,1 @@
+"""The tuner, the demo and its models, the reference implementation."""

@@ -1,0 +1,1 @@
+"""The TP layout (--tensor-parallel-size N)."""

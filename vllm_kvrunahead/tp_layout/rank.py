@@ -1,0 +1,139 @@
+"""The TP layout (``--tensor-parallel-size N``): one rank's share, the owner of its runahead state (a
+``runahead.Runahead``; the per-step rule is ``core/tp_step.py``).
+
+vLLM runs plain ``--tensor-parallel-size N``: its scheduler, KV sizing, TP model, sampler and output
+rank are untouched. Per step, on every rank alike:
+
+    step = rank.rewrite(scheduler_output)   # plan; vLLM's step with each runahead chunk cut to its last token
+    rank.run_ahead(step)                    # the guest's segment, its KV head shards into the paged cache
+    ... vLLM's TP runner runs step.scheduler_output on all ranks, which sample as in plain TP ...
+
+Any prefill chunk of prompt tokens may run ahead: cold, or after cached tokens (a later chunk of a long
+prompt, a prefix-cache hit, a conversation's next turn), whose prefix every rank gathers from the
+ranks holding its KV heads. What the guests cannot carry (decodes, output tokens a resumed request
+recomputes, prompt logprobs, ...) is the TP model's. ``tp_layout_for`` builds a rank's parts and hands
+them to ``TPLayoutRank``, so tests can build one from fakes.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..config import TP_LAYOUT, KVRunaheadConfig
+from ..core.partition import CostModel, ModelShape
+from ..core.partitioner import SplitSetting
+from ..core.plan import DECODE, make_plan
+from ..core.stats import RunaheadStats, worker_stats
+from ..core.tp_step import TPStep, kv_heads_of, tp_step, tp_view
+from ..log import logger
+from ..runahead import Step
+from ..transport.comm import ChainComm, ShardComm
+from ..vllm_side import seam
+from ..vllm_side.guest import Guest
+from .connector import TP_FORWARD, GuestConnector, GuestMeta
+
+
+def tp_layout_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, guest: Guest) -> "TPLayoutRank":
+    """This rank's share of the TP layout, its links made and its guest's connector installed (collective:
+    every rank calls it at once, before vLLM's runner registers its KV caches with the connector)."""
+    n = kvr.num_workers
+    group = seam.world_device_group()
+    comm = ChainComm(rank - 1 if rank > 0 else None, rank + 1 if rank < n - 1 else None, group,
+                     kvr.recv_timeout_s, seam.world_cpu_group())
+    backend = dist.get_backend(group)
+    shards = ShardComm(rank, n, backend, kvr.recv_timeout_s)
+    gather = ShardComm(rank, n, backend, kvr.recv_timeout_s, directional=True)
+    stats = RunaheadStats(n)
+    total_heads = vllm_config.model_config.get_total_num_kv_heads()
+    seam.set_worker_transfer_config(guest.config)  # the connector base class reads it
+    connector = GuestConnector(guest.config, guest.kv_cache_config, comm, shards, gather, stats, rank,
+                               [kv_heads_of(k, n, total_heads) for k in range(n)])
+    connector.register_scratch(guest.scratch_by_layer())
+    seam.install_connector(connector)  # vLLM's runner registers its caches with it next
+    return TPLayoutRank(kvr, rank, seam.model_shape(vllm_config.model_config), total_heads,
+                        seam.block_size(kv_cache_config), guest, connector)
+
+
+class TPLayoutRank:
+    """Request book, split, links (chain and head shards), the guest and its hooks of one TP rank."""
+
+    returns_output = True  # every rank runs vLLM's TP step and samples, as in plain TP
+
+    def __init__(self, kvr: KVRunaheadConfig, rank: int, shape: ModelShape | None, total_heads: int,
+                 block_size: int, guest: Guest, connector: GuestConnector) -> None:
+        self.n = kvr.num_workers
+        self.kvr, self.rank, self.shape, self.total_heads, self.block_size = kvr, rank, shape, total_heads, block_size
+        self.guest, self.connector = guest, connector
+        self.comm, self.shards, self.gather = connector.comm, connector.shards, connector.gather
+        self.counters: RunaheadStats = connector.stats  # one record: the connector counts what it moves
+        self.cost = CostModel.for_shape(shape)
+        self.book = seam.RequestBook()
+        self.split: SplitSetting | None = None  # start(): tables are keyed by the device
+        self._tails: dict[str, int] = {}      # vLLM's runner starts each runahead chunk here this step
+        self._guest_reqs: set[str] = set()    # requests the guest's runner holds from its last step
+
+    def start(self, runner) -> None:
+        """Once vLLM's runner has registered its KV caches with the connector: the split, and every link warmed."""
+        self.device = self.connector.device
+        seam.follow_rewritten_starts(runner, lambda: self._tails)
+        self.split = SplitSetting(self.kvr, self.cost, self.shape, self.block_size,
+                                  seam.device_name(self.device))
+        self.comm.warm_up_open(self.device)
+        self.shards.warm_up(self.device)
+        self.gather.warm_up(self.device)
+        logger.info("KV-Runahead: TP rank %d of %d decodes; prompts run ahead on every rank's full model "
+                    "(partition %s, %s)", self.rank, self.n, self.split.partitioner.describe(),
+                    "where the cost model predicts a gain" if self.kvr.min_tokens is None
+                    else f"chunks of >= {self.kvr.min_tokens} tokens")
+
+    # -- per step -------------------------------------------------------------
+    def plan(self, scheduler_output) -> TPStep:
+        self.book.update(scheduler_output)
+        views = [tp_view(v) for v in seam.request_views(scheduler_output, self.book)]
+        plan = make_plan(views, self.n, splitter=self.split.partitioner, block_size=self.block_size)
+        step = tp_step(plan, self.guest.kv_cache_config.num_blocks, self.total_heads)
+        self.counters.count_step(step, step.kv_bytes(self.connector.block_bytes))
+        self.counters.count_decodes(sum(v.num_scheduled for v in views if v.not_ahead == DECODE))
+        return step
+
+    def rewrite(self, scheduler_output) -> Step:
+        """vLLM's step, each runahead chunk cut to its last token (its KV before that comes from the guests)."""
+        step = self.plan(scheduler_output)
+        tails = step.tails()
+        self._tails = {rid: seg.start for rid, seg in tails.items()}
+        mine = seam.starting_at(scheduler_output, tails, TP_FORWARD)  # the connector: stats only
+        self.counters.count_run(mine.total_num_scheduled_tokens)
+        return Step(step, mine, scheduler_output)
+
+    def run_ahead(self, step: Step) -> None:
+        """This rank's guest segment of every runahead chunk, and the head shards: before vLLM's forward."""
+        plan: TPStep = step.plan
+        if not plan:
+            return
+        segs = plan.guest_segments(self.rank)
+        so = seam.segments_only(step.original, segs, self._guest_reqs,
+                                     GuestMeta.of(plan.traffic_for(self.rank, self.total_heads)), self.book)
+        self._guest_reqs = set(segs)
+        self.guest.run(so)
+
+    def learn(self, step: Step) -> None:
+        pass
+
+    # -- reports and tools ----------------------------------------------------
+    def stats(self) -> dict:
+        """What this rank computed and moved (``kvr_stats``): its guest's tokens are its ``segment_tokens``,
+        its vLLM runner's (the TP model's) ``tokens_run``."""
+        return worker_stats(
+            self.counters, mode=TP_LAYOUT, position=self.rank, returns_output=True, tp_rank=self.rank,
+            tp_size=self.n, tp_group=seam.tp_group_ranks(), live_requests=len(self.book),
+            bytes_sent=self.comm.bytes_sent + self.shards.bytes_sent + self.gather.bytes_sent,
+            bytes_received=self.comm.bytes_received + self.shards.bytes_received + self.gather.bytes_received,
+            partition=self.split.partitioner.describe(), scratch_blocks=self.guest.kv_cache_config.num_blocks)
+
+    def set_fractions(self, fractions) -> None:
+        self.split.set_fractions(fractions)
+
+    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        return self.split.set_partition(method, table)
+
+    def close(self) -> None:
+        seam.uninstall_connector()

@@ -1,0 +1,1 @@
+"""Torch only: the point-to-point flows and the chain's per-layer moves."""

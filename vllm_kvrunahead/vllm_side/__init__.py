@@ -1,0 +1,1 @@
+"""Every use of vLLM internals: the seam, the guest runner, metrics, patches."""

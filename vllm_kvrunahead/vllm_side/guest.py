@@ -1,0 +1,274 @@
+"""The guest: the full model (TP=1 weights) beside vLLM's own TP=N model on every rank (issue 22).
+
+The second seam module, next to ``seam.py``: everything here reaches into vLLM internals, and only
+worker-side code calls it. vLLM runs plain ``--tensor-parallel-size N`` and owns the decode model; each
+rank also holds a guest, a second model runner of the platform's V1 kind, built from a config copy that
+says TP=1, loaded and run under a one-rank TP group, with a small scratch KV cache of its own.
+
+Why each piece (``V/`` = vLLM 0.26.0's ``site-packages/vllm/``, ``W/`` = 0.32.0's):
+- Linear layers, the vocab embedding and the model's head split read the TP size and rank from the
+  ``_TP`` global when they are built (``V/distributed/parallel_state.py:1365-1370``,
+  ``V/model_executor/models/llama.py:140-150``), and logits gathering reads it on every call; so
+  ``_TP`` is swapped around the guest's construction, load and every forward (``active``).
+- A new group is collective (``torch.distributed.new_group`` for every rank list,
+  ``parallel_state.py:433-440``), so every rank builds all the one-rank groups, at worker init.
+- Attention layers register under their prefix in the *current* config's ``static_forward_context`` and
+  refuse a duplicate name (``V/model_executor/layers/attention/attention.py:443-446``); a copy taken
+  before vLLM loads its model still has an empty context, so the guest's layers live in the copy's.
+- The guest's pieces get CUDA-graph wrappers only under a piecewise mode (``V/compilation/backends.py:656``),
+  and a wrapper captures on a size's first call (``V/compilation/cuda_graph.py:233-277``): its mode is NONE.
+- The runner collects KV specs and binds caches from its own config's context
+  (``V/v1/worker/gpu_model_runner.py:7718-7730``, ``:7528``), so vLLM's KV sizing never sees the guest.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from vllm.config import CUDAGraphMode, VllmConfig, set_current_vllm_config
+from vllm.distributed import parallel_state
+from vllm.platforms import current_platform
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+
+from .seam import has_field, kv_caches_by_layer, layer_order
+
+GROUP_NAME = "kvr_guest_tp"
+
+
+def singleton_tp_groups(local_rank: int):
+    """A one-rank TP group per rank (this rank's is returned). Collective: every rank of the world calls
+    it at the same point of its set-up, after vLLM's own groups."""
+    world = parallel_state.get_world_group()
+    backend = torch.distributed.get_backend(world.device_group)
+    return parallel_state.init_model_parallel_group(
+        [[r] for r in range(world.world_size)], local_rank, backend, group_name=GROUP_NAME)
+
+
+@contextlib.contextmanager
+def tp_group_swapped(group):
+    """``group`` is vLLM's TP group inside the block (what TP-aware layers and collectives read)."""
+    saved = parallel_state._TP
+    parallel_state._TP = group
+    try:
+        yield
+    finally:
+        parallel_state._TP = saved
+
+
+def guest_config(vllm_config: VllmConfig) -> VllmConfig:
+    """The guest's config: a copy with TP=1. Take it before vLLM loads its model: the copy must start
+    with an empty forward context, or the guest's layer names collide with vLLM's."""
+    if vllm_config.compilation_config.static_forward_context:
+        raise RuntimeError("KV-Runahead: the guest's config must be copied before vLLM loads its model "
+                           "(its attention layers are already registered)")
+    cfg = copy.deepcopy(vllm_config)
+    pc = cfg.parallel_config
+    pc.world_size //= pc.tensor_parallel_size
+    pc.tensor_parallel_size = 1
+    # The guest's step returns its output at once (no async output to wait for on a private runner).
+    cfg.scheduler_config.async_scheduling = False
+    # No CUDA graphs (torch.compile stays): nothing captures the guest's graphs up front, so its runner
+    # would capture each size up to the capture size lazily, mid-step, and return outputs whose kernels
+    # never ran (measured on one H100, issue 33). Its segments are long prefills, where graphs gain little.
+    cfg.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    return cfg
+
+
+def _runner_class() -> type:
+    """The platform's V1 model runner (the guest's kind; two runners in one process are proven on V1 only)."""
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        return CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a shared tensor counts once)."""
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _ring_tensors(names: list[str], ring: int, page: int, num_blocks: int) -> list[KVCacheTensor]:
+    """``ring`` regions of ``num_blocks`` pages, region i shared by layers i, i + ring, ...
+    vLLM 0.26 allocates a tensor per entry for the layers in ``shared_by``. 0.32 views one backing
+    allocation (every entry names its whole size) at ``offset + l * layer_stride + b * block_stride``
+    (``W/v1/kv_cache_interface.py:1409-1429``) and refuses a zero stride (``:348``), so each layer gets
+    an entry of its own at its region's offset."""
+    region = page * num_blocks
+    if has_field(KVCacheTensor, "shared_by"):
+        return [KVCacheTensor(size=region, shared_by=names[i::ring]) for i in range(ring)]
+    return [KVCacheTensor(size=region * ring, layers=[name], layer_stride=region, block_stride=page,
+                          offset=region * (i % ring)) for i, name in enumerate(names)]
+
+
+def model_weight_bytes(model) -> int:
+    """Bytes of a loaded model's weights. On CPU vLLM moves each linear layer's weight into a packed GEMM
+    kernel and leaves an empty parameter behind (``remove_weight``: ``V/model_executor/layers/linear.py:218``,
+    ``V/model_executor/layers/utils.py:283-309``), so such a layer counts by the shape of its shard.
+    Buffers are left out: a Llama's are the rotary cos/sin cache, one module per shape that vLLM's and
+    the guest's model share (``V/model_executor/layers/rotary_embedding/__init__.py:83-84``), and each
+    attention layer's scalar KV scales."""
+    total = _unique_bytes(model.parameters())
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.numel() == 0:
+            rows = getattr(m, "output_size_per_partition", m.output_size)
+            cols = getattr(m, "input_size_per_partition", m.input_size)
+            total += rows * cols * m.params_dtype.itemsize
+    return total
+
+
+class Guest:
+    """The full model under a one-rank TP group, with a scratch KV cache of ``ring`` tensors shared by
+    every ``ring``-th layer (layer i writes its KV and attends before layer i + ring overwrites it, so a
+    whole prefill in one forward needs no more). The scratch holds one request of ``max_model_len``
+    tokens, or a whole step's budget where that is more."""
+
+    def __init__(self, config: VllmConfig, group, device: torch.device, ring: int):
+        self.config, self.group, self.ring = config, group, ring
+        with self.active():
+            self.runner = _runner_class()(config, device)
+            self.runner.load_model()
+        self.kv_cache_config: KVCacheConfig | None = None  # the scratch, once allocated
+
+    def allocate_scratch(self, host_cache_config) -> None:
+        """Allocate the scratch KV; call it before vLLM measures memory for its KV cache (a GPU worker
+        profiles then). vLLM 0.32 resolves the KV layout in the engine core after the models are loaded
+        and sends it to the workers before profiling (``W/v1/engine/core.py:292-300``); the guest takes
+        the same layout."""
+        layout = getattr(host_cache_config, "kv_cache_layout", None)
+        if layout is not None:
+            self.config.cache_config.kv_cache_layout = layout
+        with self.active():
+            self.kv_cache_config = self._scratch_config(self.ring)
+            self.runner.initialize_kv_cache(self.kv_cache_config)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The guest's TP group and config are vLLM's current ones inside the block."""
+        with tp_group_swapped(self.group), set_current_vllm_config(self.config):
+            yield
+
+    def _scratch_config(self, ring: int) -> KVCacheConfig:
+        specs = self.runner.get_kv_cache_spec()
+        names = layer_order(list(specs))
+        spec = specs[names[0]]
+        if any(specs[n] != spec for n in names):
+            raise ValueError("KV-Runahead's guest supports models whose attention layers share one KV spec")
+        tokens = max(self.config.model_config.max_model_len, self.config.scheduler_config.max_num_batched_tokens)
+        num_blocks = math.ceil(tokens / spec.block_size)
+        tensors = _ring_tensors(names, min(ring, len(names)), spec.page_size_bytes, num_blocks)
+        return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
+                             kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+
+    # -- memory ------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        # the GPU runner measures its load as vLLM's own does (V/v1/worker/gpu_model_runner.py:5335);
+        # the CPU runner does not
+        return getattr(self.runner, "model_memory_usage", 0) or model_weight_bytes(self.runner.get_model())
+
+    def scratch_bytes(self) -> int:
+        return _unique_bytes(self.runner.kv_caches)
+
+    def reserved_bytes(self) -> int:
+        """What the guest holds for good: the KV budget of vLLM's own layers must leave room for it."""
+        return self.weight_bytes() + self.scratch_bytes()
+
+    def profile(self) -> int:
+        """One run of the guest at the step budget, as vLLM profiles its own model: its kernels are warm
+        before the first request (without it the first runahead chunk paid 0.75-0.9 s more on CPU), and on
+        GPUs the bytes its activations took at their peak (the guest's forward and vLLM's never overlap,
+        so counting both peaks in full is conservative)."""
+        with self.active():
+            if current_platform.is_cpu():
+                self.runner.warming_up_model()
+                return 0
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.runner.profile_run()
+            torch.cuda.synchronize()
+            return max(0, torch.cuda.max_memory_allocated() - before)
+
+    def scratch_by_layer(self) -> dict[str, torch.Tensor]:
+        return kv_caches_by_layer(self.runner, self.kv_cache_config)
+
+    # -- running -------------------------------------------------------------------
+    def run(self, scheduler_output) -> None:
+        """One step of segments (``seam.segments_only``, whose metadata drives the installed KV
+        connector's per-layer hooks). Its tokens are thrown away."""
+        with self.active():
+            if self.runner.execute_model(scheduler_output) is None:  # V1: the forward now, sampling next
+                self.runner.sample_tokens(None)
+
+
+def kv_bytes_left(measured: int, guest_bytes: int, cache_config, rss_counted: bool | None = None) -> int:
+    """vLLM's KV budget on this rank once the guest (``guest_bytes``: ``Guest.reserved_bytes()``) is in
+    place, from what vLLM's worker measured.
+
+    - An explicit KV size (``kv_cache_memory_bytes``; on CPU ``VLLM_CPU_KVCACHE_SPACE``) is for vLLM's
+      own layers: the guest comes on top, as vLLM's own weights do there.
+    - The CPU worker's automatic size subtracts the process's RSS (``V/v1/worker/cpu_worker.py:223-224``),
+      which already holds the guest (``rss_counted``; default: on CPU).
+    - The GPU worker's profile counts only its own runner's weights (``V/v1/worker/gpu_worker.py:484-486``)
+      and the torch peak's increase while it profiles; the guest, allocated before, is in neither.
+    """
+    if rss_counted is None:
+        rss_counted = current_platform.is_cpu()
+    if cache_config.kv_cache_memory_bytes or rss_counted:
+        return measured
+    return measured - guest_bytes
+
+
+# Two scratch regions: layer i + 1 receives its prefix while layer i's KV is still being sent.
+GUEST_RING = 2
+
+
+class NoGuest:
+    """No guest on this rank (one worker, or the chain-of-copies mode): vLLM's worker as it is."""
+
+    def init_device(self, local_rank: int) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def loading(self, vllm_config, device):
+        yield
+
+    def kv_bytes_left(self, measure, cache_config) -> int:
+        return measure()
+
+
+NO_GUEST = NoGuest()
+
+
+class GuestHost:
+    """Builds this rank's guest at the three points of vLLM's worker set-up it needs (TP layout)."""
+
+    def __init__(self, ring: int = GUEST_RING) -> None:
+        self.ring = ring
+
+    def init_device(self, local_rank: int) -> None:
+        self.group = singleton_tp_groups(local_rank)  # collective: after vLLM's groups, on every rank
+
+    @contextlib.contextmanager
+    def loading(self, vllm_config, device):
+        """Around vLLM's load_model: the config is copied before it (empty forward context), the guest
+        loaded after it."""
+        config = guest_config(vllm_config)
+        yield
+        self.guest = Guest(config, self.group, device, self.ring)
+
+    def kv_bytes_left(self, measure, cache_config) -> int:
+        """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch is in place
+        and the guest has been profiled."""
+        self.guest.allocate_scratch(cache_config)
+        self.activation_peak = self.guest.profile()
+        return kv_bytes_left(measure(), self.guest.reserved_bytes() + self.activation_peak, cache_config)
