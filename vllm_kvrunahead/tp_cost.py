@@ -828,26 +828,26 @@ def predictions(ns: Sequence[int] = (2, 4, 8), links: Sequence[str] = ("nvlink",
     out.append("")
     for link in links:
         rows = ["| N | scenario | 1 GPU | TP=N | **TP layout** | chunks ahead | vs TP=N | vs 1 GPU | "
-                "TP layout, budget 16k | vs TP=N |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "TP=N, budget N x 16k | TP layout, budget 16k |", "|---|---|---|---|---|---|---|---|---|---|"]
         for n in ns:
             m = TPLayoutCost(shape, n, PROFILES[link])
             for tok in (16384, 32768, 65536, 131072):
                 one = m.prompt(tok, base, mode="1gpu").ttft
-                tp = m.prompt(tok, base, mode="tp").ttft
+                tp, tp_big = m.prompt(tok, base, mode="tp").ttft, m.prompt(tok, n * base, mode="tp").ttft
                 big, small = m.prompt(tok, n * base), m.prompt(tok, base)
                 rows.append(f"| {n} | 1 x {tok // 1024}k | {one:.3f} | {tp:.3f} | **{big.ttft:.3f}** | "
                             f"{big.ahead}/{len(big.steps)} | {tp / big.ttft:.2f}x | {one / big.ttft:.2f}x | "
-                            f"{small.ttft:.3f} | {tp / small.ttft:.2f}x |")
+                            f"{tp_big:.3f} | {small.ttft:.3f} ({small.ahead}/{len(small.steps)}) |")
             cnt = [0, 0]
             (o1, w1), (o2, w2), (o3, w3) = (concurrent(m, 16, 16384, base, k, cnt if k == "tp-layout" else None)
                                             for k in ("1gpu", "tp", "tp-layout"))
             rows.append(f"| {n} | 16 x 16k: mean TTFT / wall | {o1:.2f} / {w1:.2f} | {o2:.2f} / {w2:.2f} | "
-                        f"**{o3:.2f} / {w3:.2f}** | {cnt[0]}/{cnt[1]} | {o2 / o3:.2f}x | {o1 / o3:.2f}x | = | |")
+                        f"**{o3:.2f} / {w3:.2f}** | {cnt[0]}/{cnt[1]} | {o2 / o3:.2f}x | {o1 / o3:.2f}x | | |")
             cnt = [0, 0]
             one, tp = multi_turn(m, "1gpu"), multi_turn(m, "tp")
             lay = multi_turn(m, "tp-layout", count=cnt)
             rows.append(f"| {n} | multi-turn, 8 x 4 turns of +8k: mean TTFT turns 2-4 | {one:.3f} | {tp:.3f} | "
-                        f"**{lay:.3f}** | {cnt[0]}/{cnt[1]} | {tp / lay:.2f}x | {one / lay:.2f}x | = | |")
+                        f"**{lay:.3f}** | {cnt[0]}/{cnt[1]} | {tp / lay:.2f}x | {one / lay:.2f}x | | |")
             for c, new in ((32768, 1024), (65536, 2048), (122880, 8192)):
                 one = m.prompt(c + new, base, cached=c, mode="1gpu").ttft
                 tp = m.prompt(c + new, base, cached=c, mode="tp").ttft
@@ -855,7 +855,7 @@ def predictions(ns: Sequence[int] = (2, 4, 8), links: Sequence[str] = ("nvlink",
                 forced = m.prompt(c + new, n * base, cached=c, mode="ahead").ttft
                 rows.append(f"| {n} | {c // 1024}k cached + {new // 1024}k new | {one:.3f} | {tp:.3f} | "
                             f"**{lay.ttft:.3f}** (run ahead: {forced:.3f}) | {lay.ahead}/{len(lay.steps)} | "
-                            f"{tp / lay.ttft:.2f}x | {one / lay.ttft:.2f}x | = | |")
+                            f"{tp / lay.ttft:.2f}x | {one / lay.ttft:.2f}x | | |")
         out += [f"### {PROFILES[link].note} ({link}), Llama-3-8B shape, seconds (*est.*)", "", *rows, ""]
     return "\n".join(out)
 
@@ -865,9 +865,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m vllm_kvrunahead.tp_cost",
         description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
                     "crossovers, predictions, and the committed measurements it reproduces.")
-    p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check"),
+    p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
                    help="crossover: the start-up line per N and link; predict: the prediction tables "
-                        "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three")
+                        "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three; "
+                        "fit: the fitted constants again from MEASURED (the chain's grid takes minutes)")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="TP sizes (default 2 4 8)")
     p.add_argument("--link", nargs="+", default=["nvlink", "no-p2p"], choices=sorted(PROFILES),
                    help="link profiles (default nvlink no-p2p)")
@@ -887,7 +888,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(predictions(a.n, a.link, shape))
     if a.what in ("all", "check"):
         print(check_table(shape))
+    if a.what == "fit":
+        print_fits()
     return 0
+
+
+def print_fits() -> None:
+    """Every fitted constant again, from ``MEASURED`` (Llama-3-8B)."""
+    g = fit_one_gpu({m.tokens: m.ttft for m in MEASURED if m.kind == "1gpu" and m.machine == "h200-x4-A"})
+    print(f"one GPU: matmul {g.matmul_flops / 1e12:.1f} TFLOP/s, attention {g.attn_flops / 1e12:.1f} TFLOP/s, "
+          f"fixed {g.fixed_s * 1e3:.2f} ms")
+    for link in ("nvlink", "no-p2p"):
+        pts: dict[int, dict[int, float]] = {}
+        for m in MEASURED:
+            if m.kind == "tp" and m.link == link and m.budget is None:
+                pts.setdefault(m.n, {})[m.tokens] = m.ttft
+        bw, fixed = fit_tp(pts, gpu=g)
+        print(f"{link} TP: busbw " + ", ".join(f"N={n} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items())) +
+              f"; tp_fixed {fixed * 1e3:.1f} ms")
+        chain = [m for m in MEASURED if m.kind == "chain" and m.link == link and m.scenario == "one"
+                 and (m.machine == "h200-x4-A" or link == "no-p2p") and m.budget is None]
+        floors = [x / 1000 for x in range(30, 47)] if link == "nvlink" else None
+        rc, hop, floor, rms = fit_chain(chain, PROFILES[link], gpu=g, floors=floors)
+        print(f"{link} chain: recv_cost {rc * KIB4:.2e} s per 4-KiB token-layer, hop {hop * 1e3:.1f} ms, "
+              f"guest_floor {floor * 1e3:.0f} ms (rms {rms:.3f})")
 
 
 if __name__ == "__main__":
