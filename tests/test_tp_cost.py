@@ -99,7 +99,8 @@ TOLERANCE = {("1gpu", "h200-x4-A"): 0.025, ("tp", "h200-x4-A"): 0.03, ("chain", 
              ("1gpu", "h100-x4"): 0.02, ("tp", "h100-x4"): 0.035, ("chain", "h100-x4"): 0.05}
 
 
-@pytest.mark.parametrize("m", tc.MEASURED, ids=lambda m: f"{m.kind}-{m.machine}-{m.link}-N{m.n}-{m.scenario}-{m.tokens}")
+@pytest.mark.parametrize("m", tc.MEASURED,
+                         ids=lambda m: f"{m.kind}-{m.machine}-{m.link}-N{m.n}-{m.scenario}-{m.tokens}")
 def test_model_reproduces_committed_ttft(m):
     got = tc.model_of(m)
     assert abs(got / m.ttft - 1) <= TOLERANCE[m.kind, m.machine], (got, m)
