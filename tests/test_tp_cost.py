@@ -241,6 +241,13 @@ def test_window_is_one_interval():
 
 # -- wiring -----------------------------------------------------------------------------------------
 
+def test_build_by_name():
+    m = tc.TPLayoutCost.build(None, 4, "no-p2p", block_size=16)
+    assert m.link is tc.NO_P2P and m.shape == SHAPE
+    with pytest.raises(ValueError, match="unknown link profile 'infiniband'; choose one of auto, nvlink"):
+        tc.TPLayoutCost.build(SHAPE, 4, "infiniband")
+
+
 def test_choose_link():
     assert tc.choose_link({}, nvlink=True, peer_access=True) == "nvlink"
     assert tc.choose_link({"NCCL_P2P_DISABLE": "1"}, nvlink=True) == "no-p2p"

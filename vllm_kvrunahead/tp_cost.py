@@ -259,6 +259,7 @@ SOCKETS = LinkProfile(
 )
 
 PROFILES: dict[str, LinkProfile] = {p.name: p for p in (NVLINK, PCIE_P2P, NO_P2P, SOCKETS)}
+LINK_CHOICES = ("auto", *PROFILES)  # values of the proposed ``kv_runahead.link`` option
 
 
 def choose_link(env: Mapping[str, str], nvlink: bool | None = None, peer_access: bool | None = None) -> str:
@@ -359,10 +360,21 @@ class TPLayoutCost:
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"N must be an integer >= 1, got {self.n!r}")
+        if self.shape is None:  # an unusual config (vllm_seam.model_shape gave none): as CostModel.for_shape
+            object.__setattr__(self, "shape", LLAMA3_8B)
         if self.rates is None:
             object.__setattr__(self, "rates", Rates.for_shape(self.shape, self.gpu))
         if self.split is None:
             object.__setattr__(self, "split", CostModel.for_shape(self.shape))
+
+    @classmethod
+    def build(cls, shape: ModelShape | None, n: int, link: str, block_size: int = 16, **kw) -> "TPLayoutCost":
+        """The model for a link profile by name (one of ``PROFILES``: "nvlink", "pcie-p2p", "no-p2p",
+        "sockets"; resolve "auto" with ``choose_link`` first)."""
+        if link not in PROFILES:
+            raise ValueError(f"KV-Runahead: unknown link profile {link!r}; choose one of "
+                             f"{', '.join(LINK_CHOICES)}")
+        return cls(shape, n, PROFILES[link], block_size=block_size, **kw)
 
     # -- one GPU and TP=N ------------------------------------------------------------------------
     def one_gpu(self, chunks: Sequence[Chunk]) -> StepCost:
