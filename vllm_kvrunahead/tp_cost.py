@@ -1,0 +1,930 @@
+"""TP layout against plain TP=N: which prefill chunks run ahead (pure; no torch, no vLLM).
+
+In the TP layout (``--tensor-parallel-size N`` with the plugin's worker) a chunk that does not run ahead
+is prefilled by vLLM's own TP=N model, not by one GPU, so "run ahead" must beat TP=N's prefill of the
+same chunk on this host's links (``partition.runahead_gain`` compares the chain against one GPU). Per
+engine step, in seconds (L layers, N ranks; docs/tp-layout-cost.md has the derivation and sources):
+
+    one GPU:    fixed + L * sum(compute)
+    TP=N:       fixed + tp_fixed + max(tp_floor, L * sum(compute) / N + 2L * 2(N-1)/N * tokens * hidden * 2 / busbw)
+    run ahead:  fixed + max(guest_floor, pipeline) + (N - 1) * hop + drain + guest_step + TP forward
+      pipeline: the guests' layer pipeline (``_pipeline``): rank k spends per layer
+                busy_k = max(compute_k + recv_cost * recv_k, recv_k / bw, sent_k / bw), recv_k = KV bytes of
+                the chain's [c, s_k) (all heads), its heads of the later segments (the shards) and, after c
+                cached tokens, the prefix heads it lacks, (1 - 1/N) of [0, c) (the prefix gather); a layer
+                starts when rank k-1's KV of it leaves, at that rank's attention exit; after cached tokens a
+                rank cannot pass a layer's attention exit before every rank has passed the exit GATHER_AHEAD
+                layers back (the gather is posted that far ahead: review 2026-12-07, R4)
+      TP forward: vLLM's TP step of each chunk's last token and the step's other work; a CUDA-graph-sized
+                step costs one measured TP=N decode step
+
+``compute`` is linear * m + attn * m * (c + m/2) per layer for m tokens after c, at rates fitted to one
+GPU; ``busbw``, ``tp_fixed``, ``recv_cost`` and ``hop`` are per link profile, fitted to the committed
+TP=N and chain TTFTs (``MEASURED``, each row cited). A chunk runs ahead only where this model's estimate
+of the run-ahead step is below its estimate of TP=N's step for the same chunk (``runs_ahead``), and a
+step's set of such chunks only where the whole step's estimate is below TP=N's (``choose``). After c
+cached tokens that weighs the prefix gather (grows with c) against TP's all-reduces (grow with the new
+tokens), so a long history with a short new turn stays TP's.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping, Sequence
+
+from .partition import Chunk, CostModel, ModelShape, balanced_step_bounds
+
+LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
+
+RESULTS = "benchmarks/results/README.md"
+TTFT_MD = "benchmarks/results/ttft.md"      # the same figures, with decode tok/s, per machine
+SERVING_MD = "benchmarks/results/serving.md"
+
+
+# -- measurements the constants come from ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Measured:
+    """One committed TTFT: ``kind`` 1gpu / tp / chain (the chain of copies, kvr-balanced: the cost
+    model's split), N GPUs, link profile, prompt tokens (one prompt, whole prompt in one step unless
+    ``budget`` says how it was chunked), seconds; ``where`` names the table and row."""
+
+    kind: str
+    n: int
+    link: str
+    tokens: int
+    ttft: float
+    where: str
+    machine: str = "h200-x4-A"
+    budget: int | None = None
+    scenario: str = "one"    # one prompt; "16x16k-mean" / "16x16k-wall" / "multi-turn": serving.md's
+
+
+def _rows(kind, n, link, machine, where, pairs, budget=None):
+    return [Measured(kind, n, link, t, s, f"{where}, row {t}", machine, budget) for t, s in pairs]
+
+
+def _scenarios(kind, n, column, pairs):
+    return [Measured(kind, n, "nvlink", 16384 if sc != "multi-turn" else 8192, s,
+                     f"{_H100}, {column} column, row {row}", "h100-x4", 16384, sc) for sc, row, s in pairs]
+
+
+_X4 = f'{RESULTS} "TTFT, 4x H200" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 4 GPUs / nvlink")'
+_X4_NOP2P = f'{RESULTS} "N=4 with NCCL_P2P_DISABLE=1" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 4 GPUs / no-p2p")'
+_X4_N2 = f'{RESULTS} "N=2 on GPUs 0,1 of machine A" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 2 GPUs / nvlink")'
+_X2 = f'{RESULTS} "TTFT, 2x H200" (= {TTFT_MD} "[nvidia-h200-x2] / llama3-8b / 2 GPUs / nvlink")'
+_X2_NOP2P = f'{RESULTS} "TTFT, 2x H200", NCCL_P2P_DISABLE=1 table (= {TTFT_MD} "[nvidia-h200-x2] / ... / no-p2p")'
+_H100 = f'{SERVING_MD} "NVIDIA H100 80GB HBM3 / llama3-8b / nvlink"'
+
+# Medians of 3 as in benchmarks/results/ttft.json (tests/test_tp_cost.py checks them against that file).
+MEASURED: tuple[Measured, ...] = tuple(
+    _rows("1gpu", 1, "nvlink", "h200-x4-A", _X4 + " 1gpu column",
+          [(1024, 0.02852), (2048, 0.05285), (4096, 0.10173), (8192, 0.21076), (16384, 0.49093),
+           (32768, 1.19367), (65536, 3.28688)])
+    + _rows("tp", 4, "nvlink", "h200-x4-A", _X4 + " TP=4 column",
+            [(1024, 0.04234), (2048, 0.04300), (4096, 0.04887), (8192, 0.08407), (16384, 0.17147),
+             (32768, 0.38950), (65536, 1.01266)])
+    + _rows("chain", 4, "nvlink", "h200-x4-A", _X4 + " kvr-balanced column",
+            [(1024, 0.04802), (2048, 0.05051), (4096, 0.05163), (8192, 0.07258), (16384, 0.14576),
+             (32768, 0.35650), (65536, 0.96462)])
+    + _rows("tp", 4, "no-p2p", "h200-x4-A", _X4_NOP2P + " TP=4 column",
+            [(8192, 0.33024), (32768, 1.34678), (65536, 2.85354)])
+    + _rows("chain", 4, "no-p2p", "h200-x4-A", _X4_NOP2P + " kvr-balanced column",
+            [(8192, 0.07409), (32768, 0.34480), (65536, 0.91736)])
+    + _rows("chain", 2, "nvlink", "h200-x4-A", _X4_N2 + " kvr-balanced column",
+            [(4096, 0.06005), (16384, 0.26200), (32768, 0.64016), (65536, 1.74826)])
+    + _rows("1gpu", 1, "nvlink", "h200-x2", _X2 + " 1gpu column",
+            [(4096, 0.10108), (8192, 0.21036), (16384, 0.49272), (32768, 1.20110), (65536, 3.26504)])
+    + _rows("tp", 2, "nvlink", "h200-x2", _X2 + " TP=2 column",
+            [(4096, 0.07041), (8192, 0.13024), (16384, 0.28222), (32768, 0.68446), (65536, 1.81006)])
+    + _rows("chain", 2, "nvlink", "h200-x2", _X2 + " kvr-balanced column",
+            [(4096, 0.06348), (8192, 0.12117), (16384, 0.26829), (32768, 0.66375), (65536, 1.77694)])
+    + _rows("tp", 2, "no-p2p", "h200-x2", _X2_NOP2P + " TP=2 column", [(16384, 0.52468), (32768, 1.12896)])
+    + _rows("chain", 2, "no-p2p", "h200-x2", _X2_NOP2P + " kvr-balanced column",
+            [(16384, 0.25726), (32768, 0.64463)])
+    # 4x H100 under vLLM's default scheduler: 1 GPU and TP=N at budget 16384 (a 64k prompt in 4 steps),
+    # the chain of copies at N x 16384 (one step at N=4). A machine the fit never saw: a check only.
+    + _rows("1gpu", 1, "nvlink", "h100-x4", _H100 + " 1gpu column, default-budget rows",
+            [(32768, 1.198), (65536, 3.292)], budget=16384)
+    + _rows("tp", 2, "nvlink", "h100-x4", _H100 + " tp N=2 column, default-budget rows",
+            [(32768, 0.694), (65536, 1.859)], budget=16384)
+    + _rows("tp", 4, "nvlink", "h100-x4", _H100 + " tp N=4 column, default-budget rows",
+            [(32768, 0.412), (65536, 1.059)], budget=16384)
+    + _rows("chain", 4, "nvlink", "h100-x4", _H100 + " kvr N=4 column, default-budget rows",
+            [(32768, 0.373), (65536, 1.002)], budget=65536)
+    # the same machine and table: 16 cold 16k prompts at once (max_tokens 1; mean TTFT from the results
+    # README's "... mean TTFT per request" row), 8 conversations x 4 turns of +8k (32 output tokens)
+    + _scenarios("1gpu", 1, "1gpu", [("16x16k-wall", "concurrent-16x16k", 7.767),
+                                     ("16x16k-mean", "mean TTFT per request (results README)", 4.165),
+                                     ("multi-turn", "multi-turn", 1.889)])
+    + _scenarios("tp", 2, "tp N=2", [("16x16k-wall", "concurrent-16x16k", 4.527),
+                                     ("16x16k-mean", "mean TTFT per request (results README)", 2.412)])
+    + _scenarios("tp", 4, "tp N=4", [("16x16k-wall", "concurrent-16x16k", 2.669),
+                                     ("16x16k-mean", "mean TTFT per request (results README)", 1.421),
+                                     ("multi-turn", "multi-turn", 0.617)])
+)
+
+
+# -- constants ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GPURates:
+    """One GPU's prefill, fitted (``fit_one_gpu``) to the 1gpu column of ``_X4`` (1k-64k, weighted least
+    squares on relative error; within 2.2% at every length): an effective matmul rate over the layer's
+    projections and MLP, an effective causal-attention rate (4 * heads * head_dim flops per query-key
+    pair) and the fixed seconds of an engine step outside the forward. The same rates hold on H100:
+    its 1-GPU TTFT is 1.198 / 3.292 s at 32k / 64k (``_H100``) against H200's 1.194 / 3.287 s.
+
+    The floors are the shortest forward of a multi-GPU engine, whatever the length: the host, not the
+    GPUs, sets it (TP=4 takes 0.042-0.043 s at 1k and 2k, the chain of copies 0.048-0.052 s at 1k-4k,
+    where one GPU takes 0.029-0.053 s). ``tp_floor_s`` is fitted to TP=4's 1k/2k rows (``fit_tp``),
+    ``guest_floor_s`` to the chain's 1k-4k rows together with the profile's hop and receive cost (grid
+    fit, docs/tp-layout-cost.md); both measured at N=4 only and taken for every N."""
+
+    matmul_flops: float = 638.3e12
+    attn_flops: float = 602.2e12
+    fixed_s: float = 5.73e-3
+    tp_floor_s: float = 0.029
+    guest_floor_s: float = 0.038
+
+
+ONE_GPU = GPURates()
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """How this host's GPUs talk, as the cost model needs it.
+
+    busbw: (N, bytes/s) bus bandwidth of vLLM's TP all-reduce at prefill sizes, 2(N-1)/N of the hidden
+      state through each rank per all-reduce (fitted to TP=N TTFTs, ``fit_tp``); also the bandwidth each
+      guest gets for its own traffic when every rank sends and receives at once (gather, shards).
+      Between listed N: interpolated in log N; beyond: the last.
+    tp_fixed_s: what a TP=N prefill step takes beyond one GPU's fixed time at any length (all-reduce
+      latency x 2L, the executor's broadcast), fitted with busbw.
+    recv_cost: seconds of a guest's per-layer time per KV byte it receives (NCCL's P2P kernels take SMs
+      from attention and GEMMs: the chain's later positions ran up to 11% slower with NVLink P2P, 7%
+      without, results README "Where the time goes"), fitted to the chain's TTFTs with ``hop_s``.
+    hop_s: seconds each extra guest adds to a step beyond the layer pipeline (set-up, hooks).
+    decode_s: (N, seconds) one TP=N decode step, the slowest measured (longest context): the TP tail of
+      a runahead chunk (vLLM's TP forward of its last token and the sampling) costs one of these.
+    measured: the N whose busbw and decode_s come from GPU runs; everything else is assumed.
+    """
+
+    name: str
+    busbw: tuple[tuple[int, float], ...]
+    tp_fixed_s: float
+    recv_cost: float
+    hop_s: float
+    decode_s: tuple[tuple[int, float], ...]
+    measured: tuple[int, ...] = ()
+    note: str = ""
+
+    def _at(self, table: tuple[tuple[int, float], ...], n: int) -> float:
+        pts = sorted(table)
+        if n <= pts[0][0]:
+            return pts[0][1]
+        for (n0, v0), (n1, v1) in zip(pts, pts[1:]):
+            if n <= n1:
+                f = math.log(n / n0) / math.log(n1 / n0)
+                return v0 * (v1 / v0) ** f
+        return pts[-1][1]
+
+    def bandwidth(self, n: int) -> float:
+        return self._at(self.busbw, n)
+
+    def decode(self, n: int) -> float:
+        return self._at(self.decode_s, n)
+
+
+KIB4 = 4096.0  # KV bytes per token per layer of Llama-3-8B (8 KV heads x 128 x 2 (K, V) x 2 bytes)
+
+NVLINK = LinkProfile(
+    "nvlink",
+    # fit_tp: TP=2 rows of _X2 (4k-64k), TP=4 rows of _X4 (4k-64k); N=8: N=4's (assumed, not measured)
+    busbw=((2, 274e9), (4, 325e9), (8, 325e9)),
+    tp_fixed_s=8.1e-3,
+    # fit_chain (with guest_floor_s) to the kvr-balanced columns of _X4 (N=4, 1k-64k) and _X4_N2 (N=2,
+    # 4k-64k), split by the planner's cost model: 4.0e-8 s per token-layer received (4 KiB); the results
+    # README's 2.7e-8 from per-worker busy times ("Where the time goes") is the same order
+    recv_cost=4.0e-8 / KIB4,
+    hop_s=2.0e-3,
+    # 1 / decode tok/s at 64k: TP=2 221 (_X2 "tp decode tok/s", row 65536), TP=4 282 (_X4, row 65536);
+    # N=8: N=4's (assumed)
+    decode_s=((2, 1 / 221), (4, 1 / 282), (8, 1 / 282)),
+    measured=(2, 4),
+    note="NVLink (NV18), H100 or H200",
+)
+
+NO_P2P = LinkProfile(
+    "no-p2p",
+    # fit_tp: TP=2 rows of _X2_NOP2P (16k, 32k), TP=4 rows of _X4_NOP2P (8k-64k); N=8 assumed: the drop
+    # from N=2 to 4 again (33.3 -> 25.5 -> 19.5 GB/s; traffic staged through host memory shares it)
+    busbw=((2, 33.3e9), (4, 25.5e9), (8, 19.5e9)),
+    tp_fixed_s=20.7e-3,
+    # fit_chain to the kvr-balanced columns of _X4_NOP2P (N=4) and _X2_NOP2P (N=2), floor as NVLink's:
+    # host-staged copies take fewer SMs (the chain ran faster without P2P, results README)
+    recv_cost=2.0e-8 / KIB4,
+    hop_s=4.0e-3,
+    # 1 / decode tok/s, slowest row: TP=2 218 (_X2_NOP2P, row 32768), TP=4 259 (_X4_NOP2P, row 32768)
+    decode_s=((2, 1 / 218), (4, 1 / 259), (8, 1 / 259)),
+    measured=(2, 4),
+    note="NCCL_P2P_DISABLE=1: through host memory, TP without custom all-reduce",
+)
+
+PCIE_P2P = LinkProfile(
+    "pcie-p2p",
+    # assumed, nothing measured: PCIe Gen5 x16 P2P (~64 GB/s a direction on paper), NCCL ~45 GB/s for a
+    # pair, dropping with N as no-p2p's does
+    busbw=((2, 45e9), (4, 34e9), (8, 26e9)),
+    tp_fixed_s=NVLINK.tp_fixed_s,       # P2P kernels as on NVLink; the lower TP cost keeps TP's side safe
+    recv_cost=NVLINK.recv_cost,
+    hop_s=NVLINK.hop_s,
+    decode_s=NO_P2P.decode_s,
+    note="PCIe peer-to-peer, no NVLink (assumed: no GPU run)",
+)
+
+SOCKETS = LinkProfile(
+    "sockets",
+    # ~3 GiB/s NCCL send/recv with NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 on 2x H200
+    # (/work/shared/device/README.md, "NCCL send/recv GPU0 -> GPU1"); all-reduce and N > 2 assumed
+    busbw=((2, 3.2e9), (4, 2.4e9), (8, 1.8e9)),
+    tp_fixed_s=NO_P2P.tp_fixed_s,
+    recv_cost=NO_P2P.recv_cost,
+    hop_s=NO_P2P.hop_s,
+    decode_s=((2, 10e-3), (4, 10e-3), (8, 10e-3)),  # assumed: 64 latency-bound all-reduces per token
+    note="NCCL over sockets (assumed: no TP or chain run)",
+)
+
+PROFILES: dict[str, LinkProfile] = {p.name: p for p in (NVLINK, PCIE_P2P, NO_P2P, SOCKETS)}
+LINK_CHOICES = ("auto", *PROFILES)  # values of the proposed ``kv_runahead.link`` option
+
+
+def choose_link(env: Mapping[str, str], nvlink: bool | None = None, peer_access: bool | None = None) -> str:
+    """The link profile for this host, from the facts a worker can read without moving data: NCCL's
+    environment (``NCCL_P2P_DISABLE``, ``NCCL_SHM_DISABLE``), whether every pair of the TP group's GPUs
+    has NVLink (vLLM's ``current_platform.is_fully_connected``, what it uses for custom all-reduce) and
+    whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts: the
+    slower guess (the TP=N side of the decision then costs less, so fewer chunks run ahead)."""
+    on = lambda k: str(env.get(k, "0")).strip().lower() not in ("", "0", "false", "no", "off")  # noqa: E731
+    if on("NCCL_P2P_DISABLE"):
+        return "sockets" if on("NCCL_SHM_DISABLE") else "no-p2p"
+    if nvlink:
+        return "nvlink"
+    if peer_access:
+        return "pcie-p2p"
+    return "no-p2p"
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rates:
+    """Per-layer constants of one model shape on one GPU (``for_shape``)."""
+
+    layers: int
+    linear: float          # s per token (projections + MLP)
+    attn: float            # s per query-key pair (causal: m * (c + m/2) pairs for m tokens after c)
+    qkv_share: float       # the share of ``linear`` before attention (QKV projection): a rank's time to
+    kv_bytes: float        # its attention exit; KV bytes per token per layer (all heads)
+    ar_bytes: float        # hidden-state bytes per token (one all-reduce)
+
+    @classmethod
+    def for_shape(cls, shape: ModelShape, gpu: GPURates = ONE_GPU, dtype_bytes: int = 2) -> "Rates":
+        q_out, kv_out = shape.heads * shape.head_dim, 2 * shape.kv_heads * shape.head_dim
+        qkv = shape.hidden * (q_out + kv_out)
+        params = qkv + q_out * shape.hidden + 3 * shape.hidden * shape.intermediate
+        return cls(layers=shape.layers, linear=2 * params / gpu.matmul_flops,
+                   attn=4 * shape.heads * shape.head_dim / gpu.attn_flops, qkv_share=qkv / params,
+                   kv_bytes=kv_out * dtype_bytes, ar_bytes=shape.hidden * dtype_bytes)
+
+    def compute(self, start: float, end: float) -> float:
+        """Per-layer seconds of tokens [start, end) attending over [0, end) on one full-model GPU."""
+        m = end - start
+        return self.linear * m + self.attn * m * (start + m / 2)
+
+    def to_attention_exit(self, start: float, end: float) -> float:
+        m = end - start
+        return self.qkv_share * self.linear * m + self.attn * m * (start + m / 2)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One engine step's estimate, seconds, with its parts (``fixed``: the engine's own; ``forward``:
+    the TP forward or one GPU's; ``guests``: the guests' pipeline incl. its floor and hops)."""
+
+    total: float
+    fixed: float = 0.0
+    forward: float = 0.0
+    guests: float = 0.0
+    tau: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+
+def _tp_share_of_heads(n: int, kv_heads: int) -> float:
+    """The share of a layer's KV heads one of n TP ranks holds (vLLM replicates heads when n > kv_heads)."""
+    return 1.0 / min(n, kv_heads)
+
+
+@dataclass(frozen=True)
+class TPLayoutCost:
+    """The TP layout's cost model for N ranks of one model shape on one link profile.
+
+    ``split``: the planner's cost model (``CostModel.for_shape``), which cuts chunks into segments; the
+    estimate evaluates those segments at the fitted ``rates``. ``gather_lead``: layers of the prefix gather
+    in flight ahead of the layer that needs them (``GuestConnector.GATHER_AHEAD``, 2); None: all posted
+    at the step's start (the review's R4 fix), so only bandwidth bounds the gather. ``margin``: a chunk
+    runs ahead only where it is predicted that share faster than TP=N (0: any gain).
+    """
+
+    shape: ModelShape
+    n: int
+    link: LinkProfile
+    gpu: GPURates = ONE_GPU
+    block_size: int = 16
+    gather_lead: int | None = 2
+    guest_step_s: float = 3e-3      # the guest's runner step on the host before vLLM's TP forward is
+    #                                 enqueued (review R5: its sample_tokens blocks 1-3 ms): assumed, the top
+    guest_slowdown: float = 1.0     # the guest (a V1 runner, no CUDA graphs) vs the chain's V2 per token:
+    #                                 unmeasured (benchmarks/gpu_guest_segments.py (c) measures it)
+    host_op_s: float = 15e-6        # host seconds per P2P post (shard or gather) per layer: assumed; it
+    #                                 matters only where the host bounds the step (the floor)
+    margin: float = 0.0
+    graph_tokens: int = 512         # vLLM captures CUDA graphs of steps up to min(2 max_num_seqs, 512) tokens
+    #                                 (V/config/vllm.py:1745, review R1): such a TP step runs at decode cost
+    rates: Rates = None  # type: ignore[assignment]
+    split: CostModel = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"N must be an integer >= 1, got {self.n!r}")
+        if self.shape is None:  # an unusual config (vllm_seam.model_shape gave none): as CostModel.for_shape
+            object.__setattr__(self, "shape", LLAMA3_8B)
+        if self.rates is None:
+            object.__setattr__(self, "rates", Rates.for_shape(self.shape, self.gpu))
+        if self.split is None:
+            object.__setattr__(self, "split", CostModel.for_shape(self.shape))
+
+    @classmethod
+    def build(cls, shape: ModelShape | None, n: int, link: str, block_size: int = 16, **kw) -> "TPLayoutCost":
+        """The model for a link profile by name (one of ``PROFILES``: "nvlink", "pcie-p2p", "no-p2p",
+        "sockets"; resolve "auto" with ``choose_link`` first)."""
+        if link not in PROFILES:
+            raise ValueError(f"KV-Runahead: unknown link profile {link!r}; choose one of "
+                             f"{', '.join(LINK_CHOICES)}")
+        return cls(shape, n, PROFILES[link], block_size=block_size, **kw)
+
+    # -- one GPU and TP=N ------------------------------------------------------------------------
+    def one_gpu(self, chunks: Sequence[Chunk]) -> StepCost:
+        fwd = self.rates.layers * sum(self.rates.compute(c.start, c.end) for c in chunks)
+        return StepCost(self.gpu.fixed_s + fwd, self.gpu.fixed_s, fwd)
+
+    def _tp_forward(self, chunks: Sequence[Chunk], extra_tokens: int = 0) -> float:
+        r, n = self.rates, self.n
+        tokens = sum(c.length for c in chunks) + extra_tokens
+        compute = r.layers * sum(r.compute(c.start, c.end) for c in chunks) / n
+        allreduce = 2 * r.layers * (2 * (n - 1) / n) * tokens * r.ar_bytes / self.link.bandwidth(n) if n > 1 else 0.0
+        if tokens <= self.graph_tokens:  # a step of CUDA-graph size: a measured decode step, plus its work
+            return self.link.decode(n) + compute + allreduce
+        return self.link.tp_fixed_s + max(self.gpu.tp_floor_s, compute + allreduce)
+
+    def tp(self, chunks: Sequence[Chunk], decodes: int = 0) -> StepCost:
+        """vLLM's TP=N step prefilling ``chunks`` (and ``decodes`` one-token requests)."""
+        if self.n == 1:
+            return self.one_gpu(chunks)
+        fwd = self._tp_forward(chunks, decodes)
+        return StepCost(self.gpu.fixed_s + fwd, self.gpu.fixed_s, fwd)
+
+    # -- the guests ----------------------------------------------------------------------------
+    def bounds(self, chunks: Sequence[Chunk]) -> list[list[float]]:
+        """Each chunk's N+1 segment edges as the planner cuts it: balanced with the planner's cost model,
+        every rank holding [0, c) (in TP layout each rank gathers the prefix's heads, none receives the
+        whole prefix over the chain). ``TPLayoutSplitter`` cuts the same way."""
+        if self.n < 2:
+            return [[float(c.start), float(c.end)] for c in chunks]
+        inner = _cut(self.split, self.n, tuple(_gathered(c, self.n) for c in chunks))
+        return [[float(c.start), *b, float(c.end)] for c, b in zip(chunks, inner)]
+
+    def guests(self, chunks: Sequence[Chunk], copies: bool = False) -> StepCost:
+        """The guests' pipeline for ``chunks`` (TP layout), or with ``copies`` the chain of copies'
+        (no shards, no gather: the chain moves all heads of [0, s_k) to rank k; cold chunks only)."""
+        r, n, link = self.rates, self.n, self.link
+        h = _tp_share_of_heads(n, self.shape.kv_heads)
+        bw = link.bandwidth(n)
+        edges = self.bounds(chunks)
+        comp = [0.0] * n
+        exit_ = [0.0] * n
+        recv = [0.0] * n      # KV bytes per layer each rank receives
+        sent = [0.0] * n
+        cached = False
+        for c, e in zip(chunks, edges):
+            lens = [e[k + 1] - e[k] for k in range(n)]
+            for k in range(n):
+                s_k, e_k = e[k], e[k + 1]
+                comp[k] += r.compute(s_k, e_k)
+                exit_[k] += r.to_attention_exit(s_k, e_k)
+                lo = 0.0 if copies else c.start
+                if k > 0:
+                    recv[k] += (s_k - lo) * r.kv_bytes            # the chain, all heads
+                if k < n - 1:
+                    sent[k] += (e_k - lo) * r.kv_bytes
+                if not copies:
+                    recv[k] += h * sum(lens[k + 1:]) * r.kv_bytes  # its heads of the later segments
+                    sent[k] += k * h * lens[k] * r.kv_bytes        # earlier ranks' heads of its own
+                    if c.start > 0:
+                        cached = True
+                        recv[k] += (1 - h) * c.start * r.kv_bytes  # the prefix heads it lacks
+                        sent[k] += (1 - h) * c.start * r.kv_bytes  # its heads, to every rank lacking them
+        slow = self.guest_slowdown
+        busy = [max(slow * comp[k] + link.recv_cost * recv[k], recv[k] / bw, sent[k] / bw) for k in range(n)]
+        # a rank's time to its attention exit, where its KV goes out: its share of the layer's time
+        to_exit = [busy[k] * exit_[k] / comp[k] if comp[k] > 0 else 0.0 for k in range(n)]
+        lead = self.gather_lead if (cached and not copies) else None
+        done = _pipeline(r.layers, busy, to_exit, lead)
+        ops = 0 if copies else 2 * (n - 1) + (2 * (n - 1) if cached else 0)
+        floor = self.gpu.guest_floor_s + r.layers * ops * self.host_op_s
+        total = max(floor, done) + (n - 1) * link.hop_s
+        drain = 0.0 if copies else sum((1 - h) * (e[-1] - e[-2]) for e in edges) * r.kv_bytes / bw
+        return StepCost(total + drain, guests=total + drain, tau=max(busy),
+                        parts=dict(pipeline=done, floor=floor, hops=(n - 1) * link.hop_s, drain=drain,
+                                   busy=busy, to_exit=to_exit, recv=recv, sent=sent))
+
+    def ahead(self, chunks: Sequence[Chunk], tp_chunks: Sequence[Chunk] = (), decodes: int = 0) -> StepCost:
+        """A TP-layout step: ``chunks`` run ahead on the guests, then vLLM's TP forward computes their last
+        tokens with ``tp_chunks`` and ``decodes`` (the rest of the step)."""
+        if not chunks:
+            return self.tp(tp_chunks, decodes)
+        g = self.guests(chunks)
+        fwd = self._tp_forward(tp_chunks, decodes + len(chunks))  # the tails ride in vLLM's TP step
+        total = self.gpu.fixed_s + g.total + self.guest_step_s + fwd
+        return StepCost(total, self.gpu.fixed_s, fwd, g.total, g.tau, dict(g.parts, guest_step=self.guest_step_s))
+
+    # -- the decision ------------------------------------------------------------------------------
+    def gain(self, chunk: Chunk) -> float:
+        """Seconds a chunk alone in its step is predicted to finish sooner run ahead than on TP=N."""
+        if self.n < 2 or chunk.length < 2 * self.n:
+            return -math.inf
+        return self.tp([chunk]).total - self.ahead([chunk]).total
+
+    def runs_ahead(self, chunk: Chunk) -> bool:
+        """Run ahead only where this model predicts it faster than TP=N's prefill of the same chunk (by
+        ``margin`` of TP's time): cold or after cached tokens (then the prefix gather is in the cost)."""
+        g = self.gain(chunk)
+        return g > 0 and g > self.margin * self.tp([chunk]).total
+
+    def window(self, cached: int = 0, most: int = 1 << 17) -> tuple[int, int] | None:
+        """(lo, hi): the chunks after ``cached`` tokens, in whole blocks up to ``most`` tokens, that run ahead
+        run from lo to hi tokens (hi = ``most`` when the longest does); None: none does. Short chunks lose
+        to TP=N's lower fixed cost, very long ones to the guests' pipeline fill once TP's all-reduces are a
+        small share of its quadratic attention (the measured chain / TP=4 ratio falls from 1.17x at 8k to
+        1.05x at 64k, results README)."""
+        bs = self.block_size
+        top = max(bs, most // bs * bs)
+        grid = sorted({max(bs, int(2 ** (x / 8)) // bs * bs) for x in range(8 * 6, 8 * 18 + 1)} | {top})
+        grid = [m for m in grid if m <= top]
+        runs = lambda m: self.runs_ahead(Chunk(cached, cached + m, cached + m))  # noqa: E731
+        ok = [runs(m) for m in grid]
+        if not any(ok):
+            return None
+        i = ok.index(True)
+        j = len(ok) - 1 - ok[::-1].index(True)
+
+        def edge(a: int, b: int, want: bool) -> int:  # runs(a) != want == runs(b): the block nearest a with want
+            a, b = a // bs, b // bs
+            while abs(b - a) > 1:
+                mid = (a + b) // 2
+                if runs(mid * bs) == want:
+                    b = mid
+                else:
+                    a = mid
+            return b * bs
+
+        lo = grid[0] if i == 0 else edge(grid[i - 1], grid[i], True)
+        hi = grid[j] if j == len(grid) - 1 else edge(grid[j + 1], grid[j], True)
+        return lo, hi
+
+    def choose(self, chunks: Sequence[Chunk], tp_chunks: Sequence[Chunk] = (), decodes: int = 0) -> list[bool]:
+        """Which of a step's chunks run ahead, the rest of the step (``tp_chunks``, ``decodes``) on TP=N.
+
+        Per-chunk decisions do not add up: a chunk that wins alone can lose next to a TP chunk (the step
+        then pays the guests and a full TP forward). So: the chunks that win alone, then, one at a time, the
+        one whose removal lowers the step's estimate most, while any does; run ahead only if that beats
+        the whole step on TP=N (by ``margin``). The estimate of what this returns is never above TP=N's."""
+        chunks = list(chunks)
+        sel = [i for i, c in enumerate(chunks) if self.runs_ahead(c)]
+
+        def cost(pick: Sequence[int]) -> float:
+            rest = [c for i, c in enumerate(chunks) if i not in pick] + list(tp_chunks)
+            return self.ahead([chunks[i] for i in pick], rest, decodes).total
+
+        cur = cost(sel) if sel else math.inf
+        while len(sel) > 1:
+            tries = [(cost([j for j in sel if j != i]), i) for i in sel]
+            best, drop = min(tries)
+            if best >= cur:
+                break
+            cur, sel = best, [j for j in sel if j != drop]
+        on_tp = cost([])
+        keep = bool(sel) and cur < on_tp and on_tp - cur > self.margin * on_tp
+        return [keep and i in sel for i in range(len(chunks))]
+
+    def crossover(self, cached: int = 0, most: int = 1 << 17) -> int | None:
+        """The smallest chunk after ``cached`` tokens that runs ahead (in whole blocks, up to ``most``); None:
+        none does (TP=N is predicted faster at every length)."""
+        w = self.window(cached, most)
+        return None if w is None else w[0]
+
+    def describe(self, most: int = 1 << 17, cached: Iterable[int] = (32768,)) -> str:
+        """The start-up log line: which chunks run ahead, cold and after cached tokens (``most``: the longest
+        chunk a step can hold, e.g. the step budget)."""
+        def say(w):
+            if w is None:
+                return f"none (TP={self.n} is predicted faster at every length)"
+            lo, hi = w
+            if hi >= most // self.block_size * self.block_size:
+                return f">= {lo} tokens (TP={self.n} is faster below)"
+            return f"{lo} to {hi} tokens (TP={self.n} is faster outside)"
+
+        line = f"TP layout N={self.n}, link {self.link.name}: chunks that run ahead: cold {say(self.window(0, most))}"
+        for c in cached:
+            line += f"; after {c} cached tokens {say(self.window(c, most))}"
+        return line
+
+    # -- whole prompts (chunked by a step budget) --------------------------------------------------
+    def prompt(self, tokens: int, budget: int, cached: int = 0, mode: str = "tp-layout") -> "PromptCost":
+        """TTFT of one prompt of ``tokens`` (``cached`` of them in the prefix cache), alone, cut into steps
+        of at most ``budget`` new tokens. mode: "tp-layout" (each chunk as ``runs_ahead`` says),
+        "ahead" (every chunk run ahead), "tp" (TP=N), "1gpu"."""
+        steps, c = [], cached
+        while c < tokens:
+            ch = Chunk(c, min(tokens, c + budget), tokens)
+            if mode == "1gpu":
+                steps.append(("1gpu", self.one_gpu([ch]).total))
+            elif mode == "tp" or (mode == "tp-layout" and not self.runs_ahead(ch)):
+                steps.append(("tp", self.tp([ch]).total))
+            else:
+                steps.append(("ahead", self.ahead([ch]).total))
+            c = ch.end
+        return PromptCost(sum(t for _, t in steps), tuple(steps))
+
+
+@dataclass(frozen=True)
+class PromptCost:
+    ttft: float
+    steps: tuple[tuple[str, float], ...]
+
+    @property
+    def ahead(self) -> int:
+        return sum(1 for k, _ in self.steps if k == "ahead")
+
+
+def _pipeline(layers: int, busy: Sequence[float], to_exit: Sequence[float], lead: int | None) -> float:
+    """When the last rank ends its last layer. Rank k runs each layer in ``busy[k]`` seconds; its layer l
+    starts once its layer l-1 is done and rank k-1 has sent layer l's KV, at that layer's attention exit
+    (``to_exit[k-1]`` after its start). With ``lead`` (the prefix gather in flight), rank k's layer l
+    cannot pass its attention exit before every rank has reached the attention exit of layer
+    l - lead (``GuestConnector``: layer l+1's prefix lands at layer l's exit, posted when layer
+    l+1-lead landed, i.e. at the senders' exit of layer l-lead)."""
+    n = len(busy)
+    start = [[0.0] * layers for _ in range(n)]
+    exits = [[0.0] * layers for _ in range(n)]
+    end = [[0.0] * layers for _ in range(n)]
+    for layer in range(layers):
+        gate = max(exits[j][layer - lead] for j in range(n)) if lead and layer - lead >= 0 else 0.0
+        for k in range(n):
+            t = end[k][layer - 1] if layer else 0.0
+            if k:
+                t = max(t, exits[k - 1][layer])
+            start[k][layer] = t
+            exits[k][layer] = max(t + to_exit[k], gate)
+            end[k][layer] = exits[k][layer] + busy[k] - to_exit[k]
+    return max(end[k][-1] for k in range(n))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cut(split: CostModel, n: int, chunks: tuple[Chunk, ...]) -> list[list[float]]:
+    return balanced_step_bounds(list(chunks), n, split)
+
+
+def _gathered(c: Chunk, n: int) -> Chunk:
+    """``c`` as the planner should see it in TP layout: every rank holds the prefix (it gathers it), so the
+    ring's prefix to position 0 (``partition.ring_receives``) is not on anyone's bill."""
+    return replace(c, held=(c.start,) * n) if c.start > 0 else c
+
+
+class TPLayoutSplitter:
+    """A ``plan.StepSplitter`` for the TP layout: ``cost`` decides which chunks run ahead (``min_tokens``,
+    when set, overrides it, as in the chain of copies), ``partitioner`` cuts them. The step's TP work
+    (decodes, short chunks) runs after the guests on every rank, not on the last one, so it takes no
+    share of the cut; chunks after cached tokens are cut with every rank holding the prefix."""
+
+    def __init__(self, partitioner, cost: TPLayoutCost, min_tokens: int | None = None) -> None:
+        self.partitioner, self.cost, self.min_tokens = partitioner, cost, min_tokens
+
+    def runs_ahead(self, chunk: Chunk) -> bool:
+        if self.min_tokens is not None:
+            return chunk.length >= self.min_tokens
+        return self.cost.runs_ahead(chunk)
+
+    def choose(self, chunks: list[Chunk], others: list[Chunk], decodes: int) -> list[bool]:
+        """Of the chunks ``runs_ahead`` let through, those that run ahead given the rest of the step
+        (``others``: prefill chunks on TP, ``decodes``: decode tokens); see ``TPLayoutCost.choose``."""
+        if self.min_tokens is not None:
+            return [True] * len(chunks)
+        return self.cost.choose(chunks, others, decodes)
+
+    def split_step(self, chunks: list[Chunk], head_only: list[Chunk]):
+        return self.partitioner.split_step([_gathered(c, self.cost.n) for c in chunks], [])
+
+    def describe(self) -> str:
+        return self.partitioner.describe()
+
+
+# -- fits (pure Python least squares) ------------------------------------------------------------------
+
+def _solve(a: list[list[float]], y: list[float], w: list[float]) -> list[float]:
+    """Weighted least squares by the normal equations (a few unknowns, well conditioned after scaling)."""
+    k = len(a[0])
+    scale = [max(abs(row[j]) for row in a) or 1.0 for j in range(k)]
+    rows = [[row[j] / scale[j] for j in range(k)] for row in a]
+    m = [[sum(wi * wi * r[i] * r[j] for r, wi in zip(rows, w)) for j in range(k)] for i in range(k)]
+    v = [sum(wi * wi * r[i] * yi for r, yi, wi in zip(rows, y, w)) for i in range(k)]
+    for i in range(k):                       # Gauss-Jordan with partial pivoting
+        p = max(range(i, k), key=lambda r: abs(m[r][i]))
+        m[i], m[p], v[i], v[p] = m[p], m[i], v[p], v[i]
+        for r in range(k):
+            if r != i and m[i][i]:
+                f = m[r][i] / m[i][i]
+                m[r] = [x - f * z for x, z in zip(m[r], m[i])]
+                v[r] -= f * v[i]
+    return [v[i] / m[i][i] / scale[i] for i in range(k)]
+
+
+def fit_one_gpu(points: Mapping[int, float], shape: ModelShape = LLAMA3_8B) -> GPURates:
+    """One GPU's rates from its TTFT by prompt length: t = fixed + L (linear n + attn n^2 / 2), least
+    squares on relative error."""
+    lengths = sorted(points)
+    a = [[shape.layers * n, shape.layers * n * n / 2, 1.0] for n in lengths]
+    t = [points[n] for n in lengths]
+    lin, att, fixed = _solve(a, t, [1 / x for x in t])
+    probe = Rates.for_shape(shape, GPURates(matmul_flops=1.0, attn_flops=1.0))
+    return replace(ONE_GPU, matmul_flops=probe.linear / lin, attn_flops=probe.attn / att, fixed_s=fixed)
+
+
+def fit_tp(points: Mapping[int, Mapping[int, float]], shape: ModelShape = LLAMA3_8B,
+           gpu: GPURates = ONE_GPU, shortest: int = 4096) -> tuple[dict[int, float], float]:
+    """busbw per N and one tp_fixed_s from TP=N TTFTs ({N: {tokens: s}}) at >= ``shortest`` tokens (above
+    the floor): t - fixed - L compute / N = 2L 2(N-1)/N tokens ar_bytes / busbw_N + tp_fixed."""
+    r = Rates.for_shape(shape, gpu)
+    ns = sorted(points)
+    a, y, w = [], [], []
+    for i, n in enumerate(ns):
+        for tok, t in sorted(points[n].items()):
+            if tok < shortest:
+                continue
+            row = [0.0] * (len(ns) + 1)
+            row[i] = 2 * r.layers * (2 * (n - 1) / n) * tok * r.ar_bytes
+            row[-1] = 1.0
+            a.append(row)
+            y.append(t - gpu.fixed_s - r.layers * r.compute(0, tok) / n)
+            w.append(1 / t)
+    sol = _solve(a, y, w)
+    return {n: 1 / sol[i] for i, n in enumerate(ns)}, sol[-1]
+
+
+def fit_chain(rows: Sequence["Measured"], link: LinkProfile, shape: ModelShape = LLAMA3_8B,
+              gpu: GPURates = ONE_GPU, floors: Sequence[float] | None = None) -> tuple[float, float, float, float]:
+    """(recv_cost per KV byte, hop_s, guest_floor_s, rms relative error) that fit the chain of copies'
+    cold single-step TTFTs ``rows`` best (grid search; the split is the planner's, fixed)."""
+    floors = floors if floors is not None else [gpu.guest_floor_s]
+    best = None
+    for i in range(0, 33):                       # 0 .. 8e-8 s per 4-KiB token-layer
+        for j in range(0, 31):                   # 0 .. 15 ms
+            for f in floors:
+                lk = replace(link, recv_cost=i * 0.25e-8 / KIB4, hop_s=j * 0.5e-3)
+                g = replace(gpu, guest_floor_s=f)
+                err = [math.log(model_of(m, shape, lk, g) / m.ttft) for m in rows]
+                rms = math.sqrt(sum(e * e for e in err) / len(err))
+                if best is None or rms < best[3]:
+                    best = (lk.recv_cost, lk.hop_s, f, rms)
+    return best
+
+
+# -- checks and predictions ----------------------------------------------------------------------------
+
+def model_of(m: Measured, shape: ModelShape = LLAMA3_8B, link: LinkProfile | None = None,
+             gpu: GPURates = ONE_GPU) -> float:
+    """This model's figure for one committed measurement (same N, link, prompt and step budget)."""
+    model = TPLayoutCost(shape, max(2, m.n), link or PROFILES[m.link], gpu)
+    budget = m.budget or m.tokens
+    if m.scenario != "one":
+        mode = "1gpu" if m.kind == "1gpu" else "tp"
+        if m.scenario == "multi-turn":
+            return multi_turn(model, mode, budget=budget)
+        mean, wall = concurrent(model, 16, m.tokens, budget, mode)
+        return wall if m.scenario == "16x16k-wall" else mean
+    if m.kind == "1gpu":
+        return model.prompt(m.tokens, budget, mode="1gpu").ttft
+    if m.kind == "tp":
+        return model.prompt(m.tokens, budget, mode="tp").ttft
+    if m.kind == "chain":  # the chain of copies, one cold step (every committed chain row is one step)
+        assert budget >= m.tokens, "chain rows are single steps"
+        return model.gpu.fixed_s + model.guests([Chunk(0, m.tokens, m.tokens)], copies=True).total
+    raise ValueError(m.kind)
+
+
+def check_table(shape: ModelShape = LLAMA3_8B) -> str:
+    """Markdown: every committed measurement against the model."""
+    out = ["| what | N | link | machine | scenario | tokens | budget | measured | model | model / measured |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in MEASURED:
+        v = model_of(m, shape)
+        out.append(f"| {m.kind} | {m.n} | {m.link} | {m.machine} | {m.scenario} | {m.tokens} | "
+                   f"{m.budget or 'one step'} | "
+                   f"{m.ttft:.4g} s | {v:.4g} s | {v / m.ttft:.3f} |")
+    return "\n".join(out)
+
+
+def step_cost(model: TPLayoutCost, chunks: Sequence[Chunk], decodes: int, mode: str,
+              count: list[int] | None = None) -> float:
+    """One engine step of ``chunks`` and ``decodes``: "1gpu", "tp" (TP=N), "tp-layout" (each chunk as
+    ``runs_ahead`` says, the rest in vLLM's TP forward) or "ahead" (every chunk of >= 2N tokens run ahead).
+    ``count``: [chunks run ahead, chunks] is added to."""
+    if mode == "1gpu":
+        return model.one_gpu(list(chunks)).total  # a decode token costs one GPU next to nothing
+    if mode == "tp":
+        return model.tp(chunks, decodes).total
+    if mode == "tp-layout":
+        flags = model.choose(chunks, (), decodes)
+    else:
+        flags = [c.length >= 2 * model.n for c in chunks]
+    ahead = [c for c, f in zip(chunks, flags) if f]
+    rest = [c for c, f in zip(chunks, flags) if not f]
+    if count is not None:
+        count[0] += len(ahead)
+        count[1] += len(chunks)
+    return model.ahead(ahead, rest, decodes).total
+
+
+def serve(model: TPLayoutCost, prompts: Sequence[tuple[int, int]], budget: int, mode: str,
+          gen: int = 1, count: list[int] | None = None) -> list[float]:
+    """TTFT of each prompt (cached tokens, prompt tokens), all arriving at once, under vLLM's scheduler as
+    the model sees it: every step first gives each running request its decode token, then prefills the
+    waiting prompts in order up to ``budget`` tokens (the last one chunked); ``gen`` output tokens each."""
+    todo = [[c, t] for c, t in prompts]      # next token to compute, prompt length
+    left = [gen - 1] * len(prompts)          # decodes still to run after the first token
+    ttft: list[float | None] = [None] * len(prompts)
+    now, decoding = 0.0, []
+    while any(x is None for x in ttft):
+        room = budget - len(decoding)
+        chunks, finishing = [], []
+        for i, (c, t) in enumerate(todo):
+            if ttft[i] is not None or c >= t or room <= 0:
+                continue
+            m = min(room, t - c)
+            chunks.append(Chunk(c, c + m, t))
+            todo[i][0] += m
+            room -= m
+            if c + m >= t:
+                finishing.append(i)
+        now += step_cost(model, chunks, len(decoding), mode, count)
+        for i in decoding:
+            left[i] -= 1
+        decoding = [i for i in decoding if left[i] > 0]
+        for i in finishing:
+            ttft[i] = now
+            if left[i] > 0:
+                decoding.append(i)
+    return ttft  # type: ignore[return-value]
+
+
+def concurrent(model: TPLayoutCost, prompts: int, tokens: int, budget: int, mode: str,
+               count: list[int] | None = None) -> tuple[float, float]:
+    """(mean TTFT, wall) of ``prompts`` cold prompts of ``tokens`` arriving together (``max_tokens=1``)."""
+    t = serve(model, [(0, tokens)] * prompts, budget, mode, count=count)
+    return sum(t) / len(t), max(t)
+
+
+def multi_turn(model: TPLayoutCost, mode: str, convs: int = 8, turns: int = 4, new: int = 8192, gen: int = 32,
+               budget: int = 16384, count: list[int] | None = None) -> float:
+    """Mean TTFT of turns 2.. of ``convs`` lock-step conversations (``benchmarks/serving.py`` multi-turn:
+    each turn adds ``new`` tokens after the history, the answer adds ``gen``); the prefix cache serves the
+    history's whole blocks (the last answer token's KV is never computed)."""
+    bs, out, hist = model.block_size, [], 0
+    for t in range(turns):
+        total = hist + new
+        cached = (hist - 1) // bs * bs if hist else 0
+        ttft = serve(model, [(cached, total)] * convs, budget, mode, gen, count if t else None)
+        if t:
+            out += ttft
+        hist = total + gen
+    return sum(out) / len(out)
+
+
+def predictions(ns: Sequence[int] = (2, 4, 8), links: Sequence[str] = ("nvlink", "no-p2p"),
+                shape: ModelShape = LLAMA3_8B, base: int = 16384) -> str:
+    """Markdown tables of the model's predictions (docs/tp-layout-cost.md, "Predictions"): one GPU and TP=N
+    at vLLM's default budget ``base``; the TP layout at N x ``base`` for one prompt (the chain of copies'
+    per-step budget; its TP-layout form is the lead's) and at ``base``; several prompts go one step each."""
+    def win(w):
+        return "none" if w is None else (f">= {w[0]}" if w[1] >= (1 << 17) else f"{w[0]}-{w[1]}")
+
+    out = ["### Which chunks run ahead (tokens; *est.*)", "",
+           "| link | N | cold | after 16k cached | after 32k cached | after 64k cached |", "|---|---|---|---|---|---|"]
+    for link in links:
+        for n in ns:
+            m = TPLayoutCost(shape, n, PROFILES[link])
+            out.append(f"| {link} | {n} | " + " | ".join(win(m.window(c)) for c in (0, 16384, 32768, 65536)) + " |")
+    out.append("")
+    for link in links:
+        rows = ["| N | scenario | 1 GPU | TP=N | **TP layout** | chunks ahead | vs TP=N | vs 1 GPU | "
+                "TP=N, budget N x 16k | TP layout, budget 16k |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for n in ns:
+            m = TPLayoutCost(shape, n, PROFILES[link])
+            for tok in (16384, 32768, 65536, 131072):
+                one = m.prompt(tok, base, mode="1gpu").ttft
+                tp, tp_big = m.prompt(tok, base, mode="tp").ttft, m.prompt(tok, n * base, mode="tp").ttft
+                big, small = m.prompt(tok, n * base), m.prompt(tok, base)
+                rows.append(f"| {n} | 1 x {tok // 1024}k | {one:.3f} | {tp:.3f} | **{big.ttft:.3f}** | "
+                            f"{big.ahead}/{len(big.steps)} | {tp / big.ttft:.2f}x | {one / big.ttft:.2f}x | "
+                            f"{tp_big:.3f} | {small.ttft:.3f} ({small.ahead}/{len(small.steps)}) |")
+            cnt = [0, 0]
+            (o1, w1), (o2, w2), (o3, w3) = (concurrent(m, 16, 16384, base, k, cnt if k == "tp-layout" else None)
+                                            for k in ("1gpu", "tp", "tp-layout"))
+            rows.append(f"| {n} | 16 x 16k: mean TTFT / wall | {o1:.2f} / {w1:.2f} | {o2:.2f} / {w2:.2f} | "
+                        f"**{o3:.2f} / {w3:.2f}** | {cnt[0]}/{cnt[1]} | {o2 / o3:.2f}x | {o1 / o3:.2f}x | | |")
+            cnt = [0, 0]
+            one, tp = multi_turn(m, "1gpu"), multi_turn(m, "tp")
+            lay = multi_turn(m, "tp-layout", count=cnt)
+            rows.append(f"| {n} | multi-turn, 8 x 4 turns of +8k: mean TTFT turns 2-4 | {one:.3f} | {tp:.3f} | "
+                        f"**{lay:.3f}** | {cnt[0]}/{cnt[1]} | {tp / lay:.2f}x | {one / lay:.2f}x | | |")
+            for c, new in ((32768, 1024), (65536, 2048), (122880, 8192)):
+                one = m.prompt(c + new, base, cached=c, mode="1gpu").ttft
+                tp = m.prompt(c + new, base, cached=c, mode="tp").ttft
+                lay = m.prompt(c + new, n * base, cached=c)
+                forced = m.prompt(c + new, n * base, cached=c, mode="ahead").ttft
+                rows.append(f"| {n} | {c // 1024}k cached + {new // 1024}k new | {one:.3f} | {tp:.3f} | "
+                            f"**{lay.ttft:.3f}** (run ahead: {forced:.3f}) | {lay.ahead}/{len(lay.steps)} | "
+                            f"{tp / lay.ttft:.2f}x | {one / lay.ttft:.2f}x | | |")
+        out += [f"### {PROFILES[link].note} ({link}), Llama-3-8B shape, seconds (*est.*)", "", *rows, ""]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_kvrunahead.tp_cost",
+        description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
+                    "crossovers, predictions, and the committed measurements it reproduces.")
+    p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
+                   help="crossover: the start-up line per N and link; predict: the prediction tables "
+                        "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three; "
+                        "fit: the fitted constants again from MEASURED (the chain's grid takes minutes)")
+    p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="TP sizes (default 2 4 8)")
+    p.add_argument("--link", nargs="+", default=["nvlink", "no-p2p"], choices=sorted(PROFILES),
+                   help="link profiles (default nvlink no-p2p)")
+    p.add_argument("--shape", default=None, help="a model shape as layers,hidden,heads,kv_heads,intermediate,"
+                                                 "head_dim (default Llama-3-8B: 32,4096,32,8,14336,128)")
+    a = p.parse_args(argv)
+    shape = LLAMA3_8B
+    if a.shape:
+        f = [int(x) for x in a.shape.split(",")]
+        shape = ModelShape(*f)
+    if a.what in ("all", "crossover"):
+        for link in a.link:
+            for n in a.n:
+                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).describe())
+        print()
+    if a.what in ("all", "predict"):
+        print(predictions(a.n, a.link, shape))
+    if a.what in ("all", "check"):
+        print(check_table(shape))
+    if a.what == "fit":
+        print_fits()
+    return 0
+
+
+def print_fits() -> None:
+    """Every fitted constant again, from ``MEASURED`` (Llama-3-8B)."""
+    g = fit_one_gpu({m.tokens: m.ttft for m in MEASURED if m.kind == "1gpu" and m.machine == "h200-x4-A"})
+    print(f"one GPU: matmul {g.matmul_flops / 1e12:.1f} TFLOP/s, attention {g.attn_flops / 1e12:.1f} TFLOP/s, "
+          f"fixed {g.fixed_s * 1e3:.2f} ms")
+    for link in ("nvlink", "no-p2p"):
+        pts: dict[int, dict[int, float]] = {}
+        for m in MEASURED:
+            if m.kind == "tp" and m.link == link and m.budget is None:
+                pts.setdefault(m.n, {})[m.tokens] = m.ttft
+        bw, fixed = fit_tp(pts, gpu=g)
+        print(f"{link} TP: busbw " + ", ".join(f"N={n} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items())) +
+              f"; tp_fixed {fixed * 1e3:.1f} ms")
+        chain = [m for m in MEASURED if m.kind == "chain" and m.link == link and m.scenario == "one"
+                 and (m.machine == "h200-x4-A" or link == "no-p2p") and m.budget is None]
+        floors = [x / 1000 for x in range(30, 47)] if link == "nvlink" else None
+        rc, hop, floor, rms = fit_chain(chain, PROFILES[link], gpu=g, floors=floors)
+        print(f"{link} chain: recv_cost {rc * KIB4:.2e} s per 4-KiB token-layer, hop {hop * 1e3:.1f} ms, "
+              f"guest_floor {floor * 1e3:.0f} ms (rms {rms:.3f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
