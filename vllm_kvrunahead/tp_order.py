@@ -248,7 +248,7 @@ class _Program:
         return TPStepOrder(tuple(self.start), tuple(map(tuple, self.entry)), tuple(map(tuple, self.exit)), end)
 
 
-LANDS, JOINS = math.inf, math.inf   # positions of the step's last landings and joins: after every round
+LANDS, JOINS = 1e18, math.inf   # positions of the step's last landings, then its joins: after every round
 
 
 def step_order(rank: int, peers: Peers, layers: int, lag: Sequence[int], windows: Windows = Windows()) -> TPStepOrder:
