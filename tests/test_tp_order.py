@@ -562,6 +562,27 @@ def used(result: Result, rank: int) -> set:
     return {s for s in result.sim.streams[rank] if s.startswith("nccl:")}
 
 
+@pytest.mark.parametrize("n", [2, 4, 6, 8])
+def test_every_round_is_one_group_across_the_ranks(n):
+    """Each message is sent and received in the same round of its flow, on both sides: a round is one
+    NCCL group across the ranks, so the order NCCL gives the operations inside a batch cannot matter,
+    and a pair's messages on a group pair up in the order both sides post them."""
+    for total in heads_cases(n):
+        peers = steps_of(n, total)["after cached"]
+        for lag in ((0,) * n, pipeline_lag(Timing(attn=0.7).hops(n)), staircase(n)):
+            posted = {}
+            for rank, order in enumerate(orders_of(peers, 5, lag)):
+                for op in order.ops():
+                    for p in op.p2p:
+                        src, dst = (rank, p.peer) if p.kind == SEND else (p.peer, rank)
+                        key = (op.flow, src, dst, p.layer)
+                        posted.setdefault(key, {})[p.kind] = op.index
+            assert posted and all(set(r) == {SEND, RECV} and r[SEND] == r[RECV] for r in posted.values())
+            for flow, src, dst in {k[:3] for k in posted}:
+                rounds = [posted[flow, src, dst, layer][SEND] for layer in range(5)]
+                assert rounds == sorted(rounds)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
 def test_communicators_per_rank_are_constant_in_n(n):
     """Four communicators per rank at any N (the chain's two neighbours, the shards' group, the gather's),
@@ -629,16 +650,17 @@ def test_gather_two_layers_ahead_stalls_rank_0_and_the_step(n, c):
     """A 16k chunk after c cached tokens on Llama-3-8B (32 layers; durations from the cost model, the
     partitioner's split, NVLink transfers), against the chain alone (no shards, no gather):
 
-        N, c          today's order: rank 0 waits / step longer     tp_order: step longer
-        4, 112k       5.9 / 3.3 layer times                         0.2
-        8, 16k        14.6 / 14.5                                   0.1
-        8, 48k        29.0 / 26.4                                   0.3
-        8, 112k       39.7 / 35.0 (the step takes 1.8x the chain's)  0.3
+        N, c       today's order: rank 0 waits / step longer (x)   tp_order: step longer   no lag: step longer
+        4, 112k    5.9 / 3.4 layer times (1.09x)                  0.22                    3.2
+        8, 16k     14.6 / 14.5 (1.41x)                            0.11                    14.4
+        8, 48k     29.0 / 26.3 (1.66x)                            0.21                    26.0
+        8, 112k    39.7 / 35.0 (1.81x)                            0.28                    34.6
 
     Today rank j sends the prefix of layer l at its own exit of layer l-3 and rank 0 lands it at its exit
     of l-1, so rank 0 runs no more than 2 layers ahead of the last rank, while the chain's pipeline puts
     the last rank (N-1) x (an attention and a transfer) behind. tp_order posts each rank's receive
-    rounds by its own lag: the step ends when the chain's does, plus the last layer's shards landing."""
+    rounds by its own lag: the step ends when the chain's does, plus the last layer's shards landing.
+    Without the lag (every rank in every round at once) it is as slow as today's."""
     step, timing = llama_timing(n, c, 16384)
     peers = all_peers(step, 8)
     lag = step_lag(LLAMA3_8B, [r.segments for r in step.requests])
@@ -795,5 +817,6 @@ def test_comm_buffer_bytes_of_llama3_8b():
     assert four.total / GIB == pytest.approx(1.63, abs=0.01) and eight.total / GIB == pytest.approx(1.75, abs=0.01)
     assert bound(8, windows=Windows(gather_recv=1)).total / GIB == pytest.approx(1.31, abs=0.01)
     assert bound(2).gather / GIB == pytest.approx(1.0)
+    assert eight.slots["gather_recv"] == (2, 7 * 2**26) and eight.slots["gather_stage"] == (8, 2**26)
     today = lambda n, c: (n - 1) / n * c * 32 * KV_BYTES / GIB  # noqa: E731
     assert today(4, 114688) == pytest.approx(10.5) and today(8, 114688) == pytest.approx(12.25)

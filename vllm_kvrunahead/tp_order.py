@@ -395,12 +395,13 @@ def streams(rank: int, n: int) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class CommBytes:
-    """Bytes of a rank's comm buffers in flight at once, by flow (worst rank, worst step)."""
+    """Bytes of a rank's comm buffers in flight at once, by flow (worst rank, worst step), and ``slots``:
+    how many slots of how many bytes each (what a preallocated arena holds: ``slot_bytes``)."""
 
     chain: int
     shards: int
     gather: int
-    detail: dict = field(default_factory=dict, compare=False)
+    slots: dict = field(default_factory=dict, compare=False)   # name -> (count, bytes of one)
 
     @property
     def total(self) -> int:
@@ -414,32 +415,34 @@ def comm_buffer_bytes(*, n: int, layers: int, kv_bytes_per_token_layer: int, tot
     bound over ranks, partitions and chunk starts c of the slots ``step_order`` fills, for steps of at
     most ``step_budget`` tokens in at most ``max_chunks`` runahead chunks, each message in whole blocks.
 
-    - chain: ``chain_recvs`` receives of [c, s_k) and ``chain_sends`` sends of [c, e_k), all heads; both
-      within the step's tokens.
-    - shards: rank k stages its segment with the heads of ranks < k (at most all but its own) in
-      ``shard_stage`` slots, and receives its heads of the later segments in ``shard_recv`` slots;
-      the segments of one step add up to the step's tokens.
-    - gather: ``gather_recv`` slots of the heads it lacks of [0, c) and ``gather_stage_slots`` of its
-      own; [0, c) fits the guest's scratch (max(max_model_len, step_budget) tokens), whatever c is.
-    Every message may start and end inside a block: 2 blocks more per chunk and message.
+    - chain: ``chain_recvs`` receives of [c, s_k) and ``chain_sends`` sends of [c, e_k), all KV heads;
+      both within the step's tokens.
+    - shards: rank k stages its segment with the KV heads of the ranks before it (all but its own, or
+      all where its own are replicated there) in ``shard_stage`` slots, and receives its KV heads of the
+      later segments in ``shard_recv`` slots; a step's segments add up to its tokens.
+    - gather: ``gather_recv`` slots of the KV heads it lacks of [0, c), and one stage slot of its own per
+      layer of lag the last rank may have (``pipeline_lag``: at most ``max_hop`` a hop) plus one; [0, c)
+      fits the guest's scratch (max(max_model_len, step_budget) tokens), whatever c is.
+    A message of a chunk may start and end inside a block: 2 blocks more per chunk and message.
     """
-    bs, beta = block_size, kv_bytes_per_token_layer
-    block = bs * beta                             # one block of one layer, all KV heads
+    bs = block_size
+    block = bs * kv_bytes_per_token_layer         # one block of one layer, all KV heads
     h = 1.0 / min(n, total_kv_heads)              # a rank's share of the KV heads
+    below = 1 - h if total_kv_heads >= n else 1.0  # the KV heads of the ranks before a rank
     step_blocks = step_budget // bs + 2 * max_chunks
     scratch_blocks = -(-max(max_model_len, step_budget) // bs)
-    cap = lambda x: min(x, layers)                # noqa: E731  (no window holds more layers than the model has)
-    chain = (cap(windows.chain_recvs) + cap(windows.chain_sends)) * step_blocks * block if n > 1 else 0
-    # the heads of the ranks before k: all but k's own, or all of them where k's are replicated there
-    below = 1 - h if total_kv_heads >= n else 1.0
-    stage = cap(windows.shard_stage) * step_blocks * below
-    # rank k's receives: one buffer per later rank, each of its segment's blocks
-    recv = cap(windows.shard_recv) * (step_budget // bs + 2 * max_chunks * (n - 1)) * h
-    shards = math.ceil((stage + recv) * block) if n > 1 else 0
-    spread = math.floor((n - 1) * max_hop)        # pipeline_lag's largest lag of the last rank
-    gather_stage = cap(spread + 1) * h
-    gather_recv = cap(windows.gather_recv) * (1 - h)
-    gather = math.ceil((gather_stage + gather_recv) * scratch_blocks * block) if n > 1 and h < 1 else 0
-    return CommBytes(chain, shards, gather, detail={
-        "step_blocks": step_blocks, "scratch_blocks": scratch_blocks, "kv_share": h,
-        "gather_stage_slots": cap(spread + 1)})
+    cap = lambda x: min(x, layers)                 # noqa: E731  (no window holds more layers than the model has)
+    size = lambda blocks, share: math.ceil(blocks * share * block)  # noqa: E731
+    slots = {} if n == 1 else {
+        "chain_recv": (cap(windows.chain_recvs), size(step_blocks, 1.0)),
+        "chain_send": (cap(windows.chain_sends), size(step_blocks, 1.0)),
+        "shard_stage": (cap(windows.shard_stage), size(step_blocks, below)),
+        # one buffer per later rank, each of its segment's blocks
+        "shard_recv": (cap(windows.shard_recv), size(step_budget // bs + 2 * max_chunks * (n - 1), h)),
+    }
+    if n > 1 and h < 1:
+        slots["gather_stage"] = (cap(math.floor((n - 1) * max_hop) + 1), size(scratch_blocks, h))
+        slots["gather_recv"] = (cap(windows.gather_recv), size(scratch_blocks, 1 - h))
+    flow = lambda *names: sum(c * b for name, (c, b) in slots.items() if name in names)  # noqa: E731
+    return CommBytes(flow("chain_recv", "chain_send"), flow("shard_stage", "shard_recv"),
+                     flow("gather_stage", "gather_recv"), slots)
