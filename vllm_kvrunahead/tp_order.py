@@ -5,7 +5,7 @@ Three flows move KV per layer (``tp_layout.GuestTraffic``):
 - the shards: rank k -> every earlier rank j, j's KV heads of k's segment, needed only when the
   guest's forward ends;
 - the prefix gather (chunks after c cached tokens): every owner of KV heads -> every rank lacking
-  them, the heads of [0, c), needed in the scratch before the layer.
+  them, their KV of [0, c), needed in the scratch before the layer.
 
 NCCL runs one communicator's operations in issue order on one stream per rank; a send completes
 together with its receive; a batch (``batch_isend_irecv``, one NCCL group) starts as one and ends as
@@ -38,15 +38,15 @@ blocks (read only after the step's JOIN); the gather lands on COMPUTE (it writes
 the layers read), at the exit of the layer before, as today.
 
 Buffers: fixed slots reused round after round (``Windows``); an op that refills a slot waits for the
-one that last used it, so the step's comm memory is ``comm_buffer_bytes`` whatever the prompt length,
-and nothing is allocated mid-step.
-- shards: rank k stages, at its exit of layer l, the heads of every earlier rank of its segment into
+one that last used it, so a rank's comm buffers are ``comm_buffer_bytes`` whatever the prompt length:
+an arena allocated once, which the KV budget leaves out (nothing to allocate mid-step).
+- shards: rank k stages, at its exit of layer l, its segment's KV heads of every earlier rank into
   stage slot l % shard_stage (COMPUTE; it waits for the round that sent the slot's previous layer),
   and receives into round slot T % shard_recv (landed before the slot's next round).
-- gather: an owner stages its heads of [0, c) of layer l once (GATHER_STREAM: the paged prefix is
-  final before the step) into stage slot l % stage_slots and sends that one tensor to every rank
-  lacking the heads, each in its own round (``gather_stage_slots`` keeps it until the last);
-  rank i receives layer l into slot l % gather_recv, posted gather_recv + 1 layers of its own ahead.
+- gather: an owner stages its KV heads of [0, c) of layer l once (GATHER_STREAM: the paged prefix
+  is final before the step) into stage slot l % stage_slots and sends that one tensor to every rank
+  lacking them, each in its own round (``gather_stage_slots`` keeps it until the last); rank i
+  receives layer l into slot l % gather_recv, posted gather_recv + 1 layers of its own ahead.
 """
 from __future__ import annotations
 
@@ -55,13 +55,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from . import ring_order
-from .ring_order import POST_RECV, SEND, WAIT_RECV, Role
+from .ring_order import POST_RECV, SEND, WAIT_RECV, Role  # noqa: F401  (the chain's op kinds, for the executor)
 
 CHAIN, SHARDS, GATHER = "chain", "shards", "gather"
 COMPUTE, SHARD_STREAM, GATHER_STREAM = "compute", "shard_side", "gather_side"
-SIDE_STREAM = {SHARDS: SHARD_STREAM, GATHER: GATHER_STREAM}
 SHARD_GROUP, GATHER_GROUP = "shard_group", "gather_group"
-GROUP = {SHARDS: SHARD_GROUP, GATHER: GATHER_GROUP}
 
 # Op kinds. The chain's are ring_order's (POST_RECV, WAIT_RECV, SEND; ChainComm executes them).
 FORK = "fork"    # the side stream waits for COMPUTE (the step's start: the last step's writes are done)
@@ -171,7 +169,9 @@ def pipeline_lag(hops: Sequence[float], max_hop: float = MAX_HOP) -> tuple[int, 
     """Layers by which each rank trails rank 0 (rank 0: 0), from ``hops[k]``: how far, in layer times,
     rank k+1's layer trails rank k's (the chain's pipeline: rank k+1 waits for rank k's attention and
     the transfer, then runs its own attention). Rounded to whole layers, at most ``max_hop`` per hop
-    (which bounds ``gather_stage_slots``), and never decreasing."""
+    (which bounds ``gather_stage_slots``), so growing by 0 or 1 a rank."""
+    if not 0 < max_hop <= 1:
+        raise ValueError(f"max_hop must be in (0, 1], got {max_hop}")
     lag, total = [0], 0.0
     for k, hop in enumerate(hops):
         total += min(max(hop, 0.0), max_hop)
@@ -194,10 +194,12 @@ def step_lag(cost, chunks: Sequence[Sequence], max_hop: float = MAX_HOP) -> tupl
 
 
 def _check_lag(lag: Sequence[int]) -> None:
-    if not lag or lag[0] != 0 or any(b < a for a, b in zip(lag, lag[1:])):
-        # a later rank with a smaller lag would be asked, in the gather's rounds, for a layer it
-        # cannot reach before the earlier rank has computed a layer that waits for that round
-        raise ValueError(f"lag must start at 0 and never decrease, got {tuple(lag)}")
+    # Every wait then points to an op due no later in the pipeline (docs/tp-layout-transport.md): a
+    # rank lagging less than the one before it would be asked in a gather round for a layer it
+    # reaches only after that round; one lagging 2 layers more would post its chain receive of a layer
+    # after its predecessor's send of it must have completed (ChainComm's 2 sends in flight).
+    if not lag or lag[0] != 0 or any(not 0 <= b - a <= 1 for a, b in zip(lag, lag[1:])):
+        raise ValueError(f"lag must start at 0 and grow by 0 or 1 a rank, got {tuple(lag)}")
 
 
 # -- rounds ---------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def _gather(prog: _Program, rank: int, peers: Peers, lag: Sequence[int], w: Wind
 
 
 def _land_gather(rank, layer, peers, lag, w) -> Op:
-    """This rank's own heads of the prefix from its paged blocks, the others' from the receive slot."""
+    """This rank's own KV heads of the prefix from its paged blocks, the others' from the receive slot."""
     waits = (Ref(GATHER, BATCH, gather_round(rank, layer, lag)),) if peers.gather_recv else ()
     return Op(LAND, GATHER, layer, COMPUTE, slot=layer % w.gather_recv if peers.gather_recv else None, waits=waits)
 
