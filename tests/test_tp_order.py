@@ -632,8 +632,8 @@ def test_per_layer_sends_before_receives_on_one_pair_group_deadlock(n):
 
 
 def test_todays_communicators_deadlock_when_their_streams_share_hardware_queues():
-    """R3: today's 3N - 1 NCCL streams (12 per rank at N=4 after cached tokens) under the default 8
-    hardware queues: a receive held at a queue's head (its stream busy with an earlier one) holds a
+    """R3: today's 3N - 1 NCCL streams and vLLM's (12 per rank at N=4 after cached tokens) under the
+    default 8 hardware queues: a receive held at a queue's head (its stream busy with an earlier one) holds a
     send another rank waits for; the step deadlocks. tp_order's streams complete under any sharing,
     down to one queue per rank (at some cost: the shards then keep rank 0 waiting a few tenths of a layer)."""
     peers = steps_of(4, 8)["after cached"]
