@@ -1,4 +1,4 @@
-"""The TP layout's cost model against plain TP=N (vllm_kvrunahead/tp_cost.py): pure, no torch, no vLLM."""
+"""The TP layout's cost model against plain TP=N (vllm_kvrunahead/core/tp_cost.py): pure, no torch, no vLLM."""
 import io
 import json
 import random
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvrunahead import tp_cost as tc
-from vllm_kvrunahead.partition import Chunk
+from vllm_kvrunahead.core import tp_cost as tc
+from vllm_kvrunahead.core.partition import Chunk
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -32,7 +32,7 @@ def rows(**want):
 # -- the constants come from the committed measurements --------------------------------------------
 
 def test_import_is_pure():
-    code = ("import sys, vllm_kvrunahead.tp_cost; "
+    code = ("import sys, vllm_kvrunahead.core.tp_cost; "
             "bad = [m for m in ('torch', 'vllm', 'numpy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from vllm_kvrunahead.partition import CostModel, Segment
-from vllm_kvrunahead.plan import RunaheadReq, StepPlan
-from vllm_kvrunahead.ring_order import POST_RECV, SEND, WAIT_RECV
-from vllm_kvrunahead.ring_order import Role as ChainRole
-from vllm_kvrunahead.ring_order import step_order as chain_order
-from vllm_kvrunahead.tp_layout import kv_heads_of, tp_step
-from vllm_kvrunahead.tp_order import (
+from vllm_kvrunahead.core.partition import CostModel, Segment
+from vllm_kvrunahead.core.plan import RunaheadReq, StepPlan
+from vllm_kvrunahead.core.ring_order import POST_RECV, SEND, WAIT_RECV
+from vllm_kvrunahead.core.ring_order import Role as ChainRole
+from vllm_kvrunahead.core.ring_order import step_order as chain_order
+from vllm_kvrunahead.core.tp_step import kv_heads_of, tp_step
+from vllm_kvrunahead.core.tp_order import (
     BATCH, CHAIN, COMPUTE, FORK, GATHER, GATHER_GROUP, GATHER_STREAM, JOIN, LAND, RECV, SHARD_GROUP,
     SHARD_STREAM, SHARDS, STAGE, Op, P2P, Peers, Ref, TPStepOrder, Windows, comm_buffer_bytes, communicators,
     gather_stage_slots, pipeline_lag, step_lag, step_order, streams)
@@ -324,7 +324,7 @@ def make_step(n, chunks, bs=16, seed=0, scratch_blocks=10**6):
         reqs.append(RunaheadReq(f"r{i}", cut(c, m, n, bs, rng), tuple(range(free, free + need))))
         free += need
     step = tp_step(StepPlan(n, tuple(reqs), bs), scratch_blocks)
-    assert len(step.requests) == len(chunks), step.on_tp
+    assert len(step.requests) == len(chunks), step.not_ahead
     return step
 
 
@@ -434,7 +434,7 @@ def llama_timing(n, c, m, cost=LLAMA3_8B, bs=16):
     """A chunk of m tokens after c cached on Llama-3-8B, split as the partitioner balances it: every
     duration in layer times of rank 0, each rank's attention share, the chain's [c, e_k), the shards
     and the gather (every other rank's KV heads of [0, c) into one rank, over NVLink). Returns (step, timing)."""
-    from vllm_kvrunahead.partition import Chunk, align_bounds, balanced_step_bounds
+    from vllm_kvrunahead.core.partition import Chunk, align_bounds, balanced_step_bounds
 
     chunk = Chunk(c, c + m, c + m)
     segs = align_bounds(chunk, balanced_step_bounds([chunk], n, cost)[0], bs)

@@ -360,7 +360,7 @@ class TPLayoutCost:
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"N must be an integer >= 1, got {self.n!r}")
-        if self.shape is None:  # an unusual config (vllm_seam.model_shape gave none): as CostModel.for_shape
+        if self.shape is None:  # an unusual config (seam.model_shape gave none): as CostModel.for_shape
             object.__setattr__(self, "shape", LLAMA3_8B)
         if self.rates is None:
             object.__setattr__(self, "rates", Rates.for_shape(self.shape, self.gpu))
@@ -874,7 +874,7 @@ def predictions(ns: Sequence[int] = (2, 4, 8), links: Sequence[str] = ("nvlink",
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m vllm_kvrunahead.tp_cost",
+        prog="python -m vllm_kvrunahead.core.tp_cost",
         description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
                     "crossovers, predictions, and the committed measurements it reproduces.")
     p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
