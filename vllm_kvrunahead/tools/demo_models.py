@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-CACHE = Path(os.environ.get("KVR_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".models"))
+CACHE = Path(os.environ.get("KVR_MODEL_CACHE", Path(__file__).resolve().parents[2] / ".models"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
