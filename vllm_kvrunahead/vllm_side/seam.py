@@ -83,6 +83,24 @@ def model_shape(model_config) -> ModelShape | None:
         return None
 
 
+def model_memory(model_config) -> dict | None:
+    """What a memory plan needs of the model beyond its shape (``core/memory.py``), or None (an unusual
+    config: no plan)."""
+    shape = model_shape(model_config)
+    try:
+        return dict(shape=shape, vocab=model_config.get_vocab_size(), dtype_bytes=model_config.dtype.itemsize,
+                    tied=bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False)))
+    except (AttributeError, TypeError):
+        return None
+
+
+def gpu_memory_bytes(device: int = 0) -> int:
+    """The first GPU's memory (through NVML on CUDA: no CUDA context in the process that builds the config)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.get_device_total_memory(device)
+
+
 def block_size(kv_cache_config) -> int:
     """The KV block size of the model's one KV cache group (the config hook refuses others)."""
     groups = kv_cache_config.kv_cache_groups

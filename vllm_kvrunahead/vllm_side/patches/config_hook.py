@@ -68,6 +68,8 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
             what = f"{n} workers" if tp == 1 else f"{n} stages x {tp} TP ranks"
             raise ValueError(f"KV-Runahead: {what} need {n * tp} GPUs, only {have} visible; "
                              f"use --prefill-context-parallel-size {max(1, have // tp)} or fewer")
+    if current_platform.is_cuda_alike() and cfg.mode == TP_LAYOUT:
+        check_fits(vllm_config, n)
     most = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
     if cfg.step_budget is not None and most is not None and cfg.step_budget > most:
         raise ValueError(f"KV-Runahead: step_budget {cfg.step_budget} is more than --max-num-batched-tokens "
@@ -78,6 +80,32 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
         t = PartitionTable.load(cfg.table_path)
         if t.n_workers != n:
             raise ValueError(f"KV-Runahead: table {cfg.table_path} is for {t.n_workers} workers, not {n}")
+
+
+def check_fits(vllm_config, n: int) -> None:
+    """The TP layout's memory plan per GPU (est., ``core/memory.py``), logged; refused, with the plan, where
+    KV would not hold one request of max_model_len: every rank holds the full model as its guest, so a model
+    whose weights do not fit one GPU with room for KV fails here, not after minutes of loading."""
+    from ...core.memory import GIB, tp_layout_plan
+    from ...log import logger
+    from ..seam import gpu_memory_bytes, model_memory
+
+    mc, cc, sc = vllm_config.model_config, vllm_config.cache_config, vllm_config.scheduler_config
+    model = model_memory(mc) if mc is not None else None
+    if model is None or model["shape"] is None:
+        return
+    plan = tp_layout_plan(model["shape"], vocab=model["vocab"], tied=model["tied"], n=n,
+                          dtype_bytes=model["dtype_bytes"], step_budget=sc.max_num_batched_tokens,
+                          max_model_len=mc.max_model_len, block_size=cc.block_size or 16,
+                          gpu_bytes=gpu_memory_bytes(), utilization=cc.gpu_memory_utilization)
+    logger.info("KV-Runahead: TP layout's plan per GPU (est.): %s", plan.line())
+    if plan.kv_tokens < mc.max_model_len:
+        raise ValueError(
+            f"KV-Runahead: the TP layout does not fit {mc.model} on this GPU: every rank holds the full model as "
+            f"its guest ({plan.guest_weights / GIB:.1f} GiB) beside vLLM's 1/{n} shard; per GPU (est.) "
+            f"{plan.line()}, fewer than --max-model-len {mc.max_model_len}. Lower --max-model-len or "
+            "--max-num-batched-tokens, raise --gpu-memory-utilization, or serve it with plain "
+            "--tensor-parallel-size without --worker-cls (models beyond one GPU: docs/guest-beyond-one-gpu.md)")
 
 
 def convert(vllm_config) -> None:

@@ -1,0 +1,93 @@
+"""The TP layout's memory plan per GPU (core/memory.py) and its refusal at config time, before any weights load."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_kvrunahead.core.memory import GIB, tp_layout_plan, weight_bytes
+from vllm_kvrunahead.core.partition import ModelShape
+
+LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
+LLAMA3_70B = ModelShape(layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, head_dim=128)
+H200, H100 = int(139.8 * GIB), int(79.2 * GIB)  # what vLLM reports of the cards (gpu_guest_segments.log)
+
+
+def plan(shape=LLAMA3_8B, n=1, budget=16384, max_len=131072, gpu=H200, util=0.85):
+    return tp_layout_plan(shape, vocab=128256, tied=False, n=n, dtype_bytes=2, step_budget=budget,
+                          max_model_len=max_len, block_size=16, gpu_bytes=gpu, utilization=util)
+
+
+def test_weights_are_the_checkpoints():
+    assert weight_bytes(LLAMA3_8B, 128256, False, 2) / GIB == pytest.approx(14.96, abs=0.01)   # measured: 14.96
+    assert weight_bytes(LLAMA3_70B, 128256, False, 2) / GIB == pytest.approx(131.4, abs=0.1)
+
+
+@pytest.mark.parametrize("budget, max_len, measured", [(16384, 131072, 689_104), (65536, 65600, 610_256)])
+def test_plan_reproduces_the_one_gpu_run(budget, max_len, measured):
+    """One H200, util 0.85, the guest beside vLLM's runner (benchmarks/results/gpu_smoke/guest_segments/)."""
+    p = plan(budget=budget, max_len=max_len)
+    assert 0.96 * measured < p.kv_tokens < measured   # an estimate, on the safe side
+    assert p.guest_weights == p.vllm_weights and p.comm == 0   # one rank: no peers, no comm buffers
+
+
+def test_a_model_beyond_one_gpu_has_no_kv_left():
+    p = plan(LLAMA3_70B, n=8, util=0.9)
+    assert p.kv < 0 and p.kv_tokens == 0
+    four = plan(n=4, gpu=H100, util=0.9)
+    assert four.vllm_weights == four.guest_weights // 4 and four.comm > 0 and four.kv_tokens > 1_000_000
+
+
+def model_config(shape: ModelShape, max_len: int):
+    hf = SimpleNamespace(num_hidden_layers=shape.layers, hidden_size=shape.hidden,
+                         num_attention_heads=shape.heads, intermediate_size=shape.intermediate,
+                         tie_word_embeddings=False)
+    return SimpleNamespace(model="llama-70b", hf_text_config=hf, max_model_len=max_len, dtype=torch.bfloat16,
+                           get_total_num_kv_heads=lambda: shape.kv_heads, get_head_size=lambda: shape.head_dim,
+                           get_vocab_size=lambda: 128256, is_encoder_decoder=False, use_mla=False,
+                           runner_type="generate", is_hybrid=False, is_attention_free=False)
+
+
+def tp_config(shape, max_len=131072, n=8):
+    return SimpleNamespace(
+        model_config=model_config(shape, max_len), speculative_config=None, kv_transfer_config=None,
+        parallel_config=SimpleNamespace(tensor_parallel_size=n, pipeline_parallel_size=1, data_parallel_size=1,
+                                        decode_context_parallel_size=1, distributed_executor_backend="mp",
+                                        nnodes=1),
+        cache_config=SimpleNamespace(block_size=16, gpu_memory_utilization=0.9),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16384))
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA platform with 141 GB cards, as the config hook sees one (no GPU here)."""
+    from vllm.platforms import current_platform
+
+    from vllm_kvrunahead.vllm_side import seam
+
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self=None: True, raising=False)
+    monkeypatch.setattr(seam, "gpu_memory_bytes", lambda device=0: H200)
+
+
+def test_the_tp_layout_refuses_a_model_that_cannot_fit_with_its_plan(gpu):
+    from vllm_kvrunahead.config import KVRunaheadConfig
+    from vllm_kvrunahead.vllm_side.patches.config_hook import check_supported
+
+    with pytest.raises(ValueError, match=r"the TP layout does not fit llama-70b on this GPU: every rank holds the full "
+                                         r"model as its guest \(131.4 GiB\) beside vLLM's 1/8 shard; .* KV -\d+\.\d GiB "
+                                         r"\(0 tokens\), fewer than --max-model-len 131072\. Lower --max-model-len"):
+        check_supported(tp_config(LLAMA3_70B), KVRunaheadConfig(num_workers=8, mode="tp_layout"))
+
+
+def test_a_model_that_fits_logs_its_plan(gpu, kvr_log):
+    import logging
+
+    from vllm_kvrunahead.log import LOGGER_NAME
+
+    from vllm_kvrunahead.config import KVRunaheadConfig
+    from vllm_kvrunahead.vllm_side.patches.config_hook import check_supported
+
+    with kvr_log.at_level(logging.INFO, logger=LOGGER_NAME):
+        check_supported(tp_config(LLAMA3_8B, n=4), KVRunaheadConfig(num_workers=4, mode="tp_layout"))
+    assert any("TP layout's plan per GPU (est.): 125.8 GiB usable = vLLM's weights 3.7 + guest's weights 15.0 + "
+               "scratch 1.0 + activation peak 2.7"
+               in r.getMessage() for r in kvr_log.records), kvr_log.text
