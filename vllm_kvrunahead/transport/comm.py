@@ -376,59 +376,6 @@ class CommArena:
         return slot_views(ring[index], shapes, dtype, name)
 
 
-class ShardComm(_Flow):
-    """TP layout: one flow of KV head shards between the ranks (``tp_step.GuestTraffic``), beside the
-    chain's ``ChainComm``: the segment shards (each rank's heads of a later rank's segment, sent back to
-    it) or the prefix gather (each rank's heads of a cached prefix, sent to every rank that lacks them).
-
-    NCCL runs one group's point-to-point operations in issue order on one stream, so every flow has
-    groups of its own, and every pair of ranks one per flow (``directional``: one per direction, for a
-    flow whose pairs send both ways: on one group both ranks' first sends would wait for receives that
-    each has queued behind its own send). Receives come back oldest first (``wait_recvs``)."""
-
-    def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None,
-                 directional: bool = False) -> None:
-        super().__init__(timeout_s, backend != "nccl")
-        self.rank = rank
-        self._to: dict[int, dist.ProcessGroup] = {}    # the group of my sends to a peer
-        self._from: dict[int, dist.ProcessGroup] = {}  # ... and of its sends to me
-        for a in range(world):          # new_group is collective: every rank makes every pair's, in order
-            for b in range(a + 1, world):
-                ab = dist.new_group([a, b], backend=backend)
-                ba = dist.new_group([a, b], backend=backend) if directional else ab
-                if rank == a:
-                    self._to[b], self._from[b] = ab, ba
-                elif rank == b:
-                    self._to[a], self._from[a] = ba, ab
-
-    def post_send(self, dst: int, tensor: torch.Tensor) -> None:
-        self._post_send(tensor, dst, self._to[dst])
-
-    def post_recv(self, src: int, shape, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._post_recv(src, shape, dtype, device, self._from[src])
-
-    def wait_recvs(self, count: int | None = None) -> list[torch.Tensor]:
-        """The buffers of the ``count`` oldest posted receives (None: all), in the order they were
-        posted, once arrived."""
-        return self._wait_oldest(len(self._recvs) if count is None else count)
-
-    def warm_up(self, device: torch.device) -> None:
-        """One tiny message each way between every pair, so the links (NCCL's communicators are made
-        lazily) exist before the first request. The lower rank of a pair sends first, the higher receives
-        first: on a pair's one group (not ``directional``) NCCL then pairs them in issue order."""
-        for peer in sorted(self._to):
-            one = torch.zeros(1, device=device)
-            if self.rank < peer:
-                self.post_send(peer, one)
-                self.post_recv(peer, (1,), one.dtype, device)
-            else:
-                self.post_recv(peer, (1,), one.dtype, device)
-                self.post_send(peer, one)
-        self.wait_recvs()
-        self.end_step()
-        self.bytes_sent = self.bytes_received = 0
-
-
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:
     try:
         return dist.get_backend(group) == "nccl"
