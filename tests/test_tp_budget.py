@@ -1,6 +1,7 @@
 """The TP layout's rank set-up around its traffic (fast, no engine): the comm arena is allocated once, before
-vLLM measures its KV budget, and left out of it; the arena's size for Llama-3-8B."""
+vLLM measures its KV budget, and left out of it; the arena's size for Llama-3-8B; CUDA's hardware queues."""
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,19 @@ def test_the_arena_of_llama3_8b():
     # what one slot of each holds: the gather's receive slots are the KV heads a rank lacks of 128k tokens
     assert eight.slots["gather_recv"] == (2, 7 * 131072 * 4096 // 8) and eight.slots["gather_stage"] == (8, 2**26)
     assert math.isclose(sum(c * b for c, b in eight.slots.values()), eight.total)
+
+
+@pytest.mark.parametrize("mode, preset, want", [
+    ("tp_layout", None, "32"),      # a hardware queue per stream: vLLM's, 2 side streams, 4 communicators'
+    ("tp_layout", "8", "8"),        # the user's setting stays
+    ("copies", None, None),         # the chain of copies: CUDA's default
+])
+def test_the_tp_layout_gives_its_streams_hardware_queues_before_cuda_starts(monkeypatch, mode, preset, want):
+    from vllm_kvrunahead.worker import set_hardware_queues
+
+    if preset is None:
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", preset)
+    set_hardware_queues(SimpleNamespace(mode=mode))
+    assert os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == want
