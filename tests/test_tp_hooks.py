@@ -17,7 +17,6 @@ import random
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
