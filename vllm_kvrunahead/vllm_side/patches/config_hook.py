@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 
 from ...config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, TP_LAYOUT, KVRunaheadConfig, flags_mode
-from ...patches import Patch, check_not_replaced, wrap_method
+from . import Patch, check_not_replaced, wrap_method
 
 
 def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:

@@ -8,7 +8,7 @@ which the chain needs.
 """
 from __future__ import annotations
 
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 
 def _apply() -> None:

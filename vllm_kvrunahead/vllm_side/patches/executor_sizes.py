@@ -9,7 +9,7 @@ PCP = 1, so the check is answered with the KV-Runahead stage count in PCP's plac
 from __future__ import annotations
 
 from ...config import COPIES, mode_of
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 
 def _apply() -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from ...log import logger
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 POLL_S = 0.5  # how often a blocked writer looks at the shutdown flag
 WARN_EVERY_S = 60.0

@@ -7,7 +7,7 @@ must start where its segment started plus what it computed, which only the rewri
 """
 from __future__ import annotations
 
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 
 def _apply() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ...config import ADDITIONAL_CONFIG_KEY, COPIES, flags_mode
 from ...log import logger
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 
 def _apply() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...config import ADDITIONAL_CONFIG_KEY, COPIES, mode_of
 from ...core.budget import StepBudget
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 _UNSET = object()
 

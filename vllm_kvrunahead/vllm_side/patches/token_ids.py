@@ -8,7 +8,7 @@ request is refused with HTTP 400 instead, before it reaches any worker.
 from __future__ import annotations
 
 from ...config import COPIES, TP_LAYOUT, mode_of
-from ...patches import Patch, wrap_method
+from . import Patch, wrap_method
 
 
 def check_prompt_ids(ids, vocab_size: int, error: type[Exception] = ValueError) -> None:
