@@ -254,7 +254,7 @@ def test_choose_link():
     assert tc.choose_link({"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}) == "sockets"
     assert tc.choose_link({"NCCL_P2P_DISABLE": "0"}, nvlink=False, peer_access=True) == "pcie-p2p"
     assert tc.choose_link({}, nvlink=False, peer_access=False) == "no-p2p"
-    assert tc.choose_link({}) == "no-p2p"  # nothing known: the guess that keeps more chunks on TP
+    assert tc.choose_link({}) == "no-p2p"  # nothing known: the profile whose TP=N is slowest (choose_link says why)
 
 
 def _partitioner(method="model", n=4, **kw):
