@@ -119,11 +119,13 @@ def test_nvlink_chunks_below_the_crossover_stay_on_tp_and_above_run_ahead(n):
     m = model(n)
     lo, hi = m.window()
     low, high = {2: (2048, 6144), 4: (4096, 8192), 8: (6144, 16384)}[n]
-    assert low < lo < high and hi > 65536
+    # the guest measured 2.9% slower than vLLM's runner per token (tp_cost.guest_slowdown): the window's upper
+    # end is then 42576 tokens at N=2, 70928 at N=4, 92880 at N=8
+    assert low < lo < high and hi > 40960
     bs = m.block_size
     for tok in (64, 512, 1024, 2048, lo - bs):
         assert not m.runs_ahead(cold(tok)), tok
-    for tok in (lo, lo + bs, 12288, 16384, 32768, 65536, hi):
+    for tok in (lo, lo + bs, 12288, 16384, 32768, hi):
         assert m.runs_ahead(cold(tok)), tok
     # beyond hi TP=N wins again: its all-reduces are then a small share of its quadratic attention
     assert hi + bs > 1 << 17 or not m.runs_ahead(cold(hi + bs))
@@ -343,7 +345,7 @@ def test_planner_keeps_chunks_below_the_nvlink_crossover_on_tp_and_runs_longer_o
     assert not below and below.not_ahead == (("r0", "tp_faster"),)
     (r,) = at.requests
     assert at.not_ahead == () and r.segments[0].start == 0 and r.segments[-1].end == lo and len(r.segments) == n
-    for tok in (2 * lo, 32768, 65536):
+    for tok in (2 * lo, 32768, model(n).window()[1]):
         assert _plan(n, "nvlink", [cold(tok)]).requests, tok
 
 
@@ -364,7 +366,7 @@ def test_planner_leaves_a_short_turn_after_a_long_history_to_tp(link):
 
 def test_planner_weighs_the_whole_step_against_tp():
     # N=4, NVLink: 8k alone runs ahead; next to a 1k chunk (TP's) the step would pay the guests and a full TP
-    # forward of the 1k, more than TP=4 prefilling both (est. 0.112 s against 0.092 s), so both stay TP's
+    # forward of the 1k, more than TP=4 prefilling both (est. 0.113 s against 0.092 s), so both stay TP's
     m, big, small = model(4), cold(8032), cold(1024)
     assert _plan(4, "nvlink", [big]).requests and m.runs_ahead(big)
     p = _plan(4, "nvlink", [big, small])
@@ -449,4 +451,4 @@ def test_describe_and_cli():
     out = io.StringIO()
     with redirect_stdout(out):
         assert tc.main(["crossover", "--n", "4", "--link", "no-p2p"]) == 0
-    assert out.getvalue().startswith("KV-Runahead: TP layout N=4, link no-p2p: chunks that run ahead: cold >= ")
+    assert out.getvalue() == "KV-Runahead: " + model(4, "no-p2p").startup_line(65536) + "\n\n"   # rank 0's line

@@ -387,8 +387,11 @@ class TPLayoutCost:
     gather_lead: int | None = 2
     guest_step_s: float = 3e-3      # the guest's runner step on the host before vLLM's TP forward is
     #                                 enqueued (review R5: its sample_tokens blocks 1-3 ms): assumed, the top
-    guest_slowdown: float = 1.0     # the guest (a V1 runner, no CUDA graphs) vs the chain's V2 per token:
-    #                                 unmeasured (benchmarks/gpu_guest_segments.py (c) measures it)
+    guest_slowdown: float = 1.029   # the guest (a V1 runner, no CUDA graphs) vs vLLM's V2 runner, which the
+    #                                 chain's fits saw: m. 1.022 / 1.029 / 1.033 for cold 8k / 16k / 4k chunks on
+    #                                 one H200, its KV copy into paged blocks included (benchmarks/results/
+    #                                 gpu_smoke/guest_segments/README.md, "Issue 29", rows c = 0); the median.
+    #                                 After cached tokens 1.03-1.09 (the prefix landing in its scratch as well)
     host_op_s: float = 15e-6        # host seconds per P2P post (shard or gather) per layer: assumed; it
     #                                 matters only where the host bounds the step (the floor)
     margin: float = 0.0
@@ -493,7 +496,7 @@ class TPLayoutCost:
                         cached = True
                         recv[k] += (1 - h) * c.start * r.kv_bytes  # the prefix heads it lacks
                         sent[k] += (1 - h) * c.start * r.kv_bytes  # its heads, to every rank lacking them
-        slow = self.guest_slowdown
+        slow = 1.0 if copies else self.guest_slowdown   # the chain of copies' workers are vLLM's own runners
         busy = [max(slow * comp[k] + link.recv_cost * recv[k], recv[k] / bw, sent[k] / bw) for k in range(n)]
         # a rank's time to its attention exit, where its KV goes out: its share of the layer's time
         to_exit = [busy[k] * exit_[k] / comp[k] if comp[k] > 0 else 0.0 for k in range(n)]
@@ -994,7 +997,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
                     "crossovers, predictions, and the committed measurements it reproduces.")
     p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
-                   help="crossover: the start-up line per N and link; predict: the prediction tables "
+                   help="crossover: the start-up line per N and link (rank 0's); predict: the prediction tables "
                         "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three; "
                         "fit: the fitted constants again from MEASURED (the chain's grid takes minutes)")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="TP sizes (default 2 4 8)")
@@ -1002,15 +1005,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="link profiles (default nvlink no-p2p)")
     p.add_argument("--shape", default=None, help="a model shape as layers,hidden,heads,kv_heads,intermediate,"
                                                  "head_dim (default Llama-3-8B: 32,4096,32,8,14336,128)")
+    p.add_argument("--most", type=int, default=0, help="crossover: the step's most tokens (default N x 16384, "
+                                                       "an LLM engine's budget for the first prompt in line)")
     a = p.parse_args(argv)
     shape = LLAMA3_8B
     if a.shape:
         f = [int(x) for x in a.shape.split(",")]
         shape = ModelShape(*f)
-    if a.what in ("all", "crossover"):
+    if a.what in ("all", "crossover"):   # the line an engine's rank 0 logs at start
         for link in a.link:
             for n in a.n:
-                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).describe())
+                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).startup_line(a.most or n * 16384))
         print()
     if a.what in ("all", "predict"):
         print(predictions(a.n, a.link, shape))
