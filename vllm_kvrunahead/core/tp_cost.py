@@ -275,8 +275,9 @@ def choose_link(env: Mapping[str, str], nvlink: bool | None = None, peer_access:
     has NVLink (vLLM's ``current_platform.is_fully_connected``, what it uses for custom all-reduce) and
     whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts (no GPU, NVML
     unreadable): no-p2p, the profile whose TP=N is slowest. Guessing wrong that way runs some chunks ahead
-    that NVLink's TP=N would finish a few per cent sooner (the NVLink gains are 3-18%, docs/tp-layout-cost.md);
-    the other way round, a host without P2P would keep chunks on a TP=N 1.4-6.6x slower than running ahead."""
+    that NVLink's TP=N would finish a few per cent sooner (on NVLink a chunk gains or loses at most ~10% either
+    way, docs/tp-layout-cost.md "Sensitivity"); the other way round, a host without P2P would keep chunks on a
+    TP=N 1.5-6.3x slower than running them ahead."""
     if _on(env, "NCCL_P2P_DISABLE"):
         return "sockets" if _on(env, "NCCL_SHM_DISABLE") else "no-p2p"
     if nvlink:
