@@ -98,14 +98,15 @@ def budget_spec():
 
 
 def test_tp_layout_takes_one_long_prompt_in_one_step_and_the_next_waits(engines):
-    """One long prompt runs whole in one step, alone (a fixed budget of 4000 would pack all four prompts,
-    3829 tokens, into that step and every first token would wait for it); the next prompt waits for the next
-    step, which takes the running decode plus it; the rest follow at vLLM's 1000. Tokens and logprobs equal
-    plain TP=2's and one worker's of the same prompts sent one by one."""
+    """One long prompt runs whole in one step (2500 tokens, over the 1000 any step may take); the next step takes
+    the running decode and the next prompt in line only, the others wait for the step after (with this rule
+    off, a fixed budget of 4000, that step packed [1, 2, 300, 1027]: checked on CPU, vLLM 0.26); the rest
+    follow within vLLM's 1000. Tokens and logprobs equal plain TP=2's and one worker's of the same prompts
+    sent one by one."""
     run = engines.get("tiny-kv2-tplayout-steps", budget_spec())
     steps = run["steps"]
     assert steps[0] == [2500], steps[:4]
-    assert steps[1] == [1, 1027], steps[:4]                 # the first prompt's decode and the next prompt
+    assert steps[1] == [1, 1027], steps[:4]                 # the first prompt's decode and the next in line
     assert sorted(steps[2]) == [1, 1, 2, 300], steps[:4]    # two decodes, the rest within vLLM's default
     refs = [engines.get(f"tiny-kv2-{name}", tp_spec(w, t)) for name, (w, t) in {"tp2": (1, 2), "one": (1, 1)}.items()]
     for ref in refs:   # the same engines as ``runs``'
