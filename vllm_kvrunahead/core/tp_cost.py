@@ -35,7 +35,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
-from .partition import Chunk, CostModel, ModelShape, balanced_step_bounds
+from ..config import LINKS
+from .partition import Chunk, CostModel, ModelShape, align_bounds, balanced_step_bounds
 
 LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
 
@@ -259,23 +260,63 @@ SOCKETS = LinkProfile(
 )
 
 PROFILES: dict[str, LinkProfile] = {p.name: p for p in (NVLINK, PCIE_P2P, NO_P2P, SOCKETS)}
-LINK_CHOICES = ("auto", *PROFILES)  # values of the proposed ``kv_runahead.link`` option
+LINK_CHOICES = LINKS  # the values of ``kv_runahead.link`` (config.LINKS): "auto" and every profile
+assert set(LINK_CHOICES) == {"auto", *PROFILES}, (LINK_CHOICES, sorted(PROFILES))
+NCCL_SWITCHES = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
+
+
+def _on(env: Mapping[str, str], key: str) -> bool:
+    return str(env.get(key, "0")).strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def choose_link(env: Mapping[str, str], nvlink: bool | None = None, peer_access: bool | None = None) -> str:
     """The link profile for this host, from the facts a worker can read without moving data: NCCL's
     environment (``NCCL_P2P_DISABLE``, ``NCCL_SHM_DISABLE``), whether every pair of the TP group's GPUs
     has NVLink (vLLM's ``current_platform.is_fully_connected``, what it uses for custom all-reduce) and
-    whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts: the
-    slower guess (the TP=N side of the decision then costs less, so fewer chunks run ahead)."""
-    on = lambda k: str(env.get(k, "0")).strip().lower() not in ("", "0", "false", "no", "off")  # noqa: E731
-    if on("NCCL_P2P_DISABLE"):
-        return "sockets" if on("NCCL_SHM_DISABLE") else "no-p2p"
+    whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts (no GPU, NVML
+    unreadable): no-p2p, the profile whose TP=N is slowest. Guessing wrong that way runs some chunks ahead
+    that NVLink's TP=N would finish a few per cent sooner (on NVLink a chunk gains or loses at most ~10% either
+    way, docs/tp-layout-cost.md "Sensitivity"); the other way round, a host without P2P would keep chunks on a
+    TP=N 1.5-6.3x slower than running them ahead."""
+    if _on(env, "NCCL_P2P_DISABLE"):
+        return "sockets" if _on(env, "NCCL_SHM_DISABLE") else "no-p2p"
     if nvlink:
         return "nvlink"
     if peer_access:
         return "pcie-p2p"
     return "no-p2p"
+
+
+def resolve_link(option: str, facts: Sequence[Mapping], nvlink: bool | None) -> tuple[str, str]:
+    """(profile, why) for ``kv_runahead.link``: the option itself unless "auto"; for "auto", ``choose_link``
+    on what every rank of the TP group reported (``facts``, the same list on every rank: all-gathered), so
+    every rank plans with the same profile. A rank's facts: ``env`` (its NCCL switches), ``device`` (its
+    local GPU index, None without a GPU) and ``peers`` ({local GPU index: peer access from its GPU}).
+    ``nvlink``: vLLM's NVLink test over the group's physical GPUs (None: not known). A switch set on any
+    rank counts (NCCL then stages through host memory on that rank's links)."""
+    if option != "auto":
+        if option not in PROFILES:
+            raise ValueError(f"KV-Runahead: unknown link {option!r}; choose one of {', '.join(LINK_CHOICES)}")
+        return option, "set by kv_runahead.link"
+    env = {k: "1" for k in NCCL_SWITCHES if any(_on(f.get("env", {}), k) for f in facts)}
+    devices = [f.get("device") for f in facts]
+    peer_access = None
+    if facts and all(d is not None and f.get("peers") is not None for d, f in zip(devices, facts)):
+        peer_access = all(f["peers"].get(d, False) for f in facts for d in devices if d != f["device"])
+    name = choose_link(env, nvlink, peer_access)
+    if env:
+        why = " and ".join(sorted(env)) + " set"
+    elif None in devices:
+        why = "no GPU: nothing known"
+    elif nvlink:
+        why = "NVLink between every pair of the TP group's GPUs"
+    elif peer_access:
+        why = "peer access between every pair, no NVLink"
+    elif nvlink is None and peer_access is None:
+        why = "NVLink and peer access unknown"
+    else:
+        why = "no peer access between some pair of the TP group's GPUs"
+    return name, "auto: " + why
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -347,8 +388,11 @@ class TPLayoutCost:
     gather_lead: int | None = 2
     guest_step_s: float = 3e-3      # the guest's runner step on the host before vLLM's TP forward is
     #                                 enqueued (review R5: its sample_tokens blocks 1-3 ms): assumed, the top
-    guest_slowdown: float = 1.0     # the guest (a V1 runner, no CUDA graphs) vs the chain's V2 per token:
-    #                                 unmeasured (benchmarks/gpu_guest_segments.py (c) measures it)
+    guest_slowdown: float = 1.029   # the guest (a V1 runner, no CUDA graphs) vs vLLM's V2 runner, which the
+    #                                 chain's fits saw: m. 1.022 / 1.029 / 1.033 for cold 8k / 16k / 4k chunks on
+    #                                 one H200, its KV copy into paged blocks included (benchmarks/results/
+    #                                 gpu_smoke/guest_segments/README.md, "Issue 29", rows c = 0); the median.
+    #                                 After cached tokens 1.03-1.09 (the prefix landing in its scratch as well)
     host_op_s: float = 15e-6        # host seconds per P2P post (shard or gather) per layer: assumed; it
     #                                 matters only where the host bounds the step (the floor)
     margin: float = 0.0
@@ -398,13 +442,29 @@ class TPLayoutCost:
         return StepCost(self.gpu.fixed_s + fwd, self.gpu.fixed_s, fwd)
 
     # -- the guests ----------------------------------------------------------------------------
-    def bounds(self, chunks: Sequence[Chunk]) -> list[list[float]]:
-        """Each chunk's N+1 segment edges as the planner cuts it: balanced with the planner's cost model,
-        every rank holding [0, c) (in TP layout each rank gathers the prefix's heads, none receives the
-        whole prefix over the chain). ``TPLayoutSplitter`` cuts the same way."""
+    def cut(self, chunks: Sequence[Chunk]) -> list[list[float]]:
+        """The TP layout's inner segment bounds of a step's chunks (``TPLayoutSplitter``'s cut), balanced with
+        the planner's cost model (``split``, whose cut of the chain of copies the tuner could not beat:
+        benchmarks/results/nvidia-h200-x4/tuning.md, Llama-3-8B N=4 at 4k-64k "model" or within 0.3% of
+        "best"): every rank gets the same per-layer busy time, its compute plus what it receives, the
+        chain's [c, s_k) (all heads) and its KV heads of the later segments (the shards, which shorten the
+        earlier ranks' segments against the chain of copies'). The guests compute [c, c+m-1): the last
+        token is vLLM's TP forward's, after every guest. The prefix gather is the same on every rank (no
+        share); every rank holds [0, c), so nothing of it travels down the chain."""
+        if self.n < 2:
+            return [[] for _ in chunks]
+        guest = tuple(_gathered(replace(c, end=max(c.start + 1, c.end - 1)), self.n) for c in chunks)
+        return _tp_cut(self.split, self.n, _tp_share_of_heads(self.n, self.shape.kv_heads), guest)
+
+    def bounds(self, chunks: Sequence[Chunk], copies: bool = False) -> list[list[float]]:
+        """Each chunk's N+1 segment edges as the planner cuts it: the TP layout's ``cut``, or with ``copies``
+        the chain of copies' (the planner's cost model, cold chunks)."""
         if self.n < 2:
             return [[float(c.start), float(c.end)] for c in chunks]
-        inner = _cut(self.split, self.n, tuple(_gathered(c, self.n) for c in chunks))
+        if copies:
+            inner = _cut(self.split, self.n, tuple(_gathered(c, self.n) for c in chunks))
+        else:
+            inner = self.cut(chunks)
         return [[float(c.start), *b, float(c.end)] for c, b in zip(chunks, inner)]
 
     def guests(self, chunks: Sequence[Chunk], copies: bool = False) -> StepCost:
@@ -413,7 +473,7 @@ class TPLayoutCost:
         r, n, link = self.rates, self.n, self.link
         h = _tp_share_of_heads(n, self.shape.kv_heads)
         bw = link.bandwidth(n)
-        edges = self.bounds(chunks)
+        edges = self.bounds(chunks, copies)
         comp = [0.0] * n
         exit_ = [0.0] * n
         recv = [0.0] * n      # KV bytes per layer each rank receives
@@ -437,7 +497,7 @@ class TPLayoutCost:
                         cached = True
                         recv[k] += (1 - h) * c.start * r.kv_bytes  # the prefix heads it lacks
                         sent[k] += (1 - h) * c.start * r.kv_bytes  # its heads, to every rank lacking them
-        slow = self.guest_slowdown
+        slow = 1.0 if copies else self.guest_slowdown   # the chain of copies' workers are vLLM's own runners
         busy = [max(slow * comp[k] + link.recv_cost * recv[k], recv[k] / bw, sent[k] / bw) for k in range(n)]
         # a rank's time to its attention exit, where its KV goes out: its share of the layer's time
         to_exit = [busy[k] * exit_[k] / comp[k] if comp[k] > 0 else 0.0 for k in range(n)]
@@ -466,7 +526,7 @@ class TPLayoutCost:
         """Seconds a chunk alone in its step is predicted to finish sooner run ahead than on TP=N."""
         if self.n < 2 or chunk.length < 2 * self.n:
             return -math.inf
-        return self.tp([chunk]).total - self.ahead([chunk]).total
+        return _gain(self, replace(chunk, held=()))  # held: the chain of copies' record, not the TP layout's
 
     def runs_ahead(self, chunk: Chunk) -> bool:
         """Run ahead only where this model predicts it faster than TP=N's prefill of the same chunk (by
@@ -513,6 +573,8 @@ class TPLayoutCost:
         one whose removal lowers the step's estimate most, while any does; run ahead only if that beats
         the whole step on TP=N (by ``margin``). The estimate of what this returns is never above TP=N's."""
         chunks = list(chunks)
+        if len(chunks) == 1 and not tp_chunks and not decodes:  # the step is the chunk alone: its own answer
+            return [self.runs_ahead(chunks[0])]
         sel = [i for i, c in enumerate(chunks) if self.runs_ahead(c)]
 
         def cost(pick: Sequence[int]) -> float:
@@ -535,6 +597,29 @@ class TPLayoutCost:
         none does (TP=N is predicted faster at every length)."""
         w = self.window(cached, most)
         return None if w is None else w[0]
+
+    def startup_line(self, most: int = 1 << 17, cached: Iterable[int] = (16384, 32768),
+                     min_tokens: int | None = None) -> str:
+        """The start-up log line (rank 0): "TP layout on <link>: chunks of >= X tokens run ahead (TP=N is
+        faster below)", for cold chunks of up to ``most`` tokens (the step's most), then after ``cached``
+        tokens (those below ``most``). With ``min_tokens`` (the user's), that rule, then the model's."""
+        if min_tokens is not None:
+            model = self.startup_line(most, cached).split(": ", 1)[1]
+            return (f"TP layout on {self.link.name}: chunks of >= {min_tokens} tokens run ahead "
+                    f"(kv_runahead.min_tokens; the cost model alone: {model})")
+        top = max(self.block_size, most // self.block_size * self.block_size)
+
+        def say(w, lead):
+            if w is None:
+                return f"{lead}none (TP={self.n} is predicted faster at every length up to {top})"
+            lo, hi = w
+            if hi >= top:
+                return f"{lead}chunks of >= {lo} tokens run ahead (TP={self.n} is faster below)"
+            return f"{lead}chunks of {lo} to {hi} tokens run ahead (TP={self.n} is faster outside)"
+
+        line = f"TP layout on {self.link.name}: " + say(self.window(0, most), "")
+        later = [say(self.window(c, most), f"after {c} cached tokens ") for c in cached if c < most]
+        return line + ("; " + "; ".join(later) if later else "")
 
     def describe(self, most: int = 1 << 17, cached: Iterable[int] = (32768,)) -> str:
         """The start-up log line: which chunks run ahead, cold and after cached tokens (``most``: the longest
@@ -608,20 +693,46 @@ def _cut(split: CostModel, n: int, chunks: tuple[Chunk, ...]) -> list[list[float
     return balanced_step_bounds(list(chunks), n, split)
 
 
+@functools.lru_cache(maxsize=4096)
+def _tp_cut(model: CostModel, n: int, share: float, chunks: tuple[Chunk, ...]) -> list[list[float]]:
+    return balanced_step_bounds(list(chunks), n, model, shard_share=share)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gain(model: "TPLayoutCost", chunk: Chunk) -> float:
+    # A step's planning asks a chunk once per rank and again in ``choose``: cached (0.2-0.8 ms a call, the
+    # doc's API section); the model is frozen, so its answer for a chunk never changes.
+    return model.tp([chunk]).total - model.ahead([chunk]).total
+
+
 def _gathered(c: Chunk, n: int) -> Chunk:
     """``c`` as the planner should see it in TP layout: every rank holds the prefix (it gathers it), so the
     ring's prefix to position 0 (``partition.ring_receives``) is not on anyone's bill."""
     return replace(c, held=(c.start,) * n) if c.start > 0 else c
 
 
+# The reasons ``plan.make_plan`` records for a chunk a splitter turns down (plan.TOO_SHORT, plan.TP_FASTER;
+# plan.py imports numpy, this module stays pure; tests/test_tp_cost.py keeps them equal).
+TOO_SHORT, TP_FASTER = "too_short", "tp_faster"
+
+
 class TPLayoutSplitter:
-    """A ``plan.StepSplitter`` for the TP layout: ``cost`` decides which chunks run ahead (``min_tokens``,
-    when set, overrides it, as in the chain of copies), ``partitioner`` cuts them. The step's TP work
-    (decodes, short chunks) runs after the guests on every rank, not on the last one, so it takes no
-    share of the cut; chunks after cached tokens are cut with every rank holding the prefix."""
+    """A ``plan.StepSplitter`` for the TP layout: ``cost`` decides which chunks run ahead, each alone
+    (``runs_ahead``) and as a step (``choose``), against vLLM's TP=N on this host's links (``min_tokens``,
+    when set, overrides both, as in the chain of copies); a chunk turned down is ``tp_faster``.
+
+    The cut: the TP layout's own (``TPLayoutCost.cut``: the shards and the TP tail counted), unless the
+    partitioner has a measured split for the chunk (the tuner's override, or a TP-layout table that covers
+    a lone chunk: what was measured in this mode) or is "even". The step's TP work (decodes, short
+    chunks) runs after the guests on every rank, so it takes no share of the cut; chunks after cached
+    tokens are cut with every rank holding the prefix (each gathers it)."""
 
     def __init__(self, partitioner, cost: TPLayoutCost, min_tokens: int | None = None) -> None:
         self.partitioner, self.cost, self.min_tokens = partitioner, cost, min_tokens
+
+    @property
+    def declined(self) -> str:
+        return TOO_SHORT if self.min_tokens is not None else TP_FASTER
 
     def runs_ahead(self, chunk: Chunk) -> bool:
         if self.min_tokens is not None:
@@ -633,10 +744,19 @@ class TPLayoutSplitter:
         (``others``: prefill chunks on TP, ``decodes``: decode tokens); see ``TPLayoutCost.choose``."""
         if self.min_tokens is not None:
             return [True] * len(chunks)
-        return self.cost.choose(chunks, others, decodes)
+        return self.cost.choose([replace(c, held=()) for c in chunks], others, decodes)
+
+    def _measured(self, chunks: list[Chunk]) -> bool:
+        p = self.partitioner
+        if p.method == "even":
+            return True
+        return len(chunks) == 1 and p.measured_fractions(chunks[0].length, chunks[0].start) is not None
 
     def split_step(self, chunks: list[Chunk], head_only: list[Chunk]):
-        return self.partitioner.split_step([_gathered(c, self.cost.n) for c in chunks], [])
+        if self._measured(chunks):
+            return self.partitioner.split_step([_gathered(c, self.cost.n) for c in chunks], [])
+        bounds = self.cost.cut(chunks)
+        return [align_bounds(c, b, self.partitioner.block_size) for c, b in zip(chunks, bounds)]
 
     def describe(self) -> str:
         return self.partitioner.describe()
@@ -878,7 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
                     "crossovers, predictions, and the committed measurements it reproduces.")
     p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
-                   help="crossover: the start-up line per N and link; predict: the prediction tables "
+                   help="crossover: the start-up line per N and link (rank 0's); predict: the prediction tables "
                         "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three; "
                         "fit: the fitted constants again from MEASURED (the chain's grid takes minutes)")
     p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="TP sizes (default 2 4 8)")
@@ -886,15 +1006,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="link profiles (default nvlink no-p2p)")
     p.add_argument("--shape", default=None, help="a model shape as layers,hidden,heads,kv_heads,intermediate,"
                                                  "head_dim (default Llama-3-8B: 32,4096,32,8,14336,128)")
+    p.add_argument("--most", type=int, default=0, help="crossover: the step's most tokens (default N x 16384, "
+                                                       "an LLM engine's budget for the first prompt in line)")
     a = p.parse_args(argv)
     shape = LLAMA3_8B
     if a.shape:
         f = [int(x) for x in a.shape.split(",")]
         shape = ModelShape(*f)
-    if a.what in ("all", "crossover"):
+    if a.what in ("all", "crossover"):   # the line an engine's rank 0 logs at start
         for link in a.link:
             for n in a.n:
-                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).describe())
+                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).startup_line(a.most or n * 16384))
         print()
     if a.what in ("all", "predict"):
         print(predictions(a.n, a.link, shape))
