@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vllm_kvrunahead.core import tp_cost as tc
+from vllm_kvrunahead.tools import tp_cost_tables as tables
 from vllm_kvrunahead.core.partition import Chunk, CostModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def cold(m):
 
 
 def rows(**want):
-    return [r for r in tc.MEASURED if all(getattr(r, k) == v for k, v in want.items())]
+    return [r for r in tables.MEASURED if all(getattr(r, k) == v for k, v in want.items())]
 
 
 # -- the constants come from the committed measurements --------------------------------------------
@@ -43,7 +44,7 @@ def test_measured_rows_are_the_committed_ttft_json():
     device = {"h200-x4-A": "[nvidia-h200-x4 A]", "h200-x2": "[nvidia-h200-x2]"}
     config = {"1gpu": "1gpu", "tp": "tp", "chain": "kvr-balanced"}
     checked = 0
-    for m in tc.MEASURED:
+    for m in tables.MEASURED:
         if m.machine not in device:
             continue
         hits = [r for r in records if device[m.machine] in r["device"] and r["model"] == "llama3-8b"
@@ -53,7 +54,7 @@ def test_measured_rows_are_the_committed_ttft_json():
         assert hits, m
         assert any(abs(r["ttft_s_median"] - m.ttft) < 6e-6 for r in hits), (m, [r["ttft_s_median"] for r in hits])
         checked += 1
-    assert checked == len([m for m in tc.MEASURED if m.machine in device])
+    assert checked == len([m for m in tables.MEASURED if m.machine in device])
 
 
 @pytest.mark.skipif(not (RESULTS / "serving.json").exists(), reason="no committed serving.json")
@@ -71,7 +72,7 @@ def test_measured_rows_are_the_committed_serving_json():
 
 
 def test_one_gpu_rates_are_the_fit_of_the_committed_rows():
-    fit = tc.fit_one_gpu({m.tokens: m.ttft for m in rows(kind="1gpu", machine="h200-x4-A")})
+    fit = tables.fit_one_gpu({m.tokens: m.ttft for m in rows(kind="1gpu", machine="h200-x4-A")})
     assert fit.matmul_flops == pytest.approx(tc.ONE_GPU.matmul_flops, rel=2e-3)
     assert fit.attn_flops == pytest.approx(tc.ONE_GPU.attn_flops, rel=2e-3)
     assert fit.fixed_s == pytest.approx(tc.ONE_GPU.fixed_s, abs=1e-4)
@@ -82,7 +83,7 @@ def test_tp_constants_are_the_fit_of_the_committed_rows(link):
     points = {}
     for m in rows(kind="tp", link=link, budget=None):
         points.setdefault(m.n, {})[m.tokens] = m.ttft
-    busbw, fixed = tc.fit_tp(points)
+    busbw, fixed = tables.fit_tp(points)
     prof = tc.PROFILES[link]
     assert set(busbw) == {2, 4} == set(prof.measured)
     for n, bw in busbw.items():
@@ -99,17 +100,17 @@ TOLERANCE = {("1gpu", "h200-x4-A"): 0.025, ("tp", "h200-x4-A"): 0.03, ("chain", 
              ("1gpu", "h100-x4"): 0.02, ("tp", "h100-x4"): 0.035, ("chain", "h100-x4"): 0.05}
 
 
-@pytest.mark.parametrize("m", tc.MEASURED,
+@pytest.mark.parametrize("m", tables.MEASURED,
                          ids=lambda m: f"{m.kind}-{m.machine}-{m.link}-N{m.n}-{m.scenario}-{m.tokens}")
 def test_model_reproduces_committed_ttft(m):
-    got = tc.model_of(m)
+    got = tables.model_of(m)
     assert abs(got / m.ttft - 1) <= TOLERANCE[m.kind, m.machine], (got, m)
 
 
 def test_h100_serving_scenarios_come_out_in_order():
     # TP=4's multi-turn and 16 x 16k within 3.5% (the tolerance table), and the order of the configs kept
     tp4 = model(4)
-    assert tc.multi_turn(tp4, "tp") < tc.multi_turn(model(2), "tp") < tc.multi_turn(tp4, "1gpu")
+    assert tables.multi_turn(tp4, "tp") < tables.multi_turn(model(2), "tp") < tables.multi_turn(tp4, "1gpu")
 
 
 # -- the decision ---------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_long_history_with_a_short_turn_is_tps(n, link):
 @pytest.mark.parametrize("link", ["nvlink", "no-p2p"])
 def test_multi_turn_is_never_slower_than_tp_by_its_own_estimate(n, link):
     m = model(n, link)
-    assert tc.multi_turn(m, "tp-layout") <= tc.multi_turn(m, "tp") + 1e-9
+    assert tables.multi_turn(m, "tp-layout") <= tables.multi_turn(m, "tp") + 1e-9
     for cached in (16384, 65536):
         p = m.prompt(cached + 8192, n * 16384, cached=cached)
         assert p.ttft <= m.prompt(cached + 8192, n * 16384, cached=cached, mode="tp").ttft + 1e-12
@@ -450,5 +451,5 @@ def test_describe_and_cli():
     assert f">= {model(4, 'no-p2p').crossover()} tokens (TP=4 is faster below)" in model(4, "no-p2p").describe()
     out = io.StringIO()
     with redirect_stdout(out):
-        assert tc.main(["crossover", "--n", "4", "--link", "no-p2p"]) == 0
+        assert tables.main(["crossover", "--n", "4", "--link", "no-p2p"]) == 0
     assert out.getvalue() == "KV-Runahead: " + model(4, "no-p2p").startup_line(65536) + "\n\n"   # rank 0's line
