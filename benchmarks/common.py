@@ -38,8 +38,10 @@ def engine_kwargs(config, model_dir, max_len, n_gpus, interconnect="nvlink", bac
         if interconnect == "no-p2p":
             kw["disable_custom_all_reduce"] = True       # custom all-reduce is P2P; keep NCCL over host memory
     if config == "kvr-tp":  # TP layout: vLLM's TP=N decodes; every rank's full-model guest runs prompts ahead
+        # every prompt ahead (what tp_cost's run-ahead estimate is of); the link profile named after the
+        # interconnect measured, so the start-up line's crossover is this host's
         kw.update(worker_cls="vllm_kvrunahead.Worker",
-                  additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0}})
+                  additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0, "link": interconnect}})
     elif config == "kvr":   # ttft.py: one engine for every kvr-* variant (switched by RPC), timed per worker
         kw.update(worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=n_gpus,
                   additional_config={"kv_runahead": {"partition": "model", "min_tokens": 0, "profile": True}})

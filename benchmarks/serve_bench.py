@@ -521,14 +521,19 @@ class Run:
 
 
 def _from_log(log):
-    """What the server logged at start, where found: the step budget it took (the plugin's line) and its KV
-    capacity in tokens (vLLM's "GPU KV cache size: X tokens")."""
+    """What the server logged at start, where found: the step budget it took (the plugin's line), the TP
+    layout's link profile and crossover (its rank 0's lines) and its KV capacity in tokens (vLLM's "GPU KV
+    cache size: X tokens")."""
     out = {}
     try:
         with open(log, errors="replace") as f:
             for line in f:
                 if "max_num_batched_tokens=" in line and "KV-Runahead" in line:
                     out.setdefault("step_budget_line", line.strip()[-200:])
+                # the TP layout's link profile (kv_runahead.link, auto unless --kvr-options) and crossover
+                for key, mark in (("link_line", "KV-Runahead: link profile "), ("tp_layout_line", "KV-Runahead: TP layout on ")):
+                    if mark in line:
+                        out.setdefault(key, line[line.index(mark):].strip()[:400])
                 m = re.search(r"GPU KV cache size: ([\d,]+) tokens", line)
                 if m:
                     out.setdefault("kv_cache_tokens", int(m.group(1).replace(",", "")))

@@ -10,9 +10,9 @@ prompts ahead). One engine per (config, N), each in its own child process, runs 
 are merged into OUT/serving.json as soon as each scenario ends, with the engine's KV capacity in tokens.
 
 Scenarios (all prompts random token ids, new ones per repeat, the same ones for every config):
-  default-budget         one prompt of 32k and one of 64k tokens, max_tokens=1; value = wall time of
-                         generate() (TTFT), median of 3. Prompts longer than the step budget are
-                         chunked by vLLM's scheduler.
+  default-budget         one prompt of 32k and one of 64k tokens (--lengths: others), max_tokens=1; value =
+                         wall time of generate() (TTFT), median of 3. Prompts longer than the step budget
+                         are chunked by vLLM's scheduler.
   concurrent-16x16k      16 prompts of 16k tokens in one generate(), max_tokens=1; value = wall time,
   concurrent-16x16k-64   the same with max_tokens=64; median of 2.
   multi-turn             8 conversations x 4 turns in lock-step (one generate() per turn); each turn's
@@ -22,7 +22,9 @@ Scenarios (all prompts random token ids, new ones per repeat, the same ones for 
                          with disable_log_stats=False); prefix-cache hit rate from num_cached_tokens.
 For kvr and kvr-tp every record holds collective_rpc("kvr_stats") deltas over the scenario, per worker
 (kvr: tokens each worker computed, chain steps; kvr-tp: tokens each rank's guest and vLLM's TP model
-computed): how much of the prefill ran ahead.
+computed, the chunks that ran ahead and those TP=N was predicted to finish sooner, and the link profile
+the plugin found, "link": kv_runahead.link is left at auto, so a record whose link is not --interconnect
+says auto chose another profile than the one the predictions assume): how much of the prefill ran ahead.
 
   python -m benchmarks.serving --model llama3-8b --n-gpus 2 --configs 1gpu,tp,kvr --budget-s 500 --out $OUT
   python -m benchmarks.serving --model tiny --n-gpus 2 --configs 1gpu,kvr,kvr-tp --smoke --out /tmp/serving_smoke
@@ -92,6 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="llama3-8b", choices=sorted(models.MODELS))
     ap.add_argument("--interconnect", default="nvlink", choices=["nvlink", "no-p2p"])
     ap.add_argument("--smoke", action="store_true", help="every scenario scaled down (CPU, --model tiny)")
+    ap.add_argument("--lengths", default="", help="comma list: the default-budget scenario's prompt lengths "
+                    "(default 32768,65536; smoke 2048,3072); max_model_len follows the longest")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--device-name", default=None, help="default: torch.cuda.get_device_name() or 'cpu'")
     ap.add_argument("--budget-s", type=float, default=0,
@@ -110,6 +114,9 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"unknown config/scenario {bad}; configs: {SERVING_CONFIGS}, scenarios: {SCENARIOS}")
     a.params = dict(SMOKE if a.smoke else FULL)
+    if a.lengths:
+        lengths = sorted(int(x) for x in a.lengths.split(",") if x.strip())
+        a.params.update(default_lengths=lengths, max_model_len=max(a.params["max_model_len"], max(lengths) + 512))
     if a.repeats:
         a.params.update(repeats_default=a.repeats, repeats_conc=a.repeats)
     return a
@@ -188,7 +195,7 @@ class KvrStats:
             workers.append(w)
         workers.sort(key=lambda w: (w["position"] is None, w["position"]))
         if after and after[0].get("mode") == "tp_layout":
-            return self._tp_layout(workers, after[0].get("partition"))
+            return self._tp_layout(workers, after[0].get("partition"), after[0].get("link"))
         head = sum(w.get("tokens_run", 0) for w in workers if w["returns_output"])
         chain = sum(w.get("tokens_run", 0) for w in workers if not w["returns_output"])
         return dict(layout="head", workers=workers, head_tokens=head, chain_tokens=chain,
@@ -196,7 +203,7 @@ class KvrStats:
                     partition=after[0].get("partition") if after else None)
 
     @staticmethod
-    def _tp_layout(workers, partition):
+    def _tp_layout(workers, partition, link=None):
         """Every rank runs vLLM's TP step (the same tokens on each) after its guest's segments; the share
         ahead is the guests' tokens of all prefill tokens computed (vLLM's TP model: each chunk's last token,
         and the chunks that did not run ahead)."""
@@ -204,7 +211,10 @@ class KvrStats:
         tp = workers[0].get("tp_tokens", 0) - workers[0].get("decode_tokens", 0) if workers else 0
         return dict(layout="tp", workers=workers, guest_tokens=guest, tp_prefill_tokens=tp,
                     chain_share=guest / (guest + tp) if guest + tp else None,
-                    chunks_ahead=workers[0].get("chunks_ahead") if workers else None, partition=partition)
+                    chunks_ahead=workers[0].get("chunks_ahead") if workers else None,
+                    chunks_not_ahead={k.split(".", 1)[1]: v for k, v in workers[0].items()
+                                      if k.startswith("chunks_not_ahead.") and v} if workers else None,
+                    partition=partition, link=link)
 
 
 def _ttft(o):
@@ -250,6 +260,12 @@ def run_one(a):
                                 pcp=pc.prefill_context_parallel_size, worker_cls=str(pc.worker_cls)))
     print(f"RESULT {cfg} N={n}: engine start {start_s:.1f} s, {json.dumps(engine)}", flush=True)
     stats = KvrStats(llm, cfg in ("kvr", "kvr-tp"))
+    if cfg == "kvr-tp":
+        link = llm.collective_rpc("kvr_stats")[0].get("link")
+        engine["link"] = link
+        print(f"RESULT {cfg} N={n}: link profile {link}" + ("" if link == a.interconnect else
+              f" (auto), not --interconnect {a.interconnect}: the predictions for {a.interconnect} do not apply"),
+              flush=True)
     out_json = os.path.join(a.out, "serving.json")
     over = (lambda: a.deadline and time.time() > a.deadline)
 
@@ -427,7 +443,7 @@ def main(a):
 def _pass_through(a):
     return ["--n-gpus", ",".join(map(str, a.n_gpus)), "--model", a.model, "--interconnect", a.interconnect,
             "--scenarios", ",".join(a.scenarios), "--repeats", str(a.repeats), "--out", a.out,
-            "--engine-args", a.engine_args, "--models-dir", a.models_dir,
+            "--engine-args", a.engine_args, "--models-dir", a.models_dir, "--lengths", a.lengths,
             "--configs", ",".join(a.configs)] + (["--smoke"] if a.smoke else [])
 
 

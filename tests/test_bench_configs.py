@@ -12,14 +12,60 @@ def model_dir(tmp_path_factory):
     return models.write_model("tiny", str(tmp_path_factory.mktemp("models")))
 
 
-def _layout(engine_args):
-    """(decode, workers, world size, TP size) of the engine these EngineArgs describe, as KV-Runahead reads it."""
+def _config(engine_args):
     import vllm_kvrunahead.plugin
 
     vllm_kvrunahead.plugin.register()
-    cfg = engine_args.create_engine_config()
+    return engine_args.create_engine_config()
+
+
+def _layout(engine_args):
+    """(decode, workers, world size, TP size) of the engine these EngineArgs describe, as KV-Runahead reads it."""
+    cfg = _config(engine_args)
     pc, kvr = cfg.parallel_config, cfg.additional_config["kv_runahead"]
     return kvr["mode"], kvr["num_workers"], pc.world_size, pc.tensor_parallel_size
+
+
+def test_kvr_tp_passes_the_link_where_it_measures_one_and_leaves_auto_to_the_servers(model_dir):
+    """ttft.py's kvr-tp names the interconnect it measures (every prompt runs ahead there; the start-up line's
+    crossover is then that host's); serving.py and serve_bench.py start KV-Runahead as a user would (link auto,
+    the step budget rule: N x vLLM's default for the first prompt in line, vLLM's default for the rest)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    for link in ("nvlink", "no-p2p"):
+        kvr = _config(EngineArgs(**common.engine_kwargs("kvr-tp", model_dir, 4096, 2, link))).additional_config
+        assert (kvr["kv_runahead"]["link"], kvr["kv_runahead"]["min_tokens"]) == (link, 0)
+    plain = _config(EngineArgs(**serving.serving_kwargs("tp", model_dir, 4096, 2, "nvlink", {})))
+    cfg = _config(EngineArgs(**serving.serving_kwargs("kvr-tp", model_dir, 4096, 2, "no-p2p", {})))
+    kvr, default = cfg.additional_config["kv_runahead"], plain.scheduler_config.max_num_batched_tokens
+    assert (kvr["link"], kvr["min_tokens"], kvr["step_budget"]) == ("auto", None, default)
+    assert cfg.scheduler_config.max_num_batched_tokens == 2 * default
+    a = serve_bench.parse_args(["--configs", "kvr-tp"])
+    argv = ["--model", model_dir, "--skip-tokenizer-init"] + serve_bench.engine_args(a, "kvr-tp", 2, 4096, True)
+    served = _config(EngineArgs.from_cli_args(EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(argv)))
+    assert served.additional_config["kv_runahead"]["link"] == "auto"
+
+
+def test_serving_takes_the_prediction_tables_lengths_and_records_the_link():
+    a = serving.parse_args(["--configs", "1gpu,tp,kvr-tp", "--lengths", "16384,131072,32768,65536"])
+    assert a.params["default_lengths"] == [16384, 32768, 65536, 131072] and a.params["max_model_len"] == 131072 + 512
+    assert serving.parse_args([]).params["default_lengths"] == [32768, 65536]
+    k = serving.KvrStats._tp_layout([dict(chunks_ahead=1, **{"chunks_not_ahead.tp_faster": 3}, guest_tokens=10,
+                                          tp_tokens=5, decode_tokens=2)], "model", "nvlink")
+    assert (k["link"], k["chunks_not_ahead"], k["tp_prefill_tokens"]) == ("nvlink", {"tp_faster": 3}, 3)
+
+
+def test_serve_bench_records_the_tp_layouts_start_up_lines(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("(Worker_TP0 pid=1) INFO 12-07 [rank.py:103] KV-Runahead: link profile nvlink for the TP layout "
+                   "(auto: NVLink between every pair of the TP group's GPUs)\n"
+                   "(Worker_TP0 pid=1) INFO 12-07 [rank.py:104] KV-Runahead: TP layout on nvlink: chunks of >= 5360 "
+                   "tokens run ahead (TP=4 is faster below)\n")
+    got = serve_bench._from_log(str(log))
+    assert got["link_line"].startswith("KV-Runahead: link profile nvlink for the TP layout (auto: NVLink")
+    assert got["tp_layout_line"] == ("KV-Runahead: TP layout on nvlink: chunks of >= 5360 tokens run ahead "
+                                     "(TP=4 is faster below)")
 
 
 def test_llm_harnesses_start_kvr_tp_as_the_tp_layout_and_kvr_as_the_chain(model_dir):

@@ -47,3 +47,9 @@ def test_off_for_plain_vllm_and_for_a_fixed_budget():
     assert step_budget_of(scheduler(options={"num_workers": 1, "mode": "off", "step_budget": 8192})) is None
     assert step_budget_of(scheduler(options={"num_workers": 4, "mode": "copies", "step_budget": 8192}, most=32768)) \
         == StepBudget(8192, 32768)
+
+
+def test_the_tp_layout_takes_the_same_rule():
+    assert step_budget_of(scheduler(options={"num_workers": 4, "mode": "tp_layout", "step_budget": 8192},
+                                    most=32768)) == StepBudget(8192, 32768)
+    assert step_budget_of(scheduler(options={"num_workers": 4, "mode": "tp_layout", "step_budget": None})) is None

@@ -58,6 +58,39 @@ def test_which_chunks_run_ahead():
     assert r.segments[-1].start <= 2000
 
 
+class Picky:
+    """A splitter that runs chunks of >= 1000 tokens ahead alone, and of them only those of >= 2000 in a step."""
+
+    declined = "tp_faster"
+
+    def __init__(self):
+        self.seen = None
+
+    def runs_ahead(self, chunk):
+        return chunk.length >= 1000
+
+    def choose(self, chunks, others, decodes):
+        self.seen = (chunks, others, decodes)
+        return [c.length >= 2000 for c in chunks]
+
+    def split_step(self, chunks, head_only):
+        return Partitioner("even", 2, COST, block_size=BS).split_step(chunks, head_only)
+
+
+def test_the_splitter_chooses_among_a_steps_chunks_given_the_rest_of_the_step():
+    reqs = [view("a", 0, 3000), view("b", 0, 1500), view("c", 0, 100), view("lp", 0, 3000, not_ahead="prompt_logprobs"),
+            view("d", 5000, 1, prompt_len=100, not_ahead="decode"), view("e", 6000, 1, prompt_len=100, not_ahead="decode")]
+    picky = Picky()
+    plan = make_plan(reqs, 2, splitter=picky, block_size=BS)
+    assert [r.req_id for r in plan.requests] == ["a"]
+    # every chunk the splitter turned down, alone or in the step, with its reason; features keep theirs
+    assert plan.not_ahead == (("c", "tp_faster"), ("lp", "prompt_logprobs"), ("b", "tp_faster"))
+    chunks, others, decodes = picky.seen
+    assert chunks == [reqs[0].chunk, reqs[1].chunk] and others == [reqs[2].chunk, reqs[3].chunk] and decodes == 2
+    # the chain of copies' splitter keeps every chunk that gains alone
+    assert Partitioner("model", 2, COST, block_size=BS).choose(chunks, others, decodes) == [True, True]
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_prefix_computed_in_the_same_step_keeps_its_chunk_on_the_head(n):
     """vLLM caches a block when it schedules it: B (A[:1600] + 300) is admitted in the step that

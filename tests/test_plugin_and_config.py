@@ -65,7 +65,7 @@ def test_config_turns_pcp_into_chain_workers():
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False,
-        "mode": "copies"}
+        "link": "auto", "mode": "copies"}
     assert mode_of(cfg) == "copies" and mode_of(engine_config(worker_cls="auto", prefill_context_parallel_size=1)) is None
 
 
@@ -74,16 +74,25 @@ def test_config_tensor_parallel_size_alone_is_the_tp_layout():
     sizes and scheduler untouched), the guests' chain N long; the chain-of-copies patches stay out of it."""
 
     cfg = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=1,
-                        additional_config={"kv_runahead": {"min_tokens": 100}})
+                        additional_config={"kv_runahead": {"min_tokens": 100, "link": "nvlink"}})
     pc = cfg.parallel_config
     assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (2, 2, 1)
     kvr = cfg.additional_config["kv_runahead"]
-    assert (kvr["mode"], kvr["num_workers"], kvr["min_tokens"], kvr["step_budget"]) == ("tp_layout", 2, 100, None)
+    plain = engine_config(worker_cls="auto", tensor_parallel_size=2, prefill_context_parallel_size=1)
+    default = plain.scheduler_config.max_num_batched_tokens
+    # the step budget rule of the chain of copies: one long prompt in one step (N x vLLM's default), the
+    # rest of a step at vLLM's default
+    assert (kvr["mode"], kvr["num_workers"], kvr["min_tokens"], kvr["step_budget"], kvr["link"]) == \
+        ("tp_layout", 2, 100, default, "nvlink")
+    assert cfg.scheduler_config.max_num_batched_tokens == 2 * default
     assert mode_of(cfg) == "tp_layout"
     one = engine_config(prefill_context_parallel_size=1)   # the plugin's worker alone: plain vLLM
     assert mode_of(one) == "off" and one.additional_config["kv_runahead"]["num_workers"] == 1
-    plain = engine_config(worker_cls="auto", tensor_parallel_size=2, prefill_context_parallel_size=1)
-    assert cfg.scheduler_config.max_num_batched_tokens == plain.scheduler_config.max_num_batched_tokens
+    assert one.scheduler_config.max_num_batched_tokens == engine_config(
+        worker_cls="auto", prefill_context_parallel_size=1).scheduler_config.max_num_batched_tokens
+    users = engine_config(tensor_parallel_size=2, prefill_context_parallel_size=1, max_num_batched_tokens=1000)
+    assert users.scheduler_config.max_num_batched_tokens == 1000            # the user's: a fixed budget
+    assert users.additional_config["kv_runahead"]["step_budget"] is None
     with pytest.raises(ValueError, match="unknown option.*mode"):   # the flags decide it, not an option
         engine_config(additional_config={"kv_runahead": {"mode": "tp_layout"}})
 
@@ -176,6 +185,8 @@ def test_without_the_worker_class_pcp_is_untouched():
     (dict(additional_config={"kv_runahead": {"recv_timeout_s": 0}}), "recv_timeout_s must be > 0"),
     (dict(additional_config={"kv_runahead": "fast"}), "must be an object"),
     (dict(additional_config={"kv_runahead": {"step_budget": 0}}), "step_budget must be an integer >= 1"),
+    (dict(tensor_parallel_size=2, prefill_context_parallel_size=1, additional_config={"kv_runahead": {"link": "nvl"}}),
+     r"unknown link 'nvl'; choose one of auto, nvlink, pcie-p2p, no-p2p, sockets"),
     (dict(max_num_batched_tokens=1000, additional_config={"kv_runahead": {"step_budget": 2000}}),
      "step_budget 2000 is more than --max-num-batched-tokens 1000"),
 ])

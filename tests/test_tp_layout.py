@@ -87,6 +87,51 @@ def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
     assert stats[1]["blocks_sent"] > 0 and stats[0]["blocks_received"] > 0
 
 
+# -- the step budget rule (issue 30) ---------------------------------------------------------------------------
+def budget_spec():
+    """The chain of copies' per-step rule in the TP layout (kv_runahead.step_budget 1000, at most 4000 a step):
+    the alone prompts of ``layout_spec`` (2500, 1027, 300, 2 tokens) arrive at once."""
+    alone = rand_prompts(LENGTHS, 1)
+    return {**tp_spec(1, 2), "decode": "tp", "alone": [], "steps": True, "kv_layers": [],
+            "engine": dict(TINY_ENGINE, max_num_batched_tokens=4000), "kvr": {"min_tokens": 0, "step_budget": 1000},
+            "batch": [alone[3], alone[2], alone[1], alone[0]]}
+
+
+def test_tp_layout_takes_one_long_prompt_in_one_step_and_the_next_waits(engines):
+    """One long prompt runs whole in one step (2500 tokens, over the 1000 any step may take); the next step takes
+    the running decode and the next prompt in line only, the others wait for the step after (with this rule
+    off, a fixed budget of 4000, that step packed [1, 2, 300, 1027]: checked on CPU, vLLM 0.26); the rest
+    follow within vLLM's 1000. Tokens and logprobs equal plain TP=2's and one worker's of the same prompts
+    sent one by one."""
+    run = engines.get("tiny-kv2-tplayout-steps", budget_spec())
+    steps = run["steps"]
+    assert steps[0] == [2500], steps[:4]
+    assert steps[1] == [1, 1027], steps[:4]                 # the first prompt's decode and the next in line
+    assert sorted(steps[2]) == [1, 1, 2, 300], steps[:4]    # two decodes, the rest within vLLM's default
+    refs = [engines.get(f"tiny-kv2-{name}", tp_spec(w, t)) for name, (w, t) in {"tp2": (1, 2), "one": (1, 1)}.items()]
+    for ref in refs:   # the same engines as ``runs``'
+        for i, j in enumerate((3, 2, 1, 0)):
+            assert run["batch"][i] == ref["alone"][j], (i, j)
+            torch.testing.assert_close(torch.tensor(run["batch_logprobs"][i]), torch.tensor(ref["logprobs"][j]),
+                                       atol=LOGPROB_TOL, rtol=0)
+    s = run["stats"][0]
+    assert s["chunks_ahead"] == 3 and s["tokens_ahead"] == 2500 + 1027 + 300 and s["chunks_ahead_cached"] == 0
+    assert s["chunks_not_ahead"] == {"too_short": 1} and s["link"] == "no-p2p"   # 2 tokens: no room to cut
+    # the start-up lines: the link profile auto found (no GPU: nothing known) and the crossover, on rank 0
+    import json
+
+    from vllm_kvrunahead.core.partition import ModelShape
+    from vllm_kvrunahead.core.tp_cost import TPLayoutCost
+
+    log = (engines.tmp / "tiny-kv2-tplayout-steps.log").read_text()
+    assert log.count("KV-Runahead: link profile no-p2p for the TP layout (auto: no GPU: nothing known)") == 1
+    hf = json.loads((Path(tiny_llama(kv_heads=2)) / "config.json").read_text())
+    shape = ModelShape(hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"],
+                       hf["num_key_value_heads"], hf["intermediate_size"], hf["hidden_size"] // hf["num_attention_heads"])
+    line = TPLayoutCost.build(shape, 2, "no-p2p", block_size=BS).startup_line(4000, min_tokens=0)
+    assert log.count("KV-Runahead: " + line) == 1, line
+
+
 # -- real traffic, and the KV capacity ---------------------------------------------------------------------
 KV_BLOCK_BYTES = 2 * 2 * BS * 2 * 64 * 4   # one worker's block: 2 layers x 2 KV heads x 128 slots x K,V x 64 x fp32
 KV_BYTES = 24 * KV_BLOCK_BYTES             # per rank, for every engine: 24 blocks of one worker's, 48 of a TP rank's

@@ -93,3 +93,49 @@ def test_tuner_cli_writes_a_loadable_table(tmp_path):
         # [offset, offset + tokens) ahead): its inner bound is a block bound of the prompt
         bound = e["offset"] + e["model_fractions"][0] * e["tokens"]
         assert bound == pytest.approx(round(bound / 128) * 128) and e["offset"] < bound < e["offset"] + e["tokens"]
+
+
+def test_tuner_engine_kwargs_start_the_tp_layout_or_the_chain():
+    from vllm_kvrunahead.tools.tune import engine_kwargs
+
+    tp = engine_kwargs("m", 4, [600, 1200], [0, 512], "tp")
+    assert tp["tensor_parallel_size"] == 4 and "prefill_context_parallel_size" not in tp
+    copies = engine_kwargs("m", 4, [600, 1200], [0], "copies", {"dtype": "float32"})
+    assert copies["prefill_context_parallel_size"] == 4 and "tensor_parallel_size" not in copies
+    assert copies["dtype"] == "float32" and not copies["enable_prefix_caching"] and tp["enable_prefix_caching"]
+    for kw in (tp, copies):   # every chunk ahead, whole in one step, from the cost model's split
+        assert kw["additional_config"]["kv_runahead"] == {"min_tokens": 0, "partition": "model"}
+        assert kw["max_num_batched_tokens"] == 1216 and kw["worker_cls"] == "vllm_kvrunahead.Worker"
+
+
+def test_tuner_and_split_rpcs_on_a_tp_layout_engine(engines):
+    """The TP layout (the tiny model with 2 KV heads, TP=2): the tuner measures cold chunks and chunks after a
+    512-token prefix-cache hit and writes a table keyed "cpu tp-layout"; the table, "even", fixed fractions
+    and the configured split, set by RPC on the running engine, each cut the next prompt on every rank
+    (the guests' last segment ends one token early: vLLM's TP forward computes the last token)."""
+    from vllm_kvrunahead.core.partition import Chunk, align_bounds, from_fractions
+
+    spec = dict(model=tiny_llama(kv_heads=2), workers=2, lengths=[600, 1200], offsets=[0, 512],
+                engine={"dtype": "float32", "enforce_eager": True, "block_size": 128})
+    run = engines.get("tiny-kv2-tune-tp", spec, runner="tests.tp_tune_runner")
+    d = run["table"]
+    t = PartitionTable.from_dict(d, "tuner output")
+    assert t.n_workers == 2 and t.offsets == (0, 512) and t.tokens == (600, 1200) and d["device"] == "cpu tp-layout"
+    for e in d["measured"]:
+        assert set(e["ttft_s"]) == {"best", "model", "even"} and e["chosen"] == min(e["ttft_s"], key=e["ttft_s"].get)
+        bound = e["offset"] + e["model_fractions"][0] * e["tokens"]   # the engine's own split, read back whole
+        assert bound == pytest.approx(round(bound / 128) * 128) and sum(e["model_fractions"]) == pytest.approx(1)
+
+    def cut(n, fractions):   # the plan's segments of a cold n-token prompt, the guests' last one a token short
+        segs = align_bounds(Chunk(0, n, n), [float(s.end) for s in from_fractions(n, fractions)[:-1]], 128)
+        return [[(s.start, s.end) for s in segs[:-1]] + [(segs[-1].start, n - 1)]]
+
+    assert run["model_desc"] == run["back_desc"] == ["model", "model"]            # the tuner's engine: partition model
+    assert all(x.startswith("table: table kvr_set_partition for lone chunks") for x in run["table_desc"])
+    for name, want in (("table_split", cut(600, t.fractions_for(600))), ("even_split", cut(1200, (0.5, 0.5))),
+                       ("fixed_split", cut(1200, (0.25, 0.75)))):
+        assert run[name] == [want, want], (name, run[name], want)   # both ranks, the same cut
+    assert run["even_desc"] == ["even", "even"]
+    model = run["model_split"][0][0]
+    assert run["model_split"][1] == run["model_split"][0] and model[0][0] == 0 and model[-1][1] == 1199
+    assert all(s["mode"] == "tp_layout" and s["link"] == "no-p2p" for s in run["stats"])

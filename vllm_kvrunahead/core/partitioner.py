@@ -35,6 +35,7 @@ from .partition import (
     Chunk, CostModel, ModelShape, Segment, align_bounds, balanced_split, balanced_step_bounds, check_fractions,
     even_split, fractions_of, from_fractions, runahead_gain
 )
+from .plan import TOO_SHORT
 from .refine import Refiner
 
 SHIPPED_TABLES = Path(__file__).parent / "tables"
@@ -155,10 +156,17 @@ class Partitioner:
         return from_fractions(n, self.fractions(n))
 
     # -- plan.StepSplitter ---------------------------------------------------------------
+    declined = TOO_SHORT  # the chain would not finish it sooner than the head alone
+
     def runs_ahead(self, chunk: Chunk) -> bool:
         if self.min_tokens is not None:
             return chunk.length >= self.min_tokens
         return runahead_gain(chunk, self.n_workers, self.cost) > 0
+
+    def choose(self, chunks: list[Chunk], others: list[Chunk], decodes: int) -> list[bool]:
+        """The chain of copies decides per chunk (``runs_ahead``, against the head alone); the head's other
+        work in the step is balanced into the cut instead (``split_step``)."""
+        return [True] * len(chunks)
 
     def split_step(self, chunks: list[Chunk], head_only: list[Chunk]) -> list[tuple[Segment, ...]]:
         """Segments of every runahead chunk of a step, block aligned. One cold prompt alone in its

@@ -110,9 +110,17 @@ class Holdings(Protocol):
 
 
 class StepSplitter(Protocol):
-    """Decides which chunks run ahead and cuts them (``Partitioner`` is one)."""
+    """Decides which chunks run ahead and cuts them (``Partitioner``: the chain of copies;
+    ``tp_cost.TPLayoutSplitter``: the TP layout)."""
+
+    declined: str  # the reason a chunk that ``runs_ahead`` or ``choose`` turns down is recorded with
 
     def runs_ahead(self, chunk: Chunk) -> bool: ...
+
+    def choose(self, chunks: list[Chunk], others: list[Chunk], decodes: int) -> list[bool]:
+        """Of the chunks that run ahead each alone, those that run ahead in this step, given the step's
+        other prefill chunks and decode tokens (the TP layout weighs the whole step against TP=N)."""
+        ...
 
     def split_step(self, chunks: list[Chunk], head_only: list[Chunk]) -> list[tuple[Segment, ...]]: ...
 
@@ -194,6 +202,7 @@ def prefix_final(r: ReqView, written: set[int], block_size: int) -> bool:
 DECODE = "decode"                        # no prompt token left: not a prefill chunk
 TOO_SHORT = "too_short"                  # the chain would not finish it sooner (cost model or min_tokens)
 PREFIX_NOT_FINAL = "prefix_not_final"    # its cached prefix is computed in this same step
+TP_FASTER = "tp_faster"                  # TP layout: vLLM's TP=N is predicted to finish it (or the step) sooner
 
 
 def head_only_reason(r: ReqView, n_workers: int, block_size: int, written: set[int]) -> str:
@@ -209,8 +218,9 @@ def head_only_reason(r: ReqView, n_workers: int, block_size: int, written: set[i
 
 def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, block_size: int,
               holdings: Holdings | None = None) -> StepPlan:
-    """Chunks the splitter finds worth running ahead over a final prefix, cut as one job with the
-    head's other work (``holdings``: what chain positions keep from earlier steps; None: nothing)."""
+    """Chunks the splitter finds worth running ahead over a final prefix, each alone and then as a step
+    (``StepSplitter.choose``), cut as one job with the head's other work (``holdings``: what chain
+    positions keep from earlier steps; None: nothing)."""
     if n_workers < 2:
         return StepPlan(n_workers, (), block_size)
     written = blocks_written(reqs, block_size)
@@ -225,8 +235,15 @@ def make_plan(reqs: list[ReqView], n_workers: int, *, splitter: StepSplitter, bl
             if splitter.runs_ahead(chunk):
                 chunks[r.req_id] = chunk
                 continue
-            why = TOO_SHORT
+            why = splitter.declined
         not_ahead.append((r.req_id, why))
+    if chunks:  # per-chunk answers do not add up: a chunk that wins alone can lose next to the step's rest
+        others = [r.chunk for r in reqs if r.req_id not in chunks and r.num_scheduled > 0 and r.not_ahead != DECODE]
+        decodes = sum(r.num_scheduled for r in reqs if r.not_ahead == DECODE)
+        for rid, keep in zip(list(chunks), splitter.choose(list(chunks.values()), others, decodes), strict=True):
+            if not keep:
+                del chunks[rid]
+                not_ahead.append((rid, splitter.declined))
     if not chunks:
         return StepPlan(n_workers, (), block_size, tuple(not_ahead))
     ahead = [r for r in reqs if r.req_id in chunks]

@@ -120,7 +120,7 @@ class RunaheadStats:
 def worker_stats(counters: RunaheadStats, *, mode: str, position: int, returns_output: bool,
                  tp_rank: int, tp_size: int, tp_group: list[int], live_requests: int, bytes_sent: int,
                  bytes_received: int, partition: str | None, profile: dict | None = None,
-                 refine: dict | None = None, scratch_blocks: int = 0) -> dict:
+                 refine: dict | None = None, scratch_blocks: int = 0, link: str | None = None) -> dict:
     """``kvr_stats`` (the worker adds its ``rank``): one key set in every mode. A count that does not apply
     to the mode is 0 (the TP layout holds no prefix between steps; the chain of copies has no scratch); a
     setting that is off is None."""
@@ -133,7 +133,7 @@ def worker_stats(counters: RunaheadStats, *, mode: str, position: int, returns_o
             "returns_output": returns_output, "tp_rank": tp_rank, "tp_size": tp_size, "tp_group": list(tp_group),
             **c, "kv_steps": counters.steps, "live_requests": live_requests, "bytes_sent": bytes_sent,
             "bytes_received": bytes_received, "partition": partition, "profile": profile, "refine": refine,
-            "scratch_blocks": scratch_blocks}
+            "scratch_blocks": scratch_blocks, "link": link}
 
 
 def idle_stats() -> dict:

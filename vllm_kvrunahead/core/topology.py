@@ -95,3 +95,10 @@ def stage_device(device: str, tp_size: int) -> str:
     """What a runahead stage runs on, as partition tables are keyed ("device"): the GPU's name, and
     for a stage of T > 1 TP ranks "<GPU> x T" (a table tuned on single GPUs does not fit it)."""
     return device if tp_size == 1 else f"{device} x {tp_size}"
+
+
+def tp_layout_device(device: str) -> str:
+    """What the TP layout's partition tables are keyed by ("device"): "<GPU> tp-layout". Its guests' split
+    differs from the chain of copies' on the same GPUs (earlier ranks also receive their KV heads of the
+    later segments, the last token is vLLM's TP forward's), so neither mode's table cuts the other's chunks."""
+    return f"{device} tp-layout"

@@ -20,7 +20,8 @@ engine step, in seconds (L layers, N ranks; docs/tp-layout-cost.md has the deriv
 
 ``compute`` is linear * m + attn * m * (c + m/2) per layer for m tokens after c, at rates fitted to one
 GPU; ``busbw``, ``tp_fixed``, ``recv_cost`` and ``hop`` are per link profile, fitted to the committed
-TP=N and chain TTFTs (``MEASURED``, each row cited). A chunk runs ahead only where this model's estimate
+TP=N and chain TTFTs (``tools/tp_cost_tables.py``: the committed rows, each cited, the fits, the
+checks and the prediction tables; ``python -m vllm_kvrunahead.tools.tp_cost_tables --help``). A chunk runs ahead only where this model's estimate
 of the run-ahead step is below its estimate of TP=N's step for the same chunk (``runs_ahead``), and a
 step's set of such chunks only where the whole step's estimate is below TP=N's (``choose``). After c
 cached tokens that weighs the prefix gather (grows with c) against TP's all-reduces (grow with the new
@@ -28,104 +29,16 @@ tokens), so a long history with a short new turn stays TP's.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
-from .partition import Chunk, CostModel, ModelShape, balanced_step_bounds
+from ..config import LINKS
+from .partition import Chunk, CostModel, ModelShape, align_bounds, balanced_step_bounds
 
 LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
 
-RESULTS = "benchmarks/results/README.md"
-TTFT_MD = "benchmarks/results/ttft.md"      # the same figures, with decode tok/s, per machine
-SERVING_MD = "benchmarks/results/serving.md"
-
-
-# -- measurements the constants come from ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Measured:
-    """One committed TTFT: ``kind`` 1gpu / tp / chain (the chain of copies, kvr-balanced: the cost
-    model's split), N GPUs, link profile, prompt tokens (one prompt, whole prompt in one step unless
-    ``budget`` says how it was chunked), seconds; ``where`` names the table and row."""
-
-    kind: str
-    n: int
-    link: str
-    tokens: int
-    ttft: float
-    where: str
-    machine: str = "h200-x4-A"
-    budget: int | None = None
-    scenario: str = "one"    # one prompt; "16x16k-mean" / "16x16k-wall" / "multi-turn": serving.md's
-
-
-def _rows(kind, n, link, machine, where, pairs, budget=None):
-    return [Measured(kind, n, link, t, s, f"{where}, row {t}", machine, budget) for t, s in pairs]
-
-
-def _scenarios(kind, n, column, pairs):
-    return [Measured(kind, n, "nvlink", 16384 if sc != "multi-turn" else 8192, s,
-                     f"{_H100}, {column} column, row {row}", "h100-x4", 16384, sc) for sc, row, s in pairs]
-
-
-_X4 = f'{RESULTS} "TTFT, 4x H200" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 4 GPUs / nvlink")'
-_X4_NOP2P = f'{RESULTS} "N=4 with NCCL_P2P_DISABLE=1" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 4 GPUs / no-p2p")'
-_X4_N2 = f'{RESULTS} "N=2 on GPUs 0,1 of machine A" (= {TTFT_MD} "[nvidia-h200-x4 A] / llama3-8b / 2 GPUs / nvlink")'
-_X2 = f'{RESULTS} "TTFT, 2x H200" (= {TTFT_MD} "[nvidia-h200-x2] / llama3-8b / 2 GPUs / nvlink")'
-_X2_NOP2P = f'{RESULTS} "TTFT, 2x H200", NCCL_P2P_DISABLE=1 table (= {TTFT_MD} "[nvidia-h200-x2] / ... / no-p2p")'
-_H100 = f'{SERVING_MD} "NVIDIA H100 80GB HBM3 / llama3-8b / nvlink"'
-
-# Medians of 3 as in benchmarks/results/ttft.json (tests/test_tp_cost.py checks them against that file).
-MEASURED: tuple[Measured, ...] = tuple(
-    _rows("1gpu", 1, "nvlink", "h200-x4-A", _X4 + " 1gpu column",
-          [(1024, 0.02852), (2048, 0.05285), (4096, 0.10173), (8192, 0.21076), (16384, 0.49093),
-           (32768, 1.19367), (65536, 3.28688)])
-    + _rows("tp", 4, "nvlink", "h200-x4-A", _X4 + " TP=4 column",
-            [(1024, 0.04234), (2048, 0.04300), (4096, 0.04887), (8192, 0.08407), (16384, 0.17147),
-             (32768, 0.38950), (65536, 1.01266)])
-    + _rows("chain", 4, "nvlink", "h200-x4-A", _X4 + " kvr-balanced column",
-            [(1024, 0.04802), (2048, 0.05051), (4096, 0.05163), (8192, 0.07258), (16384, 0.14576),
-             (32768, 0.35650), (65536, 0.96462)])
-    + _rows("tp", 4, "no-p2p", "h200-x4-A", _X4_NOP2P + " TP=4 column",
-            [(8192, 0.33024), (32768, 1.34678), (65536, 2.85354)])
-    + _rows("chain", 4, "no-p2p", "h200-x4-A", _X4_NOP2P + " kvr-balanced column",
-            [(8192, 0.07409), (32768, 0.34480), (65536, 0.91736)])
-    + _rows("chain", 2, "nvlink", "h200-x4-A", _X4_N2 + " kvr-balanced column",
-            [(4096, 0.06005), (16384, 0.26200), (32768, 0.64016), (65536, 1.74826)])
-    + _rows("1gpu", 1, "nvlink", "h200-x2", _X2 + " 1gpu column",
-            [(4096, 0.10108), (8192, 0.21036), (16384, 0.49272), (32768, 1.20110), (65536, 3.26504)])
-    + _rows("tp", 2, "nvlink", "h200-x2", _X2 + " TP=2 column",
-            [(4096, 0.07041), (8192, 0.13024), (16384, 0.28222), (32768, 0.68446), (65536, 1.81006)])
-    + _rows("chain", 2, "nvlink", "h200-x2", _X2 + " kvr-balanced column",
-            [(4096, 0.06348), (8192, 0.12117), (16384, 0.26829), (32768, 0.66375), (65536, 1.77694)])
-    + _rows("tp", 2, "no-p2p", "h200-x2", _X2_NOP2P + " TP=2 column", [(16384, 0.52468), (32768, 1.12896)])
-    + _rows("chain", 2, "no-p2p", "h200-x2", _X2_NOP2P + " kvr-balanced column",
-            [(16384, 0.25726), (32768, 0.64463)])
-    # 4x H100 under vLLM's default scheduler: 1 GPU and TP=N at budget 16384 (a 64k prompt in 4 steps),
-    # the chain of copies at N x 16384 (one step at N=4). A machine the fit never saw: a check only.
-    + _rows("1gpu", 1, "nvlink", "h100-x4", _H100 + " 1gpu column, default-budget rows",
-            [(32768, 1.198), (65536, 3.292)], budget=16384)
-    + _rows("tp", 2, "nvlink", "h100-x4", _H100 + " tp N=2 column, default-budget rows",
-            [(32768, 0.694), (65536, 1.859)], budget=16384)
-    + _rows("tp", 4, "nvlink", "h100-x4", _H100 + " tp N=4 column, default-budget rows",
-            [(32768, 0.412), (65536, 1.059)], budget=16384)
-    + _rows("chain", 4, "nvlink", "h100-x4", _H100 + " kvr N=4 column, default-budget rows",
-            [(32768, 0.373), (65536, 1.002)], budget=65536)
-    # the same machine and table: 16 cold 16k prompts at once (max_tokens 1; mean TTFT from the results
-    # README's "... mean TTFT per request" row), 8 conversations x 4 turns of +8k (32 output tokens)
-    + _scenarios("1gpu", 1, "1gpu", [("16x16k-wall", "concurrent-16x16k", 7.767),
-                                     ("16x16k-mean", "mean TTFT per request (results README)", 4.165),
-                                     ("multi-turn", "multi-turn", 1.889)])
-    + _scenarios("tp", 2, "tp N=2", [("16x16k-wall", "concurrent-16x16k", 4.527),
-                                     ("16x16k-mean", "mean TTFT per request (results README)", 2.412)])
-    + _scenarios("tp", 4, "tp N=4", [("16x16k-wall", "concurrent-16x16k", 2.669),
-                                     ("16x16k-mean", "mean TTFT per request (results README)", 1.421),
-                                     ("multi-turn", "multi-turn", 0.617)])
-)
 
 
 # -- constants ----------------------------------------------------------------------------------------
@@ -259,23 +172,63 @@ SOCKETS = LinkProfile(
 )
 
 PROFILES: dict[str, LinkProfile] = {p.name: p for p in (NVLINK, PCIE_P2P, NO_P2P, SOCKETS)}
-LINK_CHOICES = ("auto", *PROFILES)  # values of the proposed ``kv_runahead.link`` option
+LINK_CHOICES = LINKS  # the values of ``kv_runahead.link`` (config.LINKS): "auto" and every profile
+assert set(LINK_CHOICES) == {"auto", *PROFILES}, (LINK_CHOICES, sorted(PROFILES))
+NCCL_SWITCHES = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")
+
+
+def _on(env: Mapping[str, str], key: str) -> bool:
+    return str(env.get(key, "0")).strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def choose_link(env: Mapping[str, str], nvlink: bool | None = None, peer_access: bool | None = None) -> str:
     """The link profile for this host, from the facts a worker can read without moving data: NCCL's
     environment (``NCCL_P2P_DISABLE``, ``NCCL_SHM_DISABLE``), whether every pair of the TP group's GPUs
     has NVLink (vLLM's ``current_platform.is_fully_connected``, what it uses for custom all-reduce) and
-    whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts: the
-    slower guess (the TP=N side of the decision then costs less, so fewer chunks run ahead)."""
-    on = lambda k: str(env.get(k, "0")).strip().lower() not in ("", "0", "false", "no", "off")  # noqa: E731
-    if on("NCCL_P2P_DISABLE"):
-        return "sockets" if on("NCCL_SHM_DISABLE") else "no-p2p"
+    whether every pair has peer access (``torch.cuda.can_device_access_peer``). Unknown facts (no GPU, NVML
+    unreadable): no-p2p, the profile whose TP=N is slowest. Guessing wrong that way runs some chunks ahead
+    that NVLink's TP=N would finish a few per cent sooner (on NVLink a chunk gains or loses at most ~10% either
+    way, docs/tp-layout-cost.md "Sensitivity"); the other way round, a host without P2P would keep chunks on a
+    TP=N 1.5-6.3x slower than running them ahead."""
+    if _on(env, "NCCL_P2P_DISABLE"):
+        return "sockets" if _on(env, "NCCL_SHM_DISABLE") else "no-p2p"
     if nvlink:
         return "nvlink"
     if peer_access:
         return "pcie-p2p"
     return "no-p2p"
+
+
+def resolve_link(option: str, facts: Sequence[Mapping], nvlink: bool | None) -> tuple[str, str]:
+    """(profile, why) for ``kv_runahead.link``: the option itself unless "auto"; for "auto", ``choose_link``
+    on what every rank of the TP group reported (``facts``, the same list on every rank: all-gathered), so
+    every rank plans with the same profile. A rank's facts: ``env`` (its NCCL switches), ``device`` (its
+    local GPU index, None without a GPU) and ``peers`` ({local GPU index: peer access from its GPU}).
+    ``nvlink``: vLLM's NVLink test over the group's physical GPUs (None: not known). A switch set on any
+    rank counts (NCCL then stages through host memory on that rank's links)."""
+    if option != "auto":
+        if option not in PROFILES:
+            raise ValueError(f"KV-Runahead: unknown link {option!r}; choose one of {', '.join(LINK_CHOICES)}")
+        return option, "set by kv_runahead.link"
+    env = {k: "1" for k in NCCL_SWITCHES if any(_on(f.get("env", {}), k) for f in facts)}
+    devices = [f.get("device") for f in facts]
+    peer_access = None
+    if facts and all(d is not None and f.get("peers") is not None for d, f in zip(devices, facts)):
+        peer_access = all(f["peers"].get(d, False) for f in facts for d in devices if d != f["device"])
+    name = choose_link(env, nvlink, peer_access)
+    if env:
+        why = " and ".join(sorted(env)) + " set"
+    elif None in devices:
+        why = "no GPU: nothing known"
+    elif nvlink:
+        why = "NVLink between every pair of the TP group's GPUs"
+    elif peer_access:
+        why = "peer access between every pair, no NVLink"
+    elif nvlink is None and peer_access is None:
+        why = "NVLink and peer access unknown"
+    else:
+        why = "no peer access between some pair of the TP group's GPUs"
+    return name, "auto: " + why
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -347,8 +300,11 @@ class TPLayoutCost:
     gather_lead: int | None = 2
     guest_step_s: float = 3e-3      # the guest's runner step on the host before vLLM's TP forward is
     #                                 enqueued (review R5: its sample_tokens blocks 1-3 ms): assumed, the top
-    guest_slowdown: float = 1.0     # the guest (a V1 runner, no CUDA graphs) vs the chain's V2 per token:
-    #                                 unmeasured (benchmarks/gpu_guest_segments.py (c) measures it)
+    guest_slowdown: float = 1.029   # the guest (a V1 runner, no CUDA graphs) vs vLLM's V2 runner, which the
+    #                                 chain's fits saw: m. 1.022 / 1.029 / 1.033 for cold 8k / 16k / 4k chunks on
+    #                                 one H200, its KV copy into paged blocks included (benchmarks/results/
+    #                                 gpu_smoke/guest_segments/README.md, "Issue 29", rows c = 0); the median.
+    #                                 After cached tokens 1.03-1.09 (the prefix landing in its scratch as well)
     host_op_s: float = 15e-6        # host seconds per P2P post (shard or gather) per layer: assumed; it
     #                                 matters only where the host bounds the step (the floor)
     margin: float = 0.0
@@ -398,13 +354,29 @@ class TPLayoutCost:
         return StepCost(self.gpu.fixed_s + fwd, self.gpu.fixed_s, fwd)
 
     # -- the guests ----------------------------------------------------------------------------
-    def bounds(self, chunks: Sequence[Chunk]) -> list[list[float]]:
-        """Each chunk's N+1 segment edges as the planner cuts it: balanced with the planner's cost model,
-        every rank holding [0, c) (in TP layout each rank gathers the prefix's heads, none receives the
-        whole prefix over the chain). ``TPLayoutSplitter`` cuts the same way."""
+    def cut(self, chunks: Sequence[Chunk]) -> list[list[float]]:
+        """The TP layout's inner segment bounds of a step's chunks (``TPLayoutSplitter``'s cut), balanced with
+        the planner's cost model (``split``, whose cut of the chain of copies the tuner could not beat:
+        benchmarks/results/nvidia-h200-x4/tuning.md, Llama-3-8B N=4 at 4k-64k "model" or within 0.3% of
+        "best"): every rank gets the same per-layer busy time, its compute plus what it receives, the
+        chain's [c, s_k) (all heads) and its KV heads of the later segments (the shards, which shorten the
+        earlier ranks' segments against the chain of copies'). The guests compute [c, c+m-1): the last
+        token is vLLM's TP forward's, after every guest. The prefix gather is the same on every rank (no
+        share); every rank holds [0, c), so nothing of it travels down the chain."""
+        if self.n < 2:
+            return [[] for _ in chunks]
+        guest = tuple(_gathered(replace(c, end=max(c.start + 1, c.end - 1)), self.n) for c in chunks)
+        return _tp_cut(self.split, self.n, _tp_share_of_heads(self.n, self.shape.kv_heads), guest)
+
+    def bounds(self, chunks: Sequence[Chunk], copies: bool = False) -> list[list[float]]:
+        """Each chunk's N+1 segment edges as the planner cuts it: the TP layout's ``cut``, or with ``copies``
+        the chain of copies' (the planner's cost model, cold chunks)."""
         if self.n < 2:
             return [[float(c.start), float(c.end)] for c in chunks]
-        inner = _cut(self.split, self.n, tuple(_gathered(c, self.n) for c in chunks))
+        if copies:
+            inner = _cut(self.split, self.n, tuple(_gathered(c, self.n) for c in chunks))
+        else:
+            inner = self.cut(chunks)
         return [[float(c.start), *b, float(c.end)] for c, b in zip(chunks, inner)]
 
     def guests(self, chunks: Sequence[Chunk], copies: bool = False) -> StepCost:
@@ -413,7 +385,7 @@ class TPLayoutCost:
         r, n, link = self.rates, self.n, self.link
         h = _tp_share_of_heads(n, self.shape.kv_heads)
         bw = link.bandwidth(n)
-        edges = self.bounds(chunks)
+        edges = self.bounds(chunks, copies)
         comp = [0.0] * n
         exit_ = [0.0] * n
         recv = [0.0] * n      # KV bytes per layer each rank receives
@@ -437,7 +409,7 @@ class TPLayoutCost:
                         cached = True
                         recv[k] += (1 - h) * c.start * r.kv_bytes  # the prefix heads it lacks
                         sent[k] += (1 - h) * c.start * r.kv_bytes  # its heads, to every rank lacking them
-        slow = self.guest_slowdown
+        slow = 1.0 if copies else self.guest_slowdown   # the chain of copies' workers are vLLM's own runners
         busy = [max(slow * comp[k] + link.recv_cost * recv[k], recv[k] / bw, sent[k] / bw) for k in range(n)]
         # a rank's time to its attention exit, where its KV goes out: its share of the layer's time
         to_exit = [busy[k] * exit_[k] / comp[k] if comp[k] > 0 else 0.0 for k in range(n)]
@@ -466,7 +438,7 @@ class TPLayoutCost:
         """Seconds a chunk alone in its step is predicted to finish sooner run ahead than on TP=N."""
         if self.n < 2 or chunk.length < 2 * self.n:
             return -math.inf
-        return self.tp([chunk]).total - self.ahead([chunk]).total
+        return _gain(self, replace(chunk, held=()))  # held: the chain of copies' record, not the TP layout's
 
     def runs_ahead(self, chunk: Chunk) -> bool:
         """Run ahead only where this model predicts it faster than TP=N's prefill of the same chunk (by
@@ -513,6 +485,8 @@ class TPLayoutCost:
         one whose removal lowers the step's estimate most, while any does; run ahead only if that beats
         the whole step on TP=N (by ``margin``). The estimate of what this returns is never above TP=N's."""
         chunks = list(chunks)
+        if len(chunks) == 1 and not tp_chunks and not decodes:  # the step is the chunk alone: its own answer
+            return [self.runs_ahead(chunks[0])]
         sel = [i for i, c in enumerate(chunks) if self.runs_ahead(c)]
 
         def cost(pick: Sequence[int]) -> float:
@@ -535,6 +509,29 @@ class TPLayoutCost:
         none does (TP=N is predicted faster at every length)."""
         w = self.window(cached, most)
         return None if w is None else w[0]
+
+    def startup_line(self, most: int = 1 << 17, cached: Iterable[int] = (16384, 32768),
+                     min_tokens: int | None = None) -> str:
+        """The start-up log line (rank 0): "TP layout on <link>: chunks of >= X tokens run ahead (TP=N is
+        faster below)", for cold chunks of up to ``most`` tokens (the step's most), then after ``cached``
+        tokens (those below ``most``). With ``min_tokens`` (the user's), that rule, then the model's."""
+        if min_tokens is not None:
+            model = self.startup_line(most, cached).split(": ", 1)[1]
+            return (f"TP layout on {self.link.name}: chunks of >= {min_tokens} tokens run ahead "
+                    f"(kv_runahead.min_tokens; the cost model alone: {model})")
+        top = max(self.block_size, most // self.block_size * self.block_size)
+
+        def say(w, lead):
+            if w is None:
+                return f"{lead}none (TP={self.n} is predicted faster at every length up to {top})"
+            lo, hi = w
+            if hi >= top:
+                return f"{lead}chunks of >= {lo} tokens run ahead (TP={self.n} is faster below)"
+            return f"{lead}chunks of {lo} to {hi} tokens run ahead (TP={self.n} is faster outside)"
+
+        line = f"TP layout on {self.link.name}: " + say(self.window(0, most), "")
+        later = [say(self.window(c, most), f"after {c} cached tokens ") for c in cached if c < most]
+        return line + ("; " + "; ".join(later) if later else "")
 
     def describe(self, most: int = 1 << 17, cached: Iterable[int] = (32768,)) -> str:
         """The start-up log line: which chunks run ahead, cold and after cached tokens (``most``: the longest
@@ -608,20 +605,46 @@ def _cut(split: CostModel, n: int, chunks: tuple[Chunk, ...]) -> list[list[float
     return balanced_step_bounds(list(chunks), n, split)
 
 
+@functools.lru_cache(maxsize=4096)
+def _tp_cut(model: CostModel, n: int, share: float, chunks: tuple[Chunk, ...]) -> list[list[float]]:
+    return balanced_step_bounds(list(chunks), n, model, shard_share=share)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gain(model: "TPLayoutCost", chunk: Chunk) -> float:
+    # A step's planning asks a chunk once per rank and again in ``choose``: cached (0.2-0.8 ms a call, the
+    # doc's API section); the model is frozen, so its answer for a chunk never changes.
+    return model.tp([chunk]).total - model.ahead([chunk]).total
+
+
 def _gathered(c: Chunk, n: int) -> Chunk:
     """``c`` as the planner should see it in TP layout: every rank holds the prefix (it gathers it), so the
     ring's prefix to position 0 (``partition.ring_receives``) is not on anyone's bill."""
     return replace(c, held=(c.start,) * n) if c.start > 0 else c
 
 
+# The reasons ``plan.make_plan`` records for a chunk a splitter turns down (plan.TOO_SHORT, plan.TP_FASTER;
+# plan.py imports numpy, this module stays pure; tests/test_tp_cost.py keeps them equal).
+TOO_SHORT, TP_FASTER = "too_short", "tp_faster"
+
+
 class TPLayoutSplitter:
-    """A ``plan.StepSplitter`` for the TP layout: ``cost`` decides which chunks run ahead (``min_tokens``,
-    when set, overrides it, as in the chain of copies), ``partitioner`` cuts them. The step's TP work
-    (decodes, short chunks) runs after the guests on every rank, not on the last one, so it takes no
-    share of the cut; chunks after cached tokens are cut with every rank holding the prefix."""
+    """A ``plan.StepSplitter`` for the TP layout: ``cost`` decides which chunks run ahead, each alone
+    (``runs_ahead``) and as a step (``choose``), against vLLM's TP=N on this host's links (``min_tokens``,
+    when set, overrides both, as in the chain of copies); a chunk turned down is ``tp_faster``.
+
+    The cut: the TP layout's own (``TPLayoutCost.cut``: the shards and the TP tail counted), unless the
+    partitioner has a measured split for the chunk (the tuner's override, or a TP-layout table that covers
+    a lone chunk: what was measured in this mode) or is "even". The step's TP work (decodes, short
+    chunks) runs after the guests on every rank, so it takes no share of the cut; chunks after cached
+    tokens are cut with every rank holding the prefix (each gathers it)."""
 
     def __init__(self, partitioner, cost: TPLayoutCost, min_tokens: int | None = None) -> None:
         self.partitioner, self.cost, self.min_tokens = partitioner, cost, min_tokens
+
+    @property
+    def declined(self) -> str:
+        return TOO_SHORT if self.min_tokens is not None else TP_FASTER
 
     def runs_ahead(self, chunk: Chunk) -> bool:
         if self.min_tokens is not None:
@@ -633,298 +656,19 @@ class TPLayoutSplitter:
         (``others``: prefill chunks on TP, ``decodes``: decode tokens); see ``TPLayoutCost.choose``."""
         if self.min_tokens is not None:
             return [True] * len(chunks)
-        return self.cost.choose(chunks, others, decodes)
+        return self.cost.choose([replace(c, held=()) for c in chunks], others, decodes)
+
+    def _measured(self, chunks: list[Chunk]) -> bool:
+        p = self.partitioner
+        if p.method == "even":
+            return True
+        return len(chunks) == 1 and p.measured_fractions(chunks[0].length, chunks[0].start) is not None
 
     def split_step(self, chunks: list[Chunk], head_only: list[Chunk]):
-        return self.partitioner.split_step([_gathered(c, self.cost.n) for c in chunks], [])
+        if self._measured(chunks):
+            return self.partitioner.split_step([_gathered(c, self.cost.n) for c in chunks], [])
+        bounds = self.cost.cut(chunks)
+        return [align_bounds(c, b, self.partitioner.block_size) for c, b in zip(chunks, bounds)]
 
     def describe(self) -> str:
         return self.partitioner.describe()
-
-
-# -- fits (pure Python least squares) ------------------------------------------------------------------
-
-def _solve(a: list[list[float]], y: list[float], w: list[float]) -> list[float]:
-    """Weighted least squares by the normal equations (a few unknowns, well conditioned after scaling)."""
-    k = len(a[0])
-    scale = [max(abs(row[j]) for row in a) or 1.0 for j in range(k)]
-    rows = [[row[j] / scale[j] for j in range(k)] for row in a]
-    m = [[sum(wi * wi * r[i] * r[j] for r, wi in zip(rows, w)) for j in range(k)] for i in range(k)]
-    v = [sum(wi * wi * r[i] * yi for r, yi, wi in zip(rows, y, w)) for i in range(k)]
-    for i in range(k):                       # Gauss-Jordan with partial pivoting
-        p = max(range(i, k), key=lambda r: abs(m[r][i]))
-        m[i], m[p], v[i], v[p] = m[p], m[i], v[p], v[i]
-        for r in range(k):
-            if r != i and m[i][i]:
-                f = m[r][i] / m[i][i]
-                m[r] = [x - f * z for x, z in zip(m[r], m[i])]
-                v[r] -= f * v[i]
-    return [v[i] / m[i][i] / scale[i] for i in range(k)]
-
-
-def fit_one_gpu(points: Mapping[int, float], shape: ModelShape = LLAMA3_8B) -> GPURates:
-    """One GPU's rates from its TTFT by prompt length: t = fixed + L (linear n + attn n^2 / 2), least
-    squares on relative error."""
-    lengths = sorted(points)
-    a = [[shape.layers * n, shape.layers * n * n / 2, 1.0] for n in lengths]
-    t = [points[n] for n in lengths]
-    lin, att, fixed = _solve(a, t, [1 / x for x in t])
-    probe = Rates.for_shape(shape, GPURates(matmul_flops=1.0, attn_flops=1.0))
-    return replace(ONE_GPU, matmul_flops=probe.linear / lin, attn_flops=probe.attn / att, fixed_s=fixed)
-
-
-def fit_tp(points: Mapping[int, Mapping[int, float]], shape: ModelShape = LLAMA3_8B,
-           gpu: GPURates = ONE_GPU, shortest: int = 4096) -> tuple[dict[int, float], float]:
-    """busbw per N and one tp_fixed_s from TP=N TTFTs ({N: {tokens: s}}) at >= ``shortest`` tokens (above
-    the floor): t - fixed - L compute / N = 2L 2(N-1)/N tokens ar_bytes / busbw_N + tp_fixed."""
-    r = Rates.for_shape(shape, gpu)
-    ns = sorted(points)
-    a, y, w = [], [], []
-    for i, n in enumerate(ns):
-        for tok, t in sorted(points[n].items()):
-            if tok < shortest:
-                continue
-            row = [0.0] * (len(ns) + 1)
-            row[i] = 2 * r.layers * (2 * (n - 1) / n) * tok * r.ar_bytes
-            row[-1] = 1.0
-            a.append(row)
-            y.append(t - gpu.fixed_s - r.layers * r.compute(0, tok) / n)
-            w.append(1 / t)
-    sol = _solve(a, y, w)
-    return {n: 1 / sol[i] for i, n in enumerate(ns)}, sol[-1]
-
-
-def fit_chain(rows: Sequence["Measured"], link: LinkProfile, shape: ModelShape = LLAMA3_8B,
-              gpu: GPURates = ONE_GPU, floors: Sequence[float] | None = None) -> tuple[float, float, float, float]:
-    """(recv_cost per KV byte, hop_s, guest_floor_s, rms relative error) that fit the chain of copies'
-    cold single-step TTFTs ``rows`` best (grid search; the split is the planner's, fixed)."""
-    floors = floors if floors is not None else [gpu.guest_floor_s]
-    best = None
-    for i in range(0, 33):                       # 0 .. 8e-8 s per 4-KiB token-layer
-        for j in range(0, 31):                   # 0 .. 15 ms
-            for f in floors:
-                lk = replace(link, recv_cost=i * 0.25e-8 / KIB4, hop_s=j * 0.5e-3)
-                g = replace(gpu, guest_floor_s=f)
-                err = [math.log(model_of(m, shape, lk, g) / m.ttft) for m in rows]
-                rms = math.sqrt(sum(e * e for e in err) / len(err))
-                if best is None or rms < best[3]:
-                    best = (lk.recv_cost, lk.hop_s, f, rms)
-    return best
-
-
-# -- checks and predictions ----------------------------------------------------------------------------
-
-def model_of(m: Measured, shape: ModelShape = LLAMA3_8B, link: LinkProfile | None = None,
-             gpu: GPURates = ONE_GPU) -> float:
-    """This model's figure for one committed measurement (same N, link, prompt and step budget)."""
-    model = TPLayoutCost(shape, max(2, m.n), link or PROFILES[m.link], gpu)
-    budget = m.budget or m.tokens
-    if m.scenario != "one":
-        mode = "1gpu" if m.kind == "1gpu" else "tp"
-        if m.scenario == "multi-turn":
-            return multi_turn(model, mode, budget=budget)
-        mean, wall = concurrent(model, 16, m.tokens, budget, mode)
-        return wall if m.scenario == "16x16k-wall" else mean
-    if m.kind == "1gpu":
-        return model.prompt(m.tokens, budget, mode="1gpu").ttft
-    if m.kind == "tp":
-        return model.prompt(m.tokens, budget, mode="tp").ttft
-    if m.kind == "chain":  # the chain of copies, one cold step (every committed chain row is one step)
-        assert budget >= m.tokens, "chain rows are single steps"
-        return model.gpu.fixed_s + model.guests([Chunk(0, m.tokens, m.tokens)], copies=True).total
-    raise ValueError(m.kind)
-
-
-def check_table(shape: ModelShape = LLAMA3_8B) -> str:
-    """Markdown: every committed measurement against the model."""
-    out = ["| what | N | link | machine | scenario | tokens | budget | measured | model | model / measured |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in MEASURED:
-        v = model_of(m, shape)
-        out.append(f"| {m.kind} | {m.n} | {m.link} | {m.machine} | {m.scenario} | {m.tokens} | "
-                   f"{m.budget or 'one step'} | "
-                   f"{m.ttft:.4g} s | {v:.4g} s | {v / m.ttft:.3f} |")
-    return "\n".join(out)
-
-
-def step_cost(model: TPLayoutCost, chunks: Sequence[Chunk], decodes: int, mode: str,
-              count: list[int] | None = None) -> float:
-    """One engine step of ``chunks`` and ``decodes``: "1gpu", "tp" (TP=N), "tp-layout" (each chunk as
-    ``runs_ahead`` says, the rest in vLLM's TP forward) or "ahead" (every chunk of >= 2N tokens run ahead).
-    ``count``: [chunks run ahead, chunks] is added to."""
-    if mode == "1gpu":
-        return model.one_gpu(list(chunks)).total  # a decode token costs one GPU next to nothing
-    if mode == "tp":
-        return model.tp(chunks, decodes).total
-    if mode == "tp-layout":
-        flags = model.choose(chunks, (), decodes)
-    else:
-        flags = [c.length >= 2 * model.n for c in chunks]
-    ahead = [c for c, f in zip(chunks, flags) if f]
-    rest = [c for c, f in zip(chunks, flags) if not f]
-    if count is not None:
-        count[0] += len(ahead)
-        count[1] += len(chunks)
-    return model.ahead(ahead, rest, decodes).total
-
-
-def serve(model: TPLayoutCost, prompts: Sequence[tuple[int, int]], budget: int, mode: str,
-          gen: int = 1, count: list[int] | None = None) -> list[float]:
-    """TTFT of each prompt (cached tokens, prompt tokens), all arriving at once, under vLLM's scheduler as
-    the model sees it: every step first gives each running request its decode token, then prefills the
-    waiting prompts in order up to ``budget`` tokens (the last one chunked); ``gen`` output tokens each."""
-    todo = [[c, t] for c, t in prompts]      # next token to compute, prompt length
-    left = [gen - 1] * len(prompts)          # decodes still to run after the first token
-    ttft: list[float | None] = [None] * len(prompts)
-    now, decoding = 0.0, []
-    while any(x is None for x in ttft):
-        room = budget - len(decoding)
-        chunks, finishing = [], []
-        for i, (c, t) in enumerate(todo):
-            if ttft[i] is not None or c >= t or room <= 0:
-                continue
-            m = min(room, t - c)
-            chunks.append(Chunk(c, c + m, t))
-            todo[i][0] += m
-            room -= m
-            if c + m >= t:
-                finishing.append(i)
-        now += step_cost(model, chunks, len(decoding), mode, count)
-        for i in decoding:
-            left[i] -= 1
-        decoding = [i for i in decoding if left[i] > 0]
-        for i in finishing:
-            ttft[i] = now
-            if left[i] > 0:
-                decoding.append(i)
-    return ttft  # type: ignore[return-value]
-
-
-def concurrent(model: TPLayoutCost, prompts: int, tokens: int, budget: int, mode: str,
-               count: list[int] | None = None) -> tuple[float, float]:
-    """(mean TTFT, wall) of ``prompts`` cold prompts of ``tokens`` arriving together (``max_tokens=1``)."""
-    t = serve(model, [(0, tokens)] * prompts, budget, mode, count=count)
-    return sum(t) / len(t), max(t)
-
-
-def multi_turn(model: TPLayoutCost, mode: str, convs: int = 8, turns: int = 4, new: int = 8192, gen: int = 32,
-               budget: int = 16384, count: list[int] | None = None) -> float:
-    """Mean TTFT of turns 2.. of ``convs`` lock-step conversations (``benchmarks/serving.py`` multi-turn:
-    each turn adds ``new`` tokens after the history, the answer adds ``gen``); the prefix cache serves the
-    history's whole blocks (the last answer token's KV is never computed)."""
-    bs, out, hist = model.block_size, [], 0
-    for t in range(turns):
-        total = hist + new
-        cached = (hist - 1) // bs * bs if hist else 0
-        ttft = serve(model, [(cached, total)] * convs, budget, mode, gen, count if t else None)
-        if t:
-            out += ttft
-        hist = total + gen
-    return sum(out) / len(out)
-
-
-def predictions(ns: Sequence[int] = (2, 4, 8), links: Sequence[str] = ("nvlink", "no-p2p"),
-                shape: ModelShape = LLAMA3_8B, base: int = 16384) -> str:
-    """Markdown tables of the model's predictions (docs/tp-layout-cost.md, "Predictions"): one GPU and TP=N
-    at vLLM's default budget ``base``; the TP layout at N x ``base`` for one prompt (the chain of copies'
-    per-step budget; its TP-layout form is the lead's) and at ``base``; several prompts go one step each."""
-    def win(w):
-        return "none" if w is None else (f">= {w[0]}" if w[1] >= (1 << 17) else f"{w[0]}-{w[1]}")
-
-    out = ["### Which chunks run ahead (tokens; *est.*)", "",
-           "| link | N | cold | after 16k cached | after 32k cached | after 64k cached |", "|---|---|---|---|---|---|"]
-    for link in links:
-        for n in ns:
-            m = TPLayoutCost(shape, n, PROFILES[link])
-            out.append(f"| {link} | {n} | " + " | ".join(win(m.window(c)) for c in (0, 16384, 32768, 65536)) + " |")
-    out.append("")
-    for link in links:
-        rows = ["| N | scenario | 1 GPU | TP=N | **TP layout** | chunks ahead | vs TP=N | vs 1 GPU | "
-                "TP=N, budget N x 16k | TP layout, budget 16k |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for n in ns:
-            m = TPLayoutCost(shape, n, PROFILES[link])
-            for tok in (16384, 32768, 65536, 131072):
-                one = m.prompt(tok, base, mode="1gpu").ttft
-                tp, tp_big = m.prompt(tok, base, mode="tp").ttft, m.prompt(tok, n * base, mode="tp").ttft
-                big, small = m.prompt(tok, n * base), m.prompt(tok, base)
-                rows.append(f"| {n} | 1 x {tok // 1024}k | {one:.3f} | {tp:.3f} | **{big.ttft:.3f}** | "
-                            f"{big.ahead}/{len(big.steps)} | {tp / big.ttft:.2f}x | {one / big.ttft:.2f}x | "
-                            f"{tp_big:.3f} | {small.ttft:.3f} ({small.ahead}/{len(small.steps)}) |")
-            cnt = [0, 0]
-            (o1, w1), (o2, w2), (o3, w3) = (concurrent(m, 16, 16384, base, k, cnt if k == "tp-layout" else None)
-                                            for k in ("1gpu", "tp", "tp-layout"))
-            rows.append(f"| {n} | 16 x 16k: mean TTFT / wall | {o1:.2f} / {w1:.2f} | {o2:.2f} / {w2:.2f} | "
-                        f"**{o3:.2f} / {w3:.2f}** | {cnt[0]}/{cnt[1]} | {o2 / o3:.2f}x | {o1 / o3:.2f}x | | |")
-            cnt = [0, 0]
-            one, tp = multi_turn(m, "1gpu"), multi_turn(m, "tp")
-            lay = multi_turn(m, "tp-layout", count=cnt)
-            rows.append(f"| {n} | multi-turn, 8 x 4 turns of +8k: mean TTFT turns 2-4 | {one:.3f} | {tp:.3f} | "
-                        f"**{lay:.3f}** | {cnt[0]}/{cnt[1]} | {tp / lay:.2f}x | {one / lay:.2f}x | | |")
-            for c, new in ((32768, 1024), (65536, 2048), (122880, 8192)):
-                one = m.prompt(c + new, base, cached=c, mode="1gpu").ttft
-                tp = m.prompt(c + new, base, cached=c, mode="tp").ttft
-                lay = m.prompt(c + new, n * base, cached=c)
-                forced = m.prompt(c + new, n * base, cached=c, mode="ahead").ttft
-                rows.append(f"| {n} | {c // 1024}k cached + {new // 1024}k new | {one:.3f} | {tp:.3f} | "
-                            f"**{lay.ttft:.3f}** (run ahead: {forced:.3f}) | {lay.ahead}/{len(lay.steps)} | "
-                            f"{tp / lay.ttft:.2f}x | {one / lay.ttft:.2f}x | | |")
-        out += [f"### {PROFILES[link].note} ({link}), Llama-3-8B shape, seconds (*est.*)", "", *rows, ""]
-    return "\n".join(out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m vllm_kvrunahead.core.tp_cost",
-        description="The TP layout's cost model against plain TP=N (Llama-3-8B shape unless --shape): "
-                    "crossovers, predictions, and the committed measurements it reproduces.")
-    p.add_argument("what", nargs="?", default="all", choices=("all", "crossover", "predict", "check", "fit"),
-                   help="crossover: the start-up line per N and link; predict: the prediction tables "
-                        "(docs/tp-layout-cost.md); check: committed TTFTs vs the model; all: the three; "
-                        "fit: the fitted constants again from MEASURED (the chain's grid takes minutes)")
-    p.add_argument("--n", type=int, nargs="+", default=[2, 4, 8], help="TP sizes (default 2 4 8)")
-    p.add_argument("--link", nargs="+", default=["nvlink", "no-p2p"], choices=sorted(PROFILES),
-                   help="link profiles (default nvlink no-p2p)")
-    p.add_argument("--shape", default=None, help="a model shape as layers,hidden,heads,kv_heads,intermediate,"
-                                                 "head_dim (default Llama-3-8B: 32,4096,32,8,14336,128)")
-    a = p.parse_args(argv)
-    shape = LLAMA3_8B
-    if a.shape:
-        f = [int(x) for x in a.shape.split(",")]
-        shape = ModelShape(*f)
-    if a.what in ("all", "crossover"):
-        for link in a.link:
-            for n in a.n:
-                print("KV-Runahead: " + TPLayoutCost(shape, n, PROFILES[link]).describe())
-        print()
-    if a.what in ("all", "predict"):
-        print(predictions(a.n, a.link, shape))
-    if a.what in ("all", "check"):
-        print(check_table(shape))
-    if a.what == "fit":
-        print_fits()
-    return 0
-
-
-def print_fits() -> None:
-    """Every fitted constant again, from ``MEASURED`` (Llama-3-8B)."""
-    g = fit_one_gpu({m.tokens: m.ttft for m in MEASURED if m.kind == "1gpu" and m.machine == "h200-x4-A"})
-    print(f"one GPU: matmul {g.matmul_flops / 1e12:.1f} TFLOP/s, attention {g.attn_flops / 1e12:.1f} TFLOP/s, "
-          f"fixed {g.fixed_s * 1e3:.2f} ms")
-    for link in ("nvlink", "no-p2p"):
-        pts: dict[int, dict[int, float]] = {}
-        for m in MEASURED:
-            if m.kind == "tp" and m.link == link and m.budget is None:
-                pts.setdefault(m.n, {})[m.tokens] = m.ttft
-        bw, fixed = fit_tp(pts, gpu=g)
-        print(f"{link} TP: busbw " + ", ".join(f"N={n} {v / 1e9:.1f} GB/s" for n, v in sorted(bw.items())) +
-              f"; tp_fixed {fixed * 1e3:.1f} ms")
-        chain = [m for m in MEASURED if m.kind == "chain" and m.link == link and m.scenario == "one"
-                 and (m.machine == "h200-x4-A" or link == "no-p2p") and m.budget is None]
-        floors = [x / 1000 for x in range(30, 47)] if link == "nvlink" else None
-        rc, hop, floor, rms = fit_chain(chain, PROFILES[link], gpu=g, floors=floors)
-        print(f"{link} chain: recv_cost {rc * KIB4:.2e} s per 4-KiB token-layer, hop {hop * 1e3:.1f} ms, "
-              f"guest_floor {floor * 1e3:.0f} ms (rms {rms:.3f})")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

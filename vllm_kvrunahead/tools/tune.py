@@ -12,6 +12,11 @@ keyed by model shape, N and GPU, which ``partition: auto`` picks up when the fil
 is in ``vllm_kvrunahead/core/tables/``) with the re-measured TTFT of the best, the
 even and the cost-model split per offset and length. With --engine-args '{"tensor_parallel_size": T}'
 it tunes N stages of T TP ranks; the table's device is then "<GPU> x T" (``topology.stage_device``).
+With --layout tp it tunes the TP layout (--tensor-parallel-size N, the guests' split: every rank also
+receives its KV heads of the later segments, the last token is vLLM's TP forward's); the table's device
+is then "<GPU> tp-layout" (``topology.tp_layout_device``), which only the TP layout reads.
+
+    python -m vllm_kvrunahead.tools.tune --model DIR --workers 4 --layout tp --lengths 8192,32768 --out table.json
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ import statistics
 import time
 from typing import Callable
 
+from ..config import TP_LAYOUT, mode_of
 from ..core.lut import FORMAT, FORMAT_COLD, PartitionTable
 from ..core.partition import check_fractions, even_split, fractions_of
-from ..core.topology import stage_device
+from ..core.topology import stage_device, tp_layout_device
 
 Fractions = tuple[float, ...]
 
@@ -114,8 +120,13 @@ def _ttft(llm, length: int, vocab: int, repeats: int, rng, *, offset: int = 0, f
 
 def _last_split(llm, length: int, offset: int) -> Fractions:
     """Fractions of the runahead chunk the engine ran last, checked to be [offset, offset + length):
-    a prefix cache that missed, or a chunk kept on the head, would make the measurements meaningless."""
-    segs = llm.collective_rpc("kvr_stats")[0]["last_segments"]
+    a prefix cache that missed, or a chunk kept on the head (or on the TP model), would make the
+    measurements meaningless. In the TP layout the guests' last segment ends one token early (vLLM's TP
+    forward computes the last one); the split, and the fractions the tuner sets, cover the whole chunk."""
+    stats = llm.collective_rpc("kvr_stats")[0]
+    segs = [list(map(list, r)) for r in stats["last_segments"]]
+    if stats.get("mode") == TP_LAYOUT and len(segs) == 1:
+        segs[0][-1][1] += 1
     if len(segs) != 1 or segs[0][0][0] != offset or segs[0][-1][1] != offset + length:
         raise RuntimeError(f"tuning {length} tokens after {offset} cached: expected one runahead chunk "
                            f"[{offset}, {offset + length}), the engine's last runahead step ran {segs}")
@@ -176,12 +187,14 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
     finally:
         llm.collective_rpc("kvr_set_fractions", args=(None,))
     shape = model_shape(cfg.model_config)
+    gpu = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # a stage's device: "<GPU> x T" with --tensor-parallel-size T (tables are per stage); the TP layout's
+    # tables: "<GPU> tp-layout" (its split is its own)
+    device = tp_layout_device(gpu) if mode_of(cfg) == TP_LAYOUT else \
+        stage_device(gpu, cfg.parallel_config.tensor_parallel_size)
     # cold entries only: the /1 format, which plugins that predate offsets read too
     table = dict(format=FORMAT if offsets != [0] else FORMAT_COLD, n_workers=n_workers,
-                 vllm_version=vllm.__version__,
-                 # a stage's device: "<GPU> x T" with --tensor-parallel-size T (tables are per stage)
-                 device=stage_device(device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-                                     cfg.parallel_config.tensor_parallel_size),
+                 vllm_version=vllm.__version__, device=device,
                  model=dict(name=os.path.basename(str(cfg.model_config.model).rstrip("/")),
                             **(dataclasses.asdict(shape) if shape else {})),
                  dtype=str(cfg.model_config.dtype).replace("torch.", ""),
@@ -190,6 +203,22 @@ def tune(llm, n_workers: int, lengths: list[int], *, offsets: list[int] = (0,), 
                  measured=entries)
     PartitionTable.from_dict(table, "tuner output")  # what we write must load
     return table
+
+
+def engine_kwargs(model: str, workers: int, lengths: list[int], offsets: list[int], layout: str = "copies",
+                  extra: dict | None = None) -> dict:
+    """``LLM(...)`` arguments of the tuner's engine: every chunk runs ahead (min_tokens 0) with the cost
+    model's split to start from; prefix caching only for offsets (tuner prompts are all new, so cold ones
+    never hit); one step fits the longest chunk and the longest prefix, so each runs ahead whole (a fixed
+    budget: step_budget's per-step rule does not apply)."""
+    parallel = dict(tensor_parallel_size=workers) if layout == "tp" else dict(prefill_context_parallel_size=workers)
+    kw = dict(model=model, skip_tokenizer_init=True, enable_prefix_caching=max(offsets) > 0, seed=0,
+              max_model_len=max(offsets) + max(lengths) + 16,
+              max_num_batched_tokens=max(max(lengths), max(offsets)) + 16,
+              worker_cls="vllm_kvrunahead.Worker", **parallel,
+              additional_config={"kv_runahead": {"min_tokens": 0, "partition": "model"}})
+    kw.update(extra or {})
+    return kw
 
 
 def main(argv=None) -> None:
@@ -207,20 +236,15 @@ def main(argv=None) -> None:
     ap.add_argument("--step", type=float, default=0.08)
     ap.add_argument("--points", type=int, default=2)
     ap.add_argument("--engine-args", default="{}", help="JSON: extra LLM(...) arguments, e.g. load_format")
+    ap.add_argument("--layout", default="copies", choices=["copies", "tp"],
+                    help="copies: the chain of copies (--prefill-context-parallel-size N); tp: the TP layout "
+                         "(--tensor-parallel-size N)")
     a = ap.parse_args(argv)
     lengths = sorted(int(x) for x in a.lengths.split(","))
     offsets = sorted(int(x) for x in a.offsets.split(","))
     from vllm import LLM
 
-    # prefix caching only for offsets (tuner prompts are all new, so cold ones never hit);
-    # one step fits the longest chunk and the longest prefix, so each runs ahead whole
-    kw = dict(model=a.model, skip_tokenizer_init=True, enable_prefix_caching=max(offsets) > 0, seed=0,
-              max_model_len=max(offsets) + max(lengths) + 16,
-              max_num_batched_tokens=max(max(lengths), max(offsets)) + 16,
-              worker_cls="vllm_kvrunahead.Worker", prefill_context_parallel_size=a.workers,
-              additional_config={"kv_runahead": {"min_tokens": 0, "partition": "model"}})
-    kw.update(json.loads(a.engine_args))
-    llm = LLM(**kw)
+    llm = LLM(**engine_kwargs(a.model, a.workers, lengths, offsets, a.layout, json.loads(a.engine_args)))
     table = tune(llm, a.workers, lengths, offsets=offsets, repeats=a.repeats, search_repeats=a.search_repeats,
                  step=a.step, levels=a.levels, points=a.points)
     with open(a.out, "w") as f:

@@ -23,6 +23,8 @@ from ..core.partition import CostModel, ModelShape
 from ..core.partitioner import SplitSetting
 from ..core.plan import DECODE, make_plan
 from ..core.stats import RunaheadStats, worker_stats
+from ..core.topology import tp_layout_device
+from ..core.tp_cost import NCCL_SWITCHES, TPLayoutCost, TPLayoutSplitter, choose_link, resolve_link
 from ..core.tp_order import step_lag
 from ..core.tp_step import TPStep, kv_heads_of, tp_step, tp_view
 from ..log import logger
@@ -49,8 +51,12 @@ def tp_layout_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config
                                [kv_heads_of(k, n, total_heads) for k in range(n)], arena)
     connector.register_scratch(guest.scratch_by_layer())
     seam.install_connector(connector)  # vLLM's runner registers its caches with it next
+    # auto: from what every rank reports, all-gathered, so every rank plans with the same profile
+    link, why = resolve_link(kvr.link, *seam.link_facts(NCCL_SWITCHES)) if kvr.link == "auto" \
+        else resolve_link(kvr.link, [], None)
     return TPLayoutRank(kvr, rank, seam.model_shape(vllm_config.model_config), total_heads,
-                        seam.block_size(kv_cache_config), guest, connector)
+                        seam.block_size(kv_cache_config), guest, connector, link=link, link_why=why,
+                        max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
 
 
 class TPLayoutRank:
@@ -59,13 +65,21 @@ class TPLayoutRank:
     returns_output = True  # every rank runs vLLM's TP step and samples, as in plain TP
 
     def __init__(self, kvr: KVRunaheadConfig, rank: int, shape: ModelShape | None, total_heads: int,
-                 block_size: int, guest: Guest, connector: GuestConnector) -> None:
+                 block_size: int, guest: Guest, connector: GuestConnector, *, link: str | None = None,
+                 link_why: str = "", max_step_tokens: int | None = None) -> None:
+        """``link``: the link profile ``tp_layout_for`` resolved (None: ``kv_runahead.link``, auto taken as
+        nothing known); ``max_step_tokens``: the most a step takes (the start-up line's range)."""
         self.n = kvr.num_workers
         self.kvr, self.rank, self.shape, self.total_heads, self.block_size = kvr, rank, shape, total_heads, block_size
         self.guest, self.connector = guest, connector
         self.comm, self.shards, self.gather = connector.comm, connector.shards, connector.gather
         self.counters: RunaheadStats = connector.stats  # one record: the connector counts what it moves
         self.cost = CostModel.for_shape(shape)
+        self.link = link or (kvr.link if kvr.link != "auto" else choose_link({}))
+        self.link_why = link_why or ("set by kv_runahead.link" if kvr.link != "auto" else "auto: nothing known")
+        # which chunks run ahead: each against vLLM's TP=N prefill of it on these links (docs/tp-layout-cost.md)
+        self.tp_cost = TPLayoutCost.build(shape, self.n, self.link, block_size=block_size)
+        self.max_step_tokens = max_step_tokens or 1 << 17
         self.book = seam.RequestBook()
         self.split: SplitSetting | None = None  # start(): tables are keyed by the device
         self._tails: dict[str, int] = {}      # vLLM's runner starts each runahead chunk here this step
@@ -75,21 +89,27 @@ class TPLayoutRank:
         """Once vLLM's runner has registered its KV caches with the connector: the split, and every link warmed."""
         self.device = self.connector.device
         seam.follow_rewritten_starts(runner, lambda: self._tails)
+        # tables of this mode only: "<GPU> tp-layout" (a chain-of-copies table on the same GPUs cuts another split)
         self.split = SplitSetting(self.kvr, self.cost, self.shape, self.block_size,
-                                  seam.device_name(self.device))
+                                  tp_layout_device(seam.device_name(self.device)))
         self.comm.warm_up_open(self.device)
         self.shards.warm_up(self.device)
         self.gather.warm_up(self.device)
         logger.info("KV-Runahead: TP rank %d of %d decodes; prompts run ahead on every rank's full model "
                     "(partition %s, %s)", self.rank, self.n, self.split.partitioner.describe(),
-                    "where the cost model predicts a gain" if self.kvr.min_tokens is None
-                    else f"chunks of >= {self.kvr.min_tokens} tokens")
+                    f"where the cost model predicts them faster than TP={self.n} on {self.link}"
+                    if self.kvr.min_tokens is None else f"chunks of >= {self.kvr.min_tokens} tokens")
+        if self.rank == 0:  # every rank decides alike; one says so
+            logger.info("KV-Runahead: link profile %s for the TP layout (%s)", self.link, self.link_why)
+            logger.info("KV-Runahead: %s", self.tp_cost.startup_line(self.max_step_tokens,
+                                                                      min_tokens=self.kvr.min_tokens))
 
     # -- per step -------------------------------------------------------------
     def plan(self, scheduler_output) -> TPStep:
         self.book.update(scheduler_output)
         views = [tp_view(v) for v in seam.request_views(scheduler_output, self.book)]
-        plan = make_plan(views, self.n, splitter=self.split.partitioner, block_size=self.block_size)
+        splitter = TPLayoutSplitter(self.split.partitioner, self.tp_cost, self.kvr.min_tokens)
+        plan = make_plan(views, self.n, splitter=splitter, block_size=self.block_size)
         step = tp_step(plan, self.guest.kv_cache_config.num_blocks, self.total_heads)
         # every rank derives the same lags from the same plan: its rounds of shards and gather follow them
         if step:
@@ -130,7 +150,8 @@ class TPLayoutRank:
             tp_size=self.n, tp_group=seam.tp_group_ranks(), live_requests=len(self.book),
             bytes_sent=self.comm.bytes_sent + self.shards.bytes_sent + self.gather.bytes_sent,
             bytes_received=self.comm.bytes_received + self.shards.bytes_received + self.gather.bytes_received,
-            partition=self.split.partitioner.describe(), scratch_blocks=self.guest.kv_cache_config.num_blocks)
+            partition=self.split.partitioner.describe(), scratch_blocks=self.guest.kv_cache_config.num_blocks,
+            link=self.link)
 
     def set_fractions(self, fractions) -> None:
         self.split.set_fractions(fractions)

@@ -189,6 +189,40 @@ def world_cpu_group():
     return get_world_group().cpu_group
 
 
+def link_facts(env_keys) -> tuple[list[dict], bool | None]:
+    """What every rank of the world (the TP layout's TP group) knows about its links, all-gathered over
+    the world's CPU group, so every rank holds the same list (collective: every rank calls it at once):
+    per rank its NCCL switches (``env_keys`` from its environment), its local GPU index and whether its GPU
+    reaches each local GPU peer to peer (``device``, ``peers``; None without a GPU). Second: whether vLLM
+    finds NVLink between every pair of the ranks' physical GPUs (its custom all-reduce's test, on NVML;
+    None: no GPU, or NVML could not say)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    group = world_cpu_group()
+    facts = {"env": {k: os.environ[k] for k in env_keys if k in os.environ}, "device": None, "peers": None}
+    if current_platform.is_cuda() and torch.cuda.is_available():
+        mine = torch.cuda.current_device()
+        facts.update(device=mine, physical=current_platform.visible_device_id_to_physical_device_id(mine),
+                     peers={j: j == mine or torch.cuda.can_device_access_peer(mine, j)
+                            for j in range(torch.cuda.device_count())})
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, facts, group=group)
+    nvlink = None
+    if all(f["device"] is not None for f in everyone):
+        try:
+            nvlink = bool(current_platform.is_fully_connected([f["physical"] for f in everyone]))
+        except Exception:  # noqa: BLE001 - NVML missing or refusing: unknown, the caller's guess decides
+            nvlink = None
+    # each rank asked NVML itself: agree on one answer (False if any rank saw no NVLink, None if any could
+    # not tell), so every rank plans with the same profile
+    answers: list = [None] * len(everyone)
+    dist.all_gather_object(answers, nvlink, group=group)
+    return everyone, (False if False in answers else None if None in answers else True)
+
+
 def device_name(device) -> str:
     """The GPU's marketing name (what shipped tables are keyed by), or "cpu"."""
     import torch
