@@ -93,10 +93,11 @@ class SegmentsWorker(Worker):
         self._seg = 0
 
     def initialize_from_config(self, kv_cache_config) -> None:
-        from vllm_kvrunahead.core.tp_step.rank import tp_layout_for
+        from vllm_kvrunahead.tp_layout.rank import tp_layout_for
 
         kvr = dataclasses.replace(self.kvr, mode="tp_layout")   # one rank: no peers, every KV head its own
-        self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest)
+        self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest,
+                                      self.host.arena)   # one rank's arena: empty
         super(Worker, self).initialize_from_config(kv_cache_config)   # vLLM's own: its runner registers its caches
         self.runahead.start(self.model_runner)
 

@@ -7,12 +7,16 @@ one point of its first runahead step, chosen by KVR_TEST_FAULT:
   raise_sample  sampling raises (the worker's fail-fast then exits)
   exit_idle     the process dies ~1 s after its runahead step, while the head decodes alone
   guest_stall   TP layout: rank 1's guest sleeps KVR_TEST_STALL_S before its forward
+  round_fail    TP layout: rank 1's first round of KV head shards fails mid-step (its buffers could not be
+                had: out of memory), inside its guest's forward
 
 A chain worker's model runner runs nothing but runahead segments, so its calls mark them.
 """
 import os
 import threading
 import time
+
+import torch
 
 from vllm_kvrunahead.worker import Worker
 
@@ -38,6 +42,13 @@ class FaultyWorker(Worker):
                     time.sleep(float(os.environ.get("KVR_TEST_STALL_S", "60")))
                     return forward(*args, **kwargs)
                 runner.execute_model, runner._faulty = stalled_forward, True
+            return super().execute_model(scheduler_output)
+        if fault == "round_fail":
+            shards = self.runahead.shards
+            if self.rank == 1 and not getattr(shards, "_faulty", False):
+                def failing_round(*args, **kwargs):
+                    raise torch.OutOfMemoryError("injected comm failure: a round's buffers could not be had")
+                shards.batch, shards._faulty = failing_round, True
             return super().execute_model(scheduler_output)
         if self.rank != 0 or self.runahead.returns_output:
             return super().execute_model(scheduler_output)

@@ -53,7 +53,7 @@ class RecordingKVRWorker(_Recorder, Worker):
         return dict(rope_shared=bool(mine) and mine == rope(self.model_runner.get_model()),
                     vllm_weights=guest.model_weight_bytes(self.model_runner.get_model()),
                     weights=g.weight_bytes(), scratch=g.scratch_bytes(), reserved=g.reserved_bytes(),
-                    scratch_blocks=g.kv_cache_config.num_blocks,
+                    scratch_blocks=g.kv_cache_config.num_blocks, arena=self.host.arena.nbytes,
                     scratch_regions=len({c.data_ptr() for c in g.runner.kv_caches}),
                     guest_tp_ranks=list(g.group.ranks), vllm_tp_ranks=list(get_tp_group().ranks),
                     guest_layers=sorted(g.config.compilation_config.static_forward_context),

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from tests.dist_utils import run_ranks
 from vllm_kvrunahead.core.partition import balanced_split, even_split
 from vllm_kvrunahead.tools.reference import TinyConfig, TinyLlama
-from vllm_kvrunahead.transport.comm import ChainComm, ChainPeerLost, ChainTimeout
+from vllm_kvrunahead.transport.comm import ChainComm, PeerLost, PeerTimeout
 
 
 def _relay(rank, world, layers):
@@ -79,7 +79,7 @@ def _stalled_peer(rank, world):
         return "slept"
     try:
         comm.recv(4)
-    except ChainTimeout as e:
+    except PeerTimeout as e:
         return str(e)
     return "no error"
 
@@ -99,7 +99,7 @@ def _vanishing_peer(rank, world):
     t0 = time.monotonic()
     try:
         comm.recv(4)
-    except ChainPeerLost as e:
+    except PeerLost as e:
         return str(e), time.monotonic() - t0
     return "no error"
 

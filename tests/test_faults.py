@@ -65,7 +65,20 @@ def test_tp_layout_stalled_guest_fails_the_request_within_the_timeout(tmp_path):
     vLLM ends the engine (EngineDeadError) long before the stall would."""
     result, out = faulty_engine_run(tmp_path, "guest_stall", 3, max_tokens=2, layout="tensor_parallel_size=2")
     assert_failed_within(result, out, 30)
-    assert re.search(r"no KV from chain rank 1 within 3(\.0)? s", out) and "failed mid-prefill" in out, out[-4000:]
+    # rank 0 waits for its KV heads of rank 1's segment (the step's last rounds), or on gloo for its chain
+    # sends to rank 1 to be taken: either wait gives up after 3 s
+    assert re.search(r"no KV (from TP rank 1 \(shards\)|to chain rank 1 delivered) within 3(\.0)? s", out), out[-4000:]
+    assert "failed mid-prefill" in out, out[-4000:]
+
+
+def test_tp_layout_round_failing_mid_step_stops_the_engine_at_once(tmp_path):
+    """TP layout: rank 1's first round of KV head shards fails inside its guest's forward (out of memory):
+    its connector drops the step's traffic, the rank exits (fail-fast), rank 0's wait for those shards
+    ends at once (the connection closed) and vLLM ends the engine (EngineDeadError), long before the 120 s
+    receive timeout: an error, never a hang."""
+    result, out = faulty_engine_run(tmp_path, "round_fail", 120, max_tokens=2, layout="tensor_parallel_size=2")
+    assert_failed_within(result, out, 60)
+    assert "injected comm failure" in out and "failed mid-prefill" in out, out[-4000:]
 
 
 def test_chain_worker_failing_in_its_forward_stops_the_engine_at_once(tmp_path):

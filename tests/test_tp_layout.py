@@ -292,11 +292,17 @@ def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(tra
     forward context (the same names as vLLM's, no "Duplicate layer name"), the rotary cache shared with
     vLLM's model, and a scratch of guest.GUEST_RING regions for max(max_model_len, budget) tokens with every KV head.
     vLLM's KV budget is the explicit kv_cache_memory_bytes here, so the guest comes on top of it and vLLM's
-    blocks equal plain TP=2's (asserted above)."""
+    blocks equal plain TP=2's (asserted above). Beside it, each rank's comm arena: comm_buffer_bytes' slots."""
+    from vllm_kvrunahead.core.tp_order import comm_buffer_bytes
+    from vllm_kvrunahead.core.tp_step import MAX_CHUNKS
     from vllm_kvrunahead.vllm_side.guest import GUEST_RING
 
     full = checkpoint_bytes(tiny_llama(kv_heads=2))
     scratch_blocks = math.ceil(max(TRAFFIC_MAX_LEN, BUDGET) / BS)
+    # the comm arena: the worst step's slots at this budget and max_model_len (KV_BLOCK_BYTES: both layers)
+    arena = comm_buffer_bytes(n=2, layers=2, kv_bytes_per_token_layer=KV_BLOCK_BYTES // (2 * BS), total_kv_heads=2,
+                              step_budget=BUDGET, max_model_len=TRAFFIC_MAX_LEN, block_size=BS,
+                              max_chunks=MAX_CHUNKS).total
     for rank, rep in enumerate(traffic["layout"]["guest"]):
         assert rep["guest_tp_ranks"] == [rank] and rep["vllm_tp_ranks"] == [0, 1]
         assert rep["guest_layers"] == rep["vllm_layers"] == [f"model.layers.{i}.self_attn.attn" for i in range(2)]
@@ -305,6 +311,7 @@ def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(tra
         assert rep["scratch_blocks"] == scratch_blocks and rep["scratch_regions"] == GUEST_RING
         assert rep["scratch"] == GUEST_RING * scratch_blocks * KV_BLOCK_BYTES // 2   # one layer per region
         assert rep["reserved"] == rep["weights"] + rep["scratch"]
+        assert rep["arena"] == arena > 0
 
 
 @pytest.mark.parametrize("explicit, rss_counted, left", [

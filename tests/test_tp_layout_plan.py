@@ -98,3 +98,28 @@ def test_the_guests_take_chunks_of_prompt_tokens_only():
     # a resumed request recomputing prompt + output tokens in one chunk: the guests have no output tokens
     assert tp_view(ReqView("c", 0, 900, 800, tuple(range(8)))).not_ahead == OUTPUT_TOKENS
     assert tp_view(ReqView("d", 0, 800, 800, tuple(range(7)), not_ahead="lora")).not_ahead == "lora"
+
+
+def test_chunks_past_the_comm_arena_go_to_the_tp_model_with_their_reason():
+    """The comm arena holds MAX_CHUNKS runahead chunks' messages a step (2 blocks per chunk and message
+    beyond the step's tokens): chunks past it are the TP model's, as comm_full, never a bigger buffer."""
+    from vllm_kvrunahead.core.tp_step import COMM_FULL, MAX_CHUNKS
+
+    bs = 16
+    reqs = tuple(RunaheadReq(f"r{i}", (Segment(0, 0, 32), Segment(1, 32, 40)), tuple(range(3 * i, 3 * i + 3)))
+                 for i in range(MAX_CHUNKS + 2))
+    step = tp_step(StepPlan(2, reqs, bs), scratch_blocks=1000)
+    assert [r.req_id for r in step.requests] == [f"r{i}" for i in range(MAX_CHUNKS)]
+    assert step.not_ahead == tuple((f"r{i}", COMM_FULL) for i in range(MAX_CHUNKS, MAX_CHUNKS + 2))
+    assert len(tp_step(StepPlan(2, reqs, bs), scratch_blocks=1000, max_chunks=3).requests) == 3
+
+
+def test_every_rank_traffic_carries_the_steps_lag():
+    """The lag is the step's (every rank plans the same one): each rank's traffic carries all of it."""
+    import dataclasses
+
+    big = RunaheadReq("big", (Segment(0, 0, 64), Segment(1, 64, 100)), tuple(range(7)))
+    step = tp_step(StepPlan(2, (big,), 16), scratch_blocks=100)
+    assert step.traffic_for(0, 2).lag == ()   # none given: every rank at 0
+    step = dataclasses.replace(step, lag=(0, 1))
+    assert step.traffic_for(0, 2).lag == step.traffic_for(1, 2).lag == (0, 1)

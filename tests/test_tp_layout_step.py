@@ -134,3 +134,22 @@ def test_a_decode_and_a_prompt_with_logprobs_are_the_tp_models():
     assert not s.plan and s.plan.not_ahead == (("b", "prompt_logprobs"),)
     assert s.scheduler_output.num_scheduled_tokens == {"b": 300}      # vLLM's TP model prefills it whole
     assert t.counters.chunks_not_ahead == {"prompt_logprobs": 1}
+
+
+def test_every_rank_times_its_rounds_by_the_same_lag_from_the_plan():
+    """Each rank's guest step carries the step's lag (tp_order.step_lag of the plan's segments by the rank's
+    cost model), the same on every rank: it times the rounds of the shards and the gather, so the gather's
+    lead follows the pipeline. A cost model whose attention dominates makes later ranks trail rank 0."""
+    from vllm_kvrunahead.core.tp_order import step_lag
+
+    n = 4
+    so = step([new_req("a", 300, 48)], {"a": 300 - 48})
+    ranks = [rank(r, n) for r in range(n)]
+    metas = []
+    for t in ranks:
+        t.cost = CostModel(linear=1e-9, attn=1e-6, xfer=1e-7)
+        s = t.rewrite(so)
+        t.run_ahead(s)
+        metas.append(t.guest.steps[0].kv_connector_metadata)
+    want = step_lag(ranks[0].cost, [r.segments for r in s.plan.requests])
+    assert want[-1] > 0 and all(m.lag == want for m in metas)

@@ -783,6 +783,29 @@ def test_buffers_are_reused_in_turn_and_stay_within_the_bound(n):
                 assert peak_bytes(result, rank) <= bound.total
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_every_slot_the_order_names_is_one_of_the_arenas(n):
+    """The executor takes each message's buffer from the arena by the order's slot number
+    (``GuestConnector``): every STAGE's and BATCH's slot exists among ``comm_buffer_bytes``'s slots, for
+    1 layer up, any lag, KV heads split or replicated. (A shard receive slot is a round's, layer + the
+    sender's lag, so even a one-layer model uses every receive slot.)"""
+    for total in heads_cases(n):
+        for name, peers in steps_of(n, total).items():
+            for layers in (1, 2, 3, 5):
+                for lag in ((0,) * n, staircase(n), pipeline_lag(Timing().hops(n))):
+                    for windows in (Windows(), Windows(1, 1, 1, 1, 1), Windows(2, 2, 3, 1, 2)):
+                        slots = comm_buffer_bytes(n=n, layers=layers, kv_bytes_per_token_layer=4, total_kv_heads=total,
+                                                  step_budget=256, max_model_len=256, block_size=16,
+                                                  windows=windows).slots
+                        for order in orders_of(peers, layers, lag, windows):
+                            for op in order.ops():
+                                if op.slot is None or op.kind not in (STAGE, BATCH):
+                                    continue
+                                name_ = {(SHARDS, STAGE): "shard_stage", (SHARDS, BATCH): "shard_recv",
+                                         (GATHER, STAGE): "gather_stage", (GATHER, BATCH): "gather_recv"}[op.flow, op.kind]
+                                assert 0 <= op.slot < slots[name_][0], (name, layers, lag, op)
+
+
 def test_the_bound_is_reached_by_a_long_prefix():
     """The gather's share of the bound is what one chunk right before max_model_len fills: the bound is
     not loose where it counts."""

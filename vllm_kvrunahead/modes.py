@@ -23,7 +23,7 @@ def host_for(kvr: KVRunaheadConfig):
 def runahead_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, host) -> Runahead:
     """This rank's share of KV-Runahead, its links made (collective: every rank calls it at once)."""
     if kvr.mode == TP_LAYOUT:
-        return tp_layout_for(kvr, vllm_config, rank, kv_cache_config, host.guest)
+        return tp_layout_for(kvr, vllm_config, rank, kv_cache_config, host.guest, host.arena)
     if kvr.mode == COPIES:
         return chain_for(kvr, vllm_config, rank, kv_cache_config)
     return NO_RUNAHEAD

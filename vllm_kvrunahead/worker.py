@@ -12,11 +12,32 @@ import contextlib
 import logging
 import os
 
+import torch
+
 from . import modes
-from .config import runahead_config
+from .config import TP_LAYOUT, runahead_config
 from .log import logger
 from .runahead import NO_RUNAHEAD
 from .vllm_side import seam
+
+
+# The TP layout's step issues work from 7 CUDA streams per rank (vLLM's, the shards' and the gather's side
+# streams, one per NCCL communicator: docs/tp-layout-transport.md), and CUDA runs a process's streams through
+# CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 by default), read when the CUDA context is made. Streams that
+# share a queue start their work in issue order, so a round waiting for other ranks holds back whatever another
+# flow queued behind it: tp_order completes under any sharing (tests/test_tp_order.py), but a queue per stream,
+# vLLM's own streams included, keeps one flow from waiting behind another.
+TP_LAYOUT_QUEUES = "32"
+
+
+def set_hardware_queues(kvr) -> None:
+    """TP layout: CUDA_DEVICE_MAX_CONNECTIONS (unless set), before this process makes its CUDA context."""
+    if kvr.mode != TP_LAYOUT:
+        return
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", TP_LAYOUT_QUEUES)
+    if torch.cuda.is_initialized():
+        logger.warning("KV-Runahead: CUDA was initialized before the TP layout's worker; CUDA_DEVICE_MAX_CONNECTIONS"
+                       "=%s may not apply to its streams", os.environ["CUDA_DEVICE_MAX_CONNECTIONS"])
 
 
 class Worker(seam.worker_base()):
@@ -31,6 +52,7 @@ class Worker(seam.worker_base()):
 
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
         self.kvr = runahead_config(vllm_config)  # before vLLM's set-up: a missing plugin fails here
+        set_hardware_queues(self.kvr)  # before vLLM's set-up makes the CUDA context
         super().__init__(vllm_config, local_rank, rank, distributed_init_method,
                          is_driver_worker=is_driver_worker)
         self.runahead = NO_RUNAHEAD

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .partition import ModelShape
 from .tp_order import comm_buffer_bytes
+from .tp_step import MAX_CHUNKS
 
 GIB = 2 ** 30
 PEAK_FIXED = GIB // 4
@@ -71,7 +72,7 @@ def tp_layout_plan(shape: ModelShape, *, vocab: int, tied: bool, n: int, dtype_b
     scratch_tokens = -(-max(max_model_len, step_budget) // block_size) * block_size
     comm = comm_buffer_bytes(n=n, layers=shape.layers, kv_bytes_per_token_layer=per_layer,
                              total_kv_heads=shape.kv_heads, step_budget=step_budget, max_model_len=max_model_len,
-                             block_size=block_size).total
+                             block_size=block_size, max_chunks=MAX_CHUNKS).total   # GuestHost's arena
     mlp = 4 * shape.intermediate * dtype_bytes * step_budget
     plan = GPUPlan(usable=int(gpu_bytes * utilization), vllm_weights=w // n, guest_weights=w,
                    scratch=SCRATCH_REGIONS * scratch_tokens * per_layer,

@@ -439,8 +439,9 @@ def comm_buffer_bytes(*, n: int, layers: int, kv_bytes_per_token_layer: int, tot
         "chain_recv": (cap(windows.chain_recvs), size(step_blocks, 1.0)),
         "chain_send": (cap(windows.chain_sends), size(step_blocks, 1.0)),
         "shard_stage": (cap(windows.shard_stage), size(step_blocks, below)),
-        # one buffer per later rank, each of its segment's blocks
-        "shard_recv": (cap(windows.shard_recv), size(step_budget // bs + 2 * max_chunks * (n - 1), h)),
+        # one buffer per later rank, each of its segment's blocks; not capped by the layers: a slot is
+        # a round's (layer + the sender's lag), so even one layer's rounds use every slot
+        "shard_recv": (windows.shard_recv, size(step_budget // bs + 2 * max_chunks * (n - 1), h)),
     }
     if n > 1 and h < 1:
         slots["gather_stage"] = (cap(math.floor((n - 1) * max_hop) + 1), size(scratch_blocks, h))

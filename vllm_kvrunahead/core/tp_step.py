@@ -36,6 +36,11 @@ from .plan import ReqView, StepPlan
 SCRATCH_FULL = "scratch_full"   # the guests' scratch holds no more chunks this step
 OUTPUT_TOKENS = "output_tokens"  # a resumed request recomputing its output tokens too (guests read prompts only)
 SEGMENT_EMPTY = "segment_empty"  # a rank's segment would be empty (the last one's once the tail is cut)
+COMM_FULL = "comm_full"          # the step has MAX_CHUNKS runahead chunks already: its comm buffers hold no more
+# Runahead chunks a step may have: each chunk's messages may start and end inside a block, so every rank's comm
+# arena (tp_order.comm_buffer_bytes) holds 2 blocks per chunk and message beyond the step's tokens. Chunks
+# past it go to the TP model (COMM_FULL); 8 costs 16 blocks a message at a 16k step budget (+1.6%).
+MAX_CHUNKS = 8
 
 
 def tp_view(v: ReqView) -> ReqView:
@@ -122,6 +127,8 @@ class GuestTraffic:
     own_src -> own_dst: this rank's heads of the cached prefix [0, c), paged -> scratch.
     gather_send: (dst, paged blocks of [0, c)) for every rank lacking this rank's heads (their owner sends).
     gather_recv: (src, scratch blocks of [0, c)) from the owner of every other rank's heads.
+    lag: every rank's lag in the step's pipeline (``tp_order.step_lag``; the same on every rank), by which
+    each rank times its rounds of shards and gather; empty: none (every rank at 0).
     """
 
     recv: np.ndarray
@@ -134,6 +141,7 @@ class GuestTraffic:
     own_dst: np.ndarray
     gather_send: tuple[tuple[int, np.ndarray], ...]
     gather_recv: tuple[tuple[int, np.ndarray], ...]
+    lag: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(len(self.keep_src) or len(self.recv) or len(self.send))
@@ -148,6 +156,7 @@ class TPStep:
     requests: tuple[GuestReq, ...] = ()
     not_ahead: tuple[tuple[str, str], ...] = ()   # (req id, why) of the prefill chunks the TP model computes
     total_heads: int = 0   # the model's KV heads (0: not given; then every rank is taken to lack some)
+    lag: tuple[int, ...] = ()  # layers each rank trails rank 0 (tp_order.step_lag; empty: none), in every GuestTraffic
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -208,20 +217,22 @@ class TPStep:
         own_src = _ids(r.paged_ids(0, r.start, bs) for r in prefix)
         own_dst = _ids(r.scratch_ids(0, r.start, bs) for r in prefix)
         return GuestTraffic(recv, send, keep_src, keep_dst, shard_send, shard_recv, own_src, own_dst,
-                            gather_send, gather_recv)
+                            gather_send, gather_recv, self.lag)
 
 
-def tp_step(plan: StepPlan, scratch_blocks: int, total_heads: int = 0) -> TPStep:
+def tp_step(plan: StepPlan, scratch_blocks: int, total_heads: int = 0, max_chunks: int = MAX_CHUNKS) -> TPStep:
     """The TP-layout step of ``plan`` (``make_plan``'s cut of the step's chunks, N segments each): the
     last segment gives up its last token to the TP forward, and each chunk takes scratch blocks for
-    [0, c + m - 1) while they last (a chunk that does not fit, or one of whose segments would be
-    empty, is prefilled by the TP model)."""
+    [0, c + m - 1) while they last, up to ``max_chunks`` chunks (a chunk that does not fit, one past
+    ``max_chunks``, or one of whose segments would be empty, is prefilled by the TP model)."""
     bs, out, not_ahead, used = plan.block_size, [], list(plan.not_ahead), 0
     for r in plan.requests:
         last = r.segments[-1]
         need = -(-(last.end - 1) // bs)
         if last.length < 2 or any(g.length < 1 for g in r.segments[:-1]):
             not_ahead.append((r.req_id, SEGMENT_EMPTY))
+        elif len(out) >= max_chunks:
+            not_ahead.append((r.req_id, COMM_FULL))
         elif used + need > scratch_blocks:
             not_ahead.append((r.req_id, SCRATCH_FULL))
         else:

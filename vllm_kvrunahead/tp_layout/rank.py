@@ -16,7 +16,7 @@ them to ``TPLayoutRank``, so tests can build one from fakes.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
+import dataclasses
 
 from ..config import TP_LAYOUT, KVRunaheadConfig
 from ..core.partition import CostModel, ModelShape
@@ -25,30 +25,30 @@ from ..core.plan import DECODE, make_plan
 from ..core.stats import RunaheadStats, worker_stats
 from ..core.topology import tp_layout_device
 from ..core.tp_cost import NCCL_SWITCHES, TPLayoutCost, TPLayoutSplitter, choose_link, resolve_link
+from ..core.tp_order import step_lag
 from ..core.tp_step import TPStep, kv_heads_of, tp_step, tp_view
 from ..log import logger
 from ..runahead import Step
-from ..transport.comm import ChainComm, ShardComm
+from ..transport.comm import CommArena
+from ..transport.tp_hooks import tp_links
 from ..vllm_side import seam
 from ..vllm_side.guest import Guest
 from .connector import TP_FORWARD, GuestConnector, GuestMeta
 
 
-def tp_layout_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, guest: Guest) -> "TPLayoutRank":
+def tp_layout_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, guest: Guest,
+                  arena: CommArena) -> "TPLayoutRank":
     """This rank's share of the TP layout, its links made and its guest's connector installed (collective:
-    every rank calls it at once, before vLLM's runner registers its KV caches with the connector)."""
+    every rank calls it at once, before vLLM's runner registers its KV caches with the connector).
+    ``arena``: its comm buffers (``GuestHost``: allocated before vLLM sized its KV cache, left out of it)."""
     n = kvr.num_workers
-    group = seam.world_device_group()
-    comm = ChainComm(rank - 1 if rank > 0 else None, rank + 1 if rank < n - 1 else None, group,
-                     kvr.recv_timeout_s, seam.world_cpu_group())
-    backend = dist.get_backend(group)
-    shards = ShardComm(rank, n, backend, kvr.recv_timeout_s)
-    gather = ShardComm(rank, n, backend, kvr.recv_timeout_s, directional=True)
+    comm, shards, gather = tp_links(rank, n, seam.world_device_group(), seam.world_cpu_group(),
+                                    kvr.recv_timeout_s, arena)
     stats = RunaheadStats(n)
     total_heads = vllm_config.model_config.get_total_num_kv_heads()
     seam.set_worker_transfer_config(guest.config)  # the connector base class reads it
     connector = GuestConnector(guest.config, guest.kv_cache_config, comm, shards, gather, stats, rank,
-                               [kv_heads_of(k, n, total_heads) for k in range(n)])
+                               [kv_heads_of(k, n, total_heads) for k in range(n)], arena)
     connector.register_scratch(guest.scratch_by_layer())
     seam.install_connector(connector)  # vLLM's runner registers its caches with it next
     # auto: from what every rank reports, all-gathered, so every rank plans with the same profile
@@ -111,6 +111,9 @@ class TPLayoutRank:
         splitter = TPLayoutSplitter(self.split.partitioner, self.tp_cost, self.kvr.min_tokens)
         plan = make_plan(views, self.n, splitter=splitter, block_size=self.block_size)
         step = tp_step(plan, self.guest.kv_cache_config.num_blocks, self.total_heads)
+        # every rank derives the same lags from the same plan: its rounds of shards and gather follow them
+        if step:
+            step = dataclasses.replace(step, lag=step_lag(self.cost, [r.segments for r in step.requests]))
         self.counters.count_step(step, step.kv_bytes(self.connector.block_bytes))
         self.counters.count_decodes(sum(v.num_scheduled for v in views if v.not_ahead == DECODE))
         return step

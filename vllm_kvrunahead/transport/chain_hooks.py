@@ -148,7 +148,8 @@ class ChainHooks:
         self.stats.blocks_received += len(blocks) * len(self.order)
 
     def _send_layer(self, kv_layer: torch.Tensor, blocks: torch.Tensor) -> None:
-        self.comm.post_send(kv_layout.gather(kv_layer, blocks))
+        # the comm's copy: its next send slot where it has an arena (TP layout), else a new tensor
+        self.comm.post_send(self.comm.send_copy(kv_layer, blocks))
         self._layers_sent += 1
         self.stats.layers_sent += 1
         self.stats.blocks_sent += len(blocks)

@@ -1,5 +1,6 @@
 """All point-to-point traffic lives here (post, compute, wait): the chain's (``ChainComm``) and the TP
-layout's KV head shards and prefix gather (``ShardComm``), flows on one base (``_Flow``).
+layout's rounds of KV head shards and prefix gather (``RoundComm``), flows on one base (``_Flow``), and
+the TP layout's comm buffers (``CommArena``).
 
 Like ring-flash-attention's RingComm: the caller posts a receive for the next
 layer's prefix KV, computes the current layer, then waits and gets the buffer;
@@ -11,11 +12,13 @@ them (all 32 layers of a 40k-token MHA prefix are 21 GB). Works over any torch.d
 CPU, NCCL on GPU (NCCL runs P2P on its own stream; ``Work.wait()`` then only
 makes the current stream wait, no host sync).
 
-Nothing else in the package calls torch.distributed send/recv. The one
-collective, ``gather_times`` (with ``profile`` or ``refine``), runs on a CPU group.
+Nothing else in the package calls torch.distributed send/recv, and no ``dist.Work`` leaves this module
+(a round's works stay in its ``Batch``). The one collective, ``gather_times`` (with ``profile`` or
+``refine``), runs on a CPU group.
 """
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 
@@ -23,28 +26,42 @@ import torch
 import torch.distributed as dist
 
 
-class ChainTimeout(RuntimeError):
-    """A chain peer did not deliver in time (stalled or out of step)."""
+class PeerTimeout(RuntimeError):
+    """A peer did not deliver in time (stalled or out of step)."""
 
 
-class ChainPeerLost(ChainTimeout):
-    """A chain peer closed its connection (its process died) before delivering."""
+class PeerLost(PeerTimeout):
+    """A peer closed its connection (its process died) before delivering."""
+
+
+class CommFull(RuntimeError):
+    """A step's messages do not fit their comm buffer (the plan keeps every step within ``CommArena``)."""
 
 
 class _Flow:
-    """What every point-to-point flow shares: the sends and receives in flight with their buffers (held until
-    they complete: NCCL reads and writes them on its own stream), the byte counters, a bounded wait, the
-    step's end (sends waited for, no receive left over) and its abort. ``max_sends``: at most this many
-    sends in flight (posting one more first waits for the oldest); None: no bound."""
+    """What every point-to-point flow shares: the sends, receives and batches in flight with their buffers
+    (held until they complete: NCCL reads and writes them on its own stream), the byte counters, a bounded
+    wait, the step's end (sends and batches waited for, no receive left over) and its abort.
+    ``max_sends``: at most this many sends in flight (posting one more first waits for the oldest); None: no
+    bound. ``send_slots`` / ``recv_slots``: preallocated buffers (``CommArena``) that messages take in turn
+    instead of new tensors; ``label``: how errors name this flow's peers ("chain rank 1")."""
 
-    def __init__(self, timeout_s: float | None, bounded: bool, max_sends: int | None = None) -> None:
+    def __init__(self, timeout_s: float | None, bounded: bool, max_sends: int | None = None,
+                 send_slots: list[torch.Tensor] | None = None, recv_slots: list[torch.Tensor] | None = None,
+                 label: str = "chain rank") -> None:
         if max_sends is not None and max_sends < 1:
             raise ValueError(f"max_sends must be >= 1, got {max_sends}")
-        self.timeout_s, self.max_sends = timeout_s, max_sends
+        if send_slots and (max_sends is None or len(send_slots) < max_sends):
+            raise ValueError(f"{len(send_slots)} send slots for {max_sends} sends in flight")
+        self.timeout_s, self.max_sends, self.label = timeout_s, max_sends, label
+        self.about = ""   # what errors add after a peer's name: a round flow's name
         # gloo honours a wait timeout; NCCL's watchdog bounds GPU receives instead
         self._bounded = bounded and timeout_s is not None
-        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._sends: list[tuple[dist.Work, torch.Tensor, int]] = []   # (work, tensor, destination)
         self._recvs: list[tuple[int, dist.Work, torch.Tensor]] = []  # posted, oldest first
+        self._batches: list[Batch] = []  # this step's batches, until the step's end waits for them
+        self._send_slots, self._recv_slots = send_slots or None, recv_slots or None
+        self._slot_sends = self._slot_recvs = 0   # messages that took a slot: the next one takes the next slot
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -53,13 +70,51 @@ class _Flow:
         self.bytes_sent += tensor.numel() * tensor.element_size()
         while self.max_sends is not None and len(self._sends) >= self.max_sends:
             # NCCL: a stream wait, no host sync; the oldest copy is then free for reuse
-            self._sends.pop(0)[0].wait()
-        self._sends.append((dist.isend(tensor, dst=dst, group=group), tensor))
+            self._wait_send(*self._sends.pop(0))
+        self._sends.append((dist.isend(tensor, dst=dst, group=group), tensor, dst))
+
+    def send_copy(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``cache``'s ``blocks`` (dim 0) as one tensor to send: a new one, or the next send slot once the
+        send that last used it is done (NCCL: the current stream waits for it; no host sync)."""
+        if self._send_slots is None:
+            return cache.index_select(0, blocks)
+        while len(self._sends) >= len(self._send_slots):
+            self._wait_send(*self._sends.pop(0))
+        slot = self._send_slots[self._slot_sends % len(self._send_slots)]
+        self._slot_sends += 1
+        out = slot_views(slot, [(len(blocks), *cache.shape[1:])], cache.dtype, "chain_send")[0]
+        return torch.index_select(cache, 0, blocks, out=out)
 
     def _post_recv(self, src: int, shape, dtype: torch.dtype, device, group) -> None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        if self._recv_slots is None:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        else:   # the slot's last receive has been waited for and landed (on the stream this one follows)
+            if len(self._recvs) >= len(self._recv_slots):
+                raise CommFull(f"KV-Runahead: {len(self._recvs) + 1} receives for {len(self._recv_slots)} slots")
+            slot = self._recv_slots[self._slot_recvs % len(self._recv_slots)]
+            self._slot_recvs += 1
+            buf = slot_views(slot, [tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)], dtype,
+                             "chain_recv")[0]
         self.bytes_received += buf.numel() * buf.element_size()
         self._recvs.append((src, dist.irecv(buf, src=src, group=group), buf))
+
+    def _batch(self, recvs: list[tuple[int, torch.Tensor]], sends: list[tuple[int, torch.Tensor]], group) -> "Batch":
+        """One ``batch_isend_irecv`` of ``recvs`` (source, buffer) and ``sends`` (destination, tensor) on
+        ``group``: NCCL runs it as one group on the group's own communicator (one work); gloo as single
+        operations (one work each)."""
+        ops = [dist.P2POp(dist.irecv, t, src, group) for src, t in recvs]
+        ops += [dist.P2POp(dist.isend, t, dst, group) for dst, t in sends]
+        if not ops:
+            raise ValueError("KV-Runahead: an empty batch")
+        self.bytes_received += sum(t.numel() * t.element_size() for _, t in recvs)
+        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
+        works = dist.batch_isend_irecv(ops)
+        whats = [f"KV from {self.label} {src}{self.about}" for src, _ in recvs]
+        whats += [f"KV to {self.label} {dst}{self.about} delivered" for dst, _ in sends]
+        peers = [src for src, _ in recvs] + [dst for dst, _ in sends]
+        batch = Batch(self, works, list(zip(peers, whats)) if len(works) == len(ops) else [])
+        self._batches.append(batch)
+        return batch
 
     def _wait_oldest(self, count: int) -> list[torch.Tensor]:
         """The buffers of the ``count`` oldest posted receives, in posting order, once arrived (NCCL: once
@@ -68,26 +123,57 @@ class _Flow:
             raise RuntimeError(f"KV-Runahead: waiting for {count} receive(s), {len(self._recvs)} posted")
         recvs, self._recvs = self._recvs[:count], self._recvs[count:]
         for src, work, _ in recvs:
-            _wait(work, src, self.timeout_s, self._bounded)
+            _wait(work, f"{self.label} {src}", f"KV from {self.label} {src}", self.timeout_s, self._bounded)
         return [buf for _, _, buf in recvs]
+
+    def _wait_send(self, work: dist.Work, tensor: torch.Tensor, dst: int) -> None:
+        # gloo: bounded too, since a large send completes only once its peer receives it
+        _wait(work, f"{self.label} {dst}", f"KV to {self.label} {dst}{self.about} delivered", self.timeout_s,
+              self._bounded)
 
     def wait_sends(self) -> None:
         sends, self._sends = self._sends, []
-        for work, _ in sends:
-            work.wait()
+        for send in sends:
+            self._wait_send(*send)
 
     def end_step(self) -> None:
-        """Wait for the step's sends. Every posted receive must have been waited for by now: one
-        still outstanding would be a later step's message taken early."""
+        """Wait for the step's sends and batches. Every posted receive must have been waited for by now:
+        one still outstanding would be a later step's message taken early."""
         self.wait_sends()
+        batches, self._batches = self._batches, []
+        for batch in batches:
+            batch.wait()
         if self._recvs:
             n, self._recvs = len(self._recvs), []
             raise RuntimeError(f"KV-Runahead: the step ended with {n} receive(s) still outstanding")
 
     def abort_step(self) -> None:
-        """Forget the step's sends and receives without waiting (the step raised: a peer may be
+        """Forget the step's sends, receives and batches without waiting (the step raised: a peer may be
         gone, and waiting on it could block the error's way out)."""
-        self._sends, self._recvs = [], []
+        self._sends, self._recvs, self._batches = [], [], []
+
+
+class Batch:
+    """One ``batch_isend_irecv`` of a flow, its works kept here. ``wait``: NCCL, the current stream waits
+    for it (no host sync; call it on every stream that needs it); gloo, the host waits, bounded by the
+    flow's timeout, once."""
+
+    def __init__(self, flow: _Flow, works: list, peers: list[tuple[int, str]]):
+        self._flow, self._works, self._peers = flow, works, peers
+        self._done = False
+
+    def wait(self) -> None:
+        f = self._flow
+        if not f._bounded:
+            for work in self._works:
+                work.wait()
+            return
+        if self._done:
+            return
+        for i, work in enumerate(self._works):
+            peer, what = self._peers[i] if self._peers else (-1, f"KV of a {f.label} batch")
+            _wait(work, f"{f.label} {peer}", what, f.timeout_s, True)
+        self._done = True
 
 
 class ChainComm(_Flow):
@@ -111,6 +197,8 @@ class ChainComm(_Flow):
         max_sends: int = 2,
         prev_group: dist.ProcessGroup | None = None,
         next_group: dist.ProcessGroup | None = None,
+        send_slots: list[torch.Tensor] | None = None,
+        recv_slots: list[torch.Tensor] | None = None,
     ) -> None:
         self.prev_rank = prev_rank
         self.next_rank = next_rank
@@ -118,7 +206,7 @@ class ChainComm(_Flow):
         self.prev_group = prev_group if prev_group is not None else group
         self.next_group = next_group if next_group is not None else group
         self.cpu_group = cpu_group
-        super().__init__(timeout_s, not _is_nccl(self.prev_group), max_sends)
+        super().__init__(timeout_s, not _is_nccl(self.prev_group), max_sends, send_slots, recv_slots)
 
     @classmethod
     def for_ring(cls, topo, group: dist.ProcessGroup, cpu_group: dist.ProcessGroup | None = None,
@@ -200,75 +288,92 @@ class ChainComm(_Flow):
         return int(hops.item())
 
 
-def _wait(work: dist.Work, peer: int, timeout_s: float | None, bounded: bool) -> None:
-    """Wait for a receive from ``peer``: bounded by ``timeout_s`` on gloo (``bounded``), with the error
-    that says whether the peer died (closed its connection) or stalled."""
+def _wait(work: dist.Work, peer: str, what: str, timeout_s: float | None, bounded: bool) -> None:
+    """Wait for ``what`` ("KV from chain rank 1") of ``peer`` ("chain rank 1"): bounded by ``timeout_s`` on
+    gloo (``bounded``), with the error that says whether the peer died (closed its connection) or stalled."""
     t0 = time.monotonic()
     try:
         ok = work.wait(timeout=timedelta(seconds=timeout_s)) if bounded else work.wait()
     except RuntimeError as e:  # gloo raises on timeout and on a closed connection
         waited = time.monotonic() - t0
         if timeout_s is None or waited < 0.9 * timeout_s:
-            raise ChainPeerLost(
-                f"KV-Runahead: chain rank {peer} closed the connection after {waited:.1f} s "
-                f"of waiting for its KV (its process died or failed): {e}") from e
-        raise ChainTimeout(f"KV-Runahead: no KV from chain rank {peer} within {timeout_s} s; "
-                           f"the peer stalled ({e})") from e
+            raise PeerLost(
+                f"KV-Runahead: {peer} closed the connection after {waited:.1f} s "
+                f"of waiting for {what} (its process died or failed): {e}") from e
+        raise PeerTimeout(f"KV-Runahead: no {what} within {timeout_s} s; the peer stalled ({e})") from e
     if ok is False:
-        raise ChainTimeout(f"KV-Runahead: no KV from chain rank {peer} within {timeout_s} s")
+        raise PeerTimeout(f"KV-Runahead: no {what} within {timeout_s} s")
 
 
-class ShardComm(_Flow):
-    """TP layout: one flow of KV head shards between the ranks (``tp_step.GuestTraffic``), beside the
-    chain's ``ChainComm``: the segment shards (each rank's heads of a later rank's segment, sent back to
-    it) or the prefix gather (each rank's heads of a cached prefix, sent to every rank that lacks them).
-
-    NCCL runs one group's point-to-point operations in issue order on one stream, so every flow has
-    groups of its own, and every pair of ranks one per flow (``directional``: one per direction, for a
-    flow whose pairs send both ways: on one group both ranks' first sends would wait for receives that
-    each has queued behind its own send). Receives come back oldest first (``wait_recvs``)."""
+class RoundComm(_Flow):
+    """TP layout: one flow of rounds (the KV head shards or the prefix gather, ``core/tp_order.py``) on a
+    world-sized group of its own, driven by ``batch_isend_irecv`` only. A batched operation uses the
+    group's own communicator, where an unbatched one would make a 2-rank communicator per pair: so a rank
+    has one communicator per flow at any N. A round is one batch on every rank with traffic in it, and
+    each message is sent and received in the same round on both sides; the flow's order is the caller's
+    (``tp_layout.connector``), its buffers the caller's slots (``CommArena``)."""
 
     def __init__(self, rank: int, world: int, backend: str, timeout_s: float | None = None,
-                 directional: bool = False) -> None:
-        super().__init__(timeout_s, backend != "nccl")
-        self.rank = rank
-        self._to: dict[int, dist.ProcessGroup] = {}    # the group of my sends to a peer
-        self._from: dict[int, dist.ProcessGroup] = {}  # ... and of its sends to me
-        for a in range(world):          # new_group is collective: every rank makes every pair's, in order
-            for b in range(a + 1, world):
-                ab = dist.new_group([a, b], backend=backend)
-                ba = dist.new_group([a, b], backend=backend) if directional else ab
-                if rank == a:
-                    self._to[b], self._from[b] = ab, ba
-                elif rank == b:
-                    self._to[a], self._from[a] = ba, ab
+                 flow: str = "rounds") -> None:
+        super().__init__(timeout_s, backend != "nccl", label="TP rank")
+        self.rank, self.world, self.flow = rank, world, flow
+        self.about = f" ({flow})"
+        # collective: every rank makes the flows' groups in the same order
+        self.group = dist.new_group(list(range(world)), backend=backend)
 
-    def post_send(self, dst: int, tensor: torch.Tensor) -> None:
-        self._post_send(tensor, dst, self._to[dst])
-
-    def post_recv(self, src: int, shape, dtype: torch.dtype, device: torch.device | str) -> None:
-        self._post_recv(src, shape, dtype, device, self._from[src])
-
-    def wait_recvs(self, count: int | None = None) -> list[torch.Tensor]:
-        """The buffers of the ``count`` oldest posted receives (None: all), in the order they were
-        posted, once arrived."""
-        return self._wait_oldest(len(self._recvs) if count is None else count)
+    def batch(self, recvs: list[tuple[int, torch.Tensor]], sends: list[tuple[int, torch.Tensor]]) -> Batch:
+        """One round on this rank: receive each (source, buffer), send each (destination, tensor) (global
+        ranks: the group spans vLLM's world). Waited for by the caller (``Batch.wait``) or at the step's end."""
+        return self._batch(recvs, sends, self.group)
 
     def warm_up(self, device: torch.device) -> None:
-        """One tiny message each way between every pair, so the links (NCCL's communicators are made
-        lazily) exist before the first request. The lower rank of a pair sends first, the higher receives
-        first: on a pair's one group (not ``directional``) NCCL then pairs them in issue order."""
-        for peer in sorted(self._to):
-            one = torch.zeros(1, device=device)
-            if self.rank < peer:
-                self.post_send(peer, one)
-                self.post_recv(peer, (1,), one.dtype, device)
-            else:
-                self.post_recv(peer, (1,), one.dtype, device)
-                self.post_send(peer, one)
-        self.wait_recvs()
-        self.end_step()
+        """One batch on every rank (send to rank + 1, receive from rank - 1, around), so the group's
+        communicator exists before the first request: the first batch on a group must include every rank
+        (torch's ``batch_isend_irecv`` note)."""
+        if self.world > 1:
+            buf = torch.zeros(1, device=device)
+            self.batch([((self.rank - 1) % self.world, buf)], [((self.rank + 1) % self.world, torch.ones(1, device=device))])
+            self.end_step()
         self.bytes_sent = self.bytes_received = 0
+
+
+def slot_views(slot: torch.Tensor, shapes, dtype: torch.dtype, name: str = "slot") -> list[torch.Tensor]:
+    """Consecutive tensors of ``shapes`` and ``dtype`` in one byte buffer (a slot of ``CommArena``)."""
+    out, at, size = [], 0, torch.empty((), dtype=dtype).element_size()
+    for shape in shapes:
+        n = math.prod(shape) * size
+        if at + n > slot.numel():
+            need = sum(math.prod(s) for s in shapes) * size
+            raise CommFull(f"KV-Runahead: a step's {name} messages need {need} bytes; the slot holds {slot.numel()}")
+        out.append(slot[at:at + n].view(dtype).view(shape))
+        at += n
+    return out
+
+
+class CommArena:
+    """A TP-layout rank's comm buffers, allocated once (``tp_order.comm_buffer_bytes``'s slots: name ->
+    (count, bytes of one)); every message of a step is a view into one of them, so a step allocates nothing
+    for its traffic and the KV budget leaves out exactly ``nbytes``. Zero-filled: on CPU vLLM sizes the KV
+    from the process's RSS, which then holds the arena too."""
+
+    def __init__(self, slots: dict[str, tuple[int, int]], device: torch.device | str = "cpu"):
+        self.slots = {name: [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+                      for name, (count, nbytes) in slots.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for ts in self.slots.values() for t in ts)
+
+    def ring(self, name: str) -> list[torch.Tensor]:
+        """The slots of ``name`` (empty: none)."""
+        return self.slots.get(name, [])
+
+    def views(self, name: str, index: int, shapes, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Tensors of ``shapes`` laid out in slot ``index`` of ``name``."""
+        ring = self.slots.get(name, [])
+        if not 0 <= index < len(ring):
+            raise CommFull(f"KV-Runahead: {name} slot {index} of {len(ring)}")
+        return slot_views(ring[index], shapes, dtype, name)
 
 
 def _is_nccl(group: dist.ProcessGroup | None) -> bool:

@@ -32,6 +32,9 @@ from vllm.distributed import parallel_state
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
+from ..core.tp_order import CommBytes, comm_buffer_bytes
+from ..core.tp_step import MAX_CHUNKS
+from ..transport.comm import CommArena
 from .seam import has_field, kv_caches_by_layer, layer_order
 
 GROUP_NAME = "kvr_guest_tp"
@@ -210,9 +213,21 @@ class Guest:
                 self.runner.sample_tokens(None)
 
 
+def comm_bytes(guest: Guest, n: int, total_kv_heads: int, max_chunks: int = MAX_CHUNKS) -> CommBytes:
+    """The comm buffers one of ``n`` TP-layout ranks holds (``tp_order.comm_buffer_bytes``): the worst step
+    of at most vLLM's ``max_num_batched_tokens`` tokens in ``max_chunks`` runahead chunks after up to
+    ``max_model_len`` cached tokens, in the guest's KV blocks (every KV head)."""
+    group = guest.kv_cache_config.kv_cache_groups[0]
+    spec, cfg = group.kv_cache_spec, guest.config
+    return comm_buffer_bytes(n=n, layers=len(group.layer_names), kv_bytes_per_token_layer=spec.page_size_bytes // spec.block_size,
+                             total_kv_heads=total_kv_heads, step_budget=cfg.scheduler_config.max_num_batched_tokens,
+                             max_model_len=cfg.model_config.max_model_len, block_size=spec.block_size,
+                             max_chunks=max_chunks)
+
+
 def kv_bytes_left(measured: int, guest_bytes: int, cache_config, rss_counted: bool | None = None) -> int:
-    """vLLM's KV budget on this rank once the guest (``guest_bytes``: ``Guest.reserved_bytes()``) is in
-    place, from what vLLM's worker measured.
+    """vLLM's KV budget on this rank once the guest (``guest_bytes``: ``Guest.reserved_bytes()``, its
+    activation peak and the comm arena) is in place, from what vLLM's worker measured.
 
     - An explicit KV size (``kv_cache_memory_bytes``; on CPU ``VLLM_CPU_KVCACHE_SPACE``) is for vLLM's
       own layers: the guest comes on top, as vLLM's own weights do there.
@@ -263,12 +278,19 @@ class GuestHost:
         """Around vLLM's load_model: the config is copied before it (empty forward context), the guest
         loaded after it."""
         config = guest_config(vllm_config)
+        self.n, self.total_kv_heads = vllm_config.parallel_config.tensor_parallel_size, \
+            vllm_config.model_config.get_total_num_kv_heads()
+        self.device = device
         yield
         self.guest = Guest(config, self.group, device, self.ring)
 
     def kv_bytes_left(self, measure, cache_config) -> int:
-        """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch is in place
-        and the guest has been profiled."""
+        """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch and the comm
+        arena are in place and the guest has been profiled. The arena is allocated here, once, before vLLM
+        measures: a step never allocates comm buffers, and an allocation that fails does so at start-up."""
         self.guest.allocate_scratch(cache_config)
+        self.comm = comm_bytes(self.guest, self.n, self.total_kv_heads)
+        self.arena = CommArena(self.comm.slots, self.device)
         self.activation_peak = self.guest.profile()
-        return kv_bytes_left(measure(), self.guest.reserved_bytes() + self.activation_peak, cache_config)
+        return kv_bytes_left(measure(), self.guest.reserved_bytes() + self.activation_peak + self.arena.nbytes,
+                             cache_config)
