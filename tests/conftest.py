@@ -1,9 +1,11 @@
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
 
+from tests import timing
 from tests.procs import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,11 +17,16 @@ def run_engine(spec: dict, tmp: Path, name: str, runner: str = "tests.engine_run
 
     spec_path, out_path = tmp / f"{name}.json", tmp / f"{name}.pt"
     spec_path.write_text(json.dumps(spec))
+    t = time.monotonic()
     done = run_python(["-m", runner, str(spec_path), str(out_path)], tmp / f"{name}.log", 900)
+    total = time.monotonic() - t
     if done.returncode != 0:
+        timing.record(name, "engine", spec["workers"] * spec.get("tp", 1), spec["model"], None, total)
         why = "no result within 900 s" if done.timed_out else f"exit {done.returncode}"
         raise AssertionError(f"engine {name} failed ({why}):\n{done.output[-8000:]}")
-    return torch.load(out_path, weights_only=False)
+    out = torch.load(out_path, weights_only=False)
+    timing.record(name, "engine", spec["workers"] * spec.get("tp", 1), spec["model"], out.get("start_s"), total)
+    return out
 
 
 class EngineRuns:
@@ -51,3 +58,12 @@ def kvr_log(caplog):
             yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every engine the run started, slowest first: where CI's time goes."""
+    lines = timing.summary_lines()
+    if lines:
+        terminalreporter.section("engines")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -16,6 +16,7 @@ KV block a chain position's record says it holds is compared with the head's, by
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -96,6 +97,7 @@ def run_as_script(main) -> None:
 
 
 def main(spec_path, out_path):
+    t0 = time.monotonic()
     spec = json.loads(open(spec_path).read())
     workers = spec["workers"]
     tp = spec.get("tp", 1)  # TP ranks per stage (workers 1: plain vLLM TP)
@@ -114,8 +116,9 @@ def main(spec_path, out_path):
     else:
         kw.update(worker_cls="tests.recording_worker.RecordingWorker")
     llm = LLM(**kw)
+    start_s = time.monotonic() - t0   # vLLM imported, engine and workers up
     sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True, logprobs=1)
-    out = {"alone": [], "kv": [], "batch": [], "logprobs": [], "seeded": [], "ahead": [], "cached": []}
+    out = {"start_s": start_s, "alone": [], "kv": [], "batch": [], "logprobs": [], "seeded": [], "ahead": [], "cached": []}
     seen = 0
     for ids in spec["alone"]:
         before = head_counts(llm) if kvr else None

