@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -9,6 +10,12 @@ from tests import timing
 from tests.procs import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The engines the tests start (children inherit this) run torch.compile'd functions eagerly: vLLM's CPU
+# sampler compiles its random-sampling function in every worker while the engine starts (~14 s of CPU per
+# worker, most of a tiny engine's start-up), and no test samples through it: engines run with enforce_eager,
+# and every request is greedy or seeded per request (vLLM's eager path). TORCHDYNAMO_DISABLE=0 keeps it.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def run_engine(spec: dict, tmp: Path, name: str, runner: str = "tests.engine_runner") -> dict:

@@ -43,7 +43,7 @@ def stop(proc) -> None:
     record(name, "server", ranks, model, start_s, time.monotonic() - t)
 
 
-def summary_lines(limit: int = 25) -> list[str]:
+def summary_lines(limit: int = 100) -> list[str]:
     if not STARTED:
         return []
     total = sum(e.total_s for e in STARTED)
