@@ -74,3 +74,11 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("engines")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(engines):
+    """The tiny model on one plain vLLM worker (tests/specs.py): every tiny engine's reference."""
+    from tests.specs import tiny
+
+    return tiny(engines, 1)

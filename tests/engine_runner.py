@@ -5,13 +5,17 @@
 SPEC: model, workers (1 = plain vLLM), decode ("tp": KV-Runahead in TP layout over the tp ranks),
 alone (prompts sent one by one; after each, the head's KV of the prompt's whole blocks and, with KV-Runahead, how many of its
 chunks ran ahead), batch (prompts sent at once: mixed prefill/decode steps), seeded
-(prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2),
+(prompts sampled at temperature 0.8 with a per-request seed, n=1 and n=2; each n under a cache salt of its
+own, so the n=2 run does not hit the n=1 run's blocks),
 chat (first, question, turns: each turn the last prompt + its answer + question),
 long (phases of prompts and max_tokens, each sent at once: decodes that outgrow a small KV cache; tokens,
-logprobs and vLLM's preemptions per phase),
-max_tokens, engine kwargs; rounds (lists of prompts, each list sent at once, one after the other:
-tokens, every token's logprob and cached tokens per request; with KV-Runahead, after each round every
-KV block a chain position's record says it holds is compared with the head's, byte for byte).
+logprobs, vLLM's preemptions and, with KV-Runahead, the head's counts per phase),
+max_tokens, engine kwargs; rounds (lists of prompts, or {"prompts", "max_tokens"}, each sent at once, one
+after the other: tokens, every token's logprob and cached tokens per request; with KV-Runahead, the head's
+counts of the round and, after it, every KV block a chain position's record says it holds compared with
+the head's, byte for byte).
+Always: the tokens vLLM's scheduler scheduled in all (what the head's recorder saw), the engine's metrics,
+its KV blocks per rank, and with KV-Runahead every rank's kvr_stats.
 """
 import json
 import os
@@ -62,10 +66,30 @@ def held_mismatches(llm, block_size):
     return out
 
 
-def head_counts(llm):
+AHEAD = ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held")
+ON_HEAD = ("chunks_not_ahead",)   # prefill chunks vLLM's own model computed (the head, or the TP model), by reason
+
+
+def head_counts(llm, keys=AHEAD):
     s = llm.collective_rpc("kvr_stats")[-1]  # KV-Runahead's head is vLLM's output rank, the last
     # (TP layout: every rank counts the same)
-    return {k: s[k] for k in ("chunks_ahead", "chunks_ahead_cached", "tokens_ahead", "prefix_tokens_held") if k in s}
+    return {k: s[k] for k in keys if k in s}
+
+
+def scheduled(llm) -> int:
+    """Tokens vLLM's scheduler scheduled so far (the head's record of every step; every rank's is the same)."""
+    return sum(map(sum, llm.collective_rpc("kvr_steps")[-1]))
+
+
+def counts_since(before: dict, after: dict) -> dict:
+    """after - before, per count (per reason for the counts by reason)."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = {r: n - before[k].get(r, 0) for r, n in v.items() if n != before[k].get(r, 0)}
+        else:
+            out[k] = v - before[k]
+    return out
 
 
 def set_engine_env(processes: int, kv_bytes: bool = False) -> None:
@@ -141,12 +165,17 @@ def main(spec_path, out_path):
             kv = llm.collective_rpc(read_blocks, args=(full, layers))
             out["kv"].append(kv[head] if tp == 1 else kv[len(kv) - tp:])  # TP: one list per TP rank
     out["rounds"] = []
-    for prompts in spec.get("rounds", []):
-        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp, use_tqdm=False)
+    for r in spec.get("rounds", []):
+        prompts, k = (r["prompts"], r["max_tokens"]) if isinstance(r, dict) else (r, spec["max_tokens"])
+        sp_round = SamplingParams(max_tokens=k, temperature=0, ignore_eos=True, logprobs=1)
+        before, tokens = head_counts(llm, AHEAD + ON_HEAD) if kvr else None, scheduled(llm)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sp_round, use_tqdm=False)
         out["rounds"].append(dict(
             tokens=[list(o.outputs[0].token_ids) for o in outs],
             logprobs=[[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
             cached=[o.num_cached_tokens or 0 for o in outs],
+            scheduled_tokens=scheduled(llm) - tokens,
+            ahead=counts_since(before, head_counts(llm, AHEAD + ON_HEAD)) if kvr else None,
             held=held_mismatches(llm, spec["block_size"]) if workers > 1 else None))
     out["chat"] = []
     if spec.get("chat"):  # each turn: the last turn's prompt and answer, then the question
@@ -164,18 +193,21 @@ def main(spec_path, out_path):
                                  for o in outs]
     out["long"] = []
     for phase in spec.get("long", []):  # prompts whose decodes outgrow a small KV cache: vLLM preempts them
-        before = preemptions(llm)
+        before, counts = preemptions(llm), head_counts(llm, AHEAD + ON_HEAD) if kvr else None
         sp_long = SamplingParams(max_tokens=phase["max_tokens"], temperature=0, ignore_eos=True, logprobs=1)
         outs = llm.generate([{"prompt_token_ids": ids} for ids in phase["prompts"]], sp_long, use_tqdm=False)
         out["long"].append(dict(
             tokens=[list(o.outputs[0].token_ids) for o in outs],
             logprobs=[[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs],
-            preemptions=preemptions(llm) - before))
+            preemptions=preemptions(llm) - before,
+            ahead=counts_since(counts, head_counts(llm, AHEAD + ON_HEAD)) if kvr else None))
     for n in (1, 2) if spec.get("seeded") else ():
         seeded = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.8, seed=7, n=n, ignore_eos=True)
         # one prompt at a time: plain vLLM on CPU cannot rewind a seeded generator after a partial chunk
-        outs = [llm.generate([{"prompt_token_ids": ids}], seeded, use_tqdm=False)[0] for ids in spec["seeded"]]
+        outs = [llm.generate([{"prompt_token_ids": ids, "cache_salt": f"seeded-n{n}"}], seeded, use_tqdm=False)[0]
+                for ids in spec["seeded"]]
         out["seeded"].append([[list(c.token_ids) for c in o.outputs] for o in outs])
+    out["scheduled_tokens"] = scheduled(llm)
     if spec.get("steps"):
         out["steps"] = llm.collective_rpc("kvr_steps")[-1]  # the scheduler output the head received
     out["metrics"] = {}

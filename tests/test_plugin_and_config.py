@@ -151,6 +151,29 @@ def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_
     assert after == tp_x_pcp == [[0, 1], [2, 3], [4, 5]]
 
 
+def test_tp_stages_of_three_ranks_make_three_chains_and_the_last_stage_is_the_head():
+    """--tensor-parallel-size 3 --prefill-context-parallel-size 2 (a model with 3 KV heads, such as SmolLM2's:
+    one per TP rank): vLLM's TP groups are the two stages, its output rank 3 heads the last, and each TP
+    rank r has a chain of its own, r -> 3 + r, carrying its KV head only."""
+    from vllm_kvrunahead.core.topology import ChainTopology
+    from vllm_kvrunahead.vllm_side import seam
+
+    cfg = engine_config(model=tiny_llama(kv_heads=3), tensor_parallel_size=3, prefill_context_parallel_size=2)
+    pc = cfg.parallel_config
+    assert (pc.world_size, pc.tensor_parallel_size, pc.prefill_context_parallel_size) == (6, 3, 1)
+    assert cfg.additional_config["kv_runahead"]["num_workers"] == 2
+    head, tp = seam.head_rank(pc), seam.tp_size(pc)
+    assert (head, tp) == (3, 3)
+    topos = [ChainTopology(2, head, r, tp) for r in range(6)]
+    assert [(t.stage, t.tp_rank, t.pos, t.is_head) for t in topos] == [
+        (0, 0, 0, False), (0, 1, 0, False), (0, 2, 0, False), (1, 0, 1, True), (1, 1, 1, True), (1, 2, 1, True)]
+    assert [t.chain() for t in topos[:3]] == [[0, 3], [1, 4], [2, 5]]
+    import torch
+
+    groups = torch.arange(6).reshape(-1, 1, 1, pc.prefill_context_parallel_size, 3).view(-1, 3).tolist()
+    assert groups == [[0, 1, 2], [3, 4, 5]]   # vLLM's TP groups ([-1, DP, PP, PCP, TP]): the stages
+
+
 def test_default_step_budget_scales_with_workers_and_a_users_is_kept(kvr_log):
     import logging
 

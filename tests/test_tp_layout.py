@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from tests.models import tiny_llama
-from tests.test_tp_e2e import LENGTHS, tp_spec
-from tests.test_vllm_e2e import BS, BUDGET, TINY_ENGINE, rand_prompts
+from tests.specs import ALONE_LENGTHS, BS, BUDGET, HIT, TINY_ENGINE, rand_prompts, tiny, tiny_alone, tiny_spec
+
+LENGTHS = ALONE_LENGTHS
 
 # fp32. The guest computes KV with one worker's numerics (its layers see one worker's hidden states), vLLM's
 # TP model with TP's (its all-reduce sums in another order): plain TP=2's logprobs differ from one
@@ -25,22 +26,17 @@ LOGPROB_TOL = 1e-6
 KV_TOL = 1e-6
 
 
-def layout_spec():
-    return {**tp_spec(1, 2), "decode": "tp"}
-
-
 @pytest.fixture(scope="module")
-def runs(engines):
-    out = {name: engines.get(f"tiny-kv2-{name}", tp_spec(w, t))
-           for name, (w, t) in {"one": (1, 1), "tp2": (1, 2)}.items()}
-    out["layout"] = engines.get("tiny-kv2-tplayout", layout_spec())
-    return out
+def runs(engines, tiny_ref):
+    """The tiny engines (tests/specs.py): one worker, plain TP=2 and the TP layout over 2 ranks."""
+    return {"one": tiny_ref, "tp2": tiny(engines, 1, 2), "layout": tiny(engines, 1, 2, "tp")}
 
 
 def test_tp_layout_tokens_and_logprobs_equal_one_worker_and_plain_tp2(runs):
     one, tp2, run = runs["one"], runs["tp2"], runs["layout"]
     assert run["alone"] == tp2["alone"] == one["alone"]
     assert run["batch"] == tp2["batch"] == one["batch"]
+    assert run["cached"] == tp2["cached"] == one["cached"] and run["cached"][-1] == HIT // BS * BS   # a cache hit
     for ref in (tp2, one):
         for got, want in zip(run["logprobs"], ref["logprobs"], strict=True):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=LOGPROB_TOL, rtol=0)
@@ -74,6 +70,8 @@ def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
     assert (ahead[2500]["chunks_ahead"], ahead[2500]["chunks_ahead_cached"], ahead[2500]["tokens_ahead"]) == (3, 2, 2500)
     assert (ahead[1027]["chunks_ahead"], ahead[1027]["chunks_ahead_cached"]) == (2, 1)
     assert ahead[300]["chunks_ahead"] == 1 and ahead[2]["chunks_ahead"] == 0   # 2 tokens: too short
+    # after the prefix-cache hit: its new tokens ran ahead, each rank gathering the cached prefix's heads
+    assert (ahead[HIT + 300]["chunks_ahead"], ahead[HIT + 300]["chunks_ahead_cached"]) == (1, 1)
     for s in stats:
         # this rank's guest ran its segments, vLLM's TP model the rest of every step
         assert s["decode_tokens"] > 0 and s["segment_tokens"][s["position"]] > 0 and s["tokens_run"] > 0
@@ -88,16 +86,19 @@ def test_tp_layout_runs_chunks_ahead_and_decodes_on_every_rank(runs):
 
 
 # -- the step budget rule (issue 30) ---------------------------------------------------------------------------
+BUDGET_ORDER = (2500, 1027, 300, 2)   # the batch, in arrival order
+
+
 def budget_spec():
     """The chain of copies' per-step rule in the TP layout (kv_runahead.step_budget 1000, at most 4000 a step):
     the alone prompts of ``layout_spec`` (2500, 1027, 300, 2 tokens) arrive at once."""
-    alone = rand_prompts(LENGTHS, 1)
-    return {**tp_spec(1, 2), "decode": "tp", "alone": [], "steps": True, "kv_layers": [],
+    alone = tiny_alone()
+    return {**tiny_spec(1, 2, "tp"), "alone": [], "steps": True, "kv_layers": [],
             "engine": dict(TINY_ENGINE, max_num_batched_tokens=4000), "kvr": {"min_tokens": 0, "step_budget": 1000},
-            "batch": [alone[3], alone[2], alone[1], alone[0]]}
+            "batch": [alone[LENGTHS.index(n)] for n in BUDGET_ORDER]}
 
 
-def test_tp_layout_takes_one_long_prompt_in_one_step_and_the_next_waits(engines):
+def test_tp_layout_takes_one_long_prompt_in_one_step_and_the_next_waits(engines, tiny_ref):
     """One long prompt runs whole in one step (2500 tokens, over the 1000 any step may take); the next step takes
     the running decode and the next prompt in line only, the others wait for the step after (with this rule
     off, a fixed budget of 4000, that step packed [1, 2, 300, 1027]: checked on CPU, vLLM 0.26); the rest
@@ -108,9 +109,8 @@ def test_tp_layout_takes_one_long_prompt_in_one_step_and_the_next_waits(engines)
     assert steps[0] == [2500], steps[:4]
     assert steps[1] == [1, 1027], steps[:4]                 # the first prompt's decode and the next in line
     assert sorted(steps[2]) == [1, 1, 2, 300], steps[:4]    # two decodes, the rest within vLLM's default
-    refs = [engines.get(f"tiny-kv2-{name}", tp_spec(w, t)) for name, (w, t) in {"tp2": (1, 2), "one": (1, 1)}.items()]
-    for ref in refs:   # the same engines as ``runs``'
-        for i, j in enumerate((3, 2, 1, 0)):
+    for ref in (tiny(engines, 1, 2), tiny(engines, 1)):   # the same engines as ``runs``'
+        for i, j in enumerate(LENGTHS.index(n) for n in BUDGET_ORDER):
             assert run["batch"][i] == ref["alone"][j], (i, j)
             torch.testing.assert_close(torch.tensor(run["batch_logprobs"][i]), torch.tensor(ref["logprobs"][j]),
                                        atol=LOGPROB_TOL, rtol=0)
@@ -171,10 +171,22 @@ def traffic_spec(workers: int, tp: int, decode: str | None = None) -> dict:
     return spec
 
 
+TRAFFIC = {"one": (1, 1), "tp2": (1, 2), "layout": (1, 2, "tp"), "head2": (2, 1)}   # head2: the chain of copies
+
+
+class _Runs(dict):
+    def __init__(self, engines):
+        super().__init__()
+        self.engines = engines
+
+    def __missing__(self, name):   # each engine starts when a test first needs it
+        self[name] = self.engines.get(f"tiny-kv2-traffic-{name}", traffic_spec(*TRAFFIC[name]))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def traffic(engines):
-    return {name: engines.get(f"tiny-kv2-traffic-{name}", traffic_spec(*args))
-            for name, args in {"one": (1, 1), "tp2": (1, 2), "layout": (1, 2, "tp"), "head2": (2, 1)}.items()}
+    return _Runs(engines)
 
 
 def _close(got, want, what):
@@ -219,6 +231,20 @@ def test_traffic_fits_n_times_the_kv_of_the_chain_of_copies(traffic):
     assert layout["long"][1]["preemptions"] > 0
 
 
+def test_preempted_requests_resume_on_the_chain_and_equal_one_worker(traffic):
+    """The chain of copies (N=2) under the traffic's long phases, where 24 blocks are too few: vLLM preempts
+    running requests and resumes them later, their prompt tokens past a cache hit recomputed, and those
+    chunks run on the chain too; every token and logprob equals one worker's."""
+    one, head2 = traffic["one"], traffic["head2"]
+    for phase, (got, want, spec) in enumerate(zip(head2["long"], one["long"], traffic_spec(2, 1)["long"], strict=True)):
+        assert want["preemptions"] > 0 and got["preemptions"] > 0, phase   # the KV cache really was too small
+        assert got["tokens"] == want["tokens"], phase
+        _close(got["logprobs"], want["logprobs"], f"phase {phase}, request")
+        # more prefill ran ahead than the prompts hold: resumed requests' recomputation ran on the chain too
+        prompt_tokens = sum(map(len, spec["prompts"]))
+        assert got["ahead"]["tokens_ahead"] > prompt_tokens and got["ahead"]["chunks_ahead_cached"] > 0, got["ahead"]
+
+
 def test_traffic_decodes_on_every_rank(traffic):
     stats = traffic["layout"]["stats"]
     assert len(stats) == 2 and stats[0]["decode_tokens"] == stats[1]["decode_tokens"] > 1000
@@ -228,7 +254,7 @@ def test_traffic_decodes_on_every_rank(traffic):
     # forward, not after the guest's). The offline LLM records a step's scheduler stats only when the step
     # returns request outputs: a step that is a partial prefill alone goes unrecorded, in either
     # mode (measured: the scheduler makes the stats, the Prometheus logger never sees them; the server
-    # records every step: tests/test_metrics.py). Here two such steps: A's and D's first 1000-token chunks.
+    # records every step: tests/test_server.py). Here two such steps: A's and D's first 1000-token chunks.
     m = traffic["layout"]["metrics"]
     assert m["vllm:kv_runahead_chunks_ahead"] == stats[0]["chunks_ahead"] - 2, m
     assert m["vllm:kv_runahead_tokens_ahead"] == stats[0]["tokens_ahead"] - 2 * 1000, m
