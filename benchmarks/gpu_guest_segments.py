@@ -87,6 +87,15 @@ class SegmentsWorker(Worker):
 
             guest.guest_config = keep_graphs
         self.host = guest.GuestHost()
+        arena_ranks = int(os.environ.get("KVR_ARENA_RANKS", "0"))
+        if arena_ranks:   # the comm arena a rank of N would allocate, left out of vLLM's KV budget the same way
+            budget = self.host.kv_bytes_left
+
+            def as_rank_of_n(measure, cache_config):
+                self.host.n = arena_ranks
+                return budget(measure, cache_config)
+
+            self.host.kv_bytes_left = as_rank_of_n
         self.tables = {}       # req id -> (NewRequestData, block ids), kept after the request finishes
         self.step_times = []   # (tokens, seconds) of vLLM's own forward steps while timing is on
         self.timing = False
@@ -94,10 +103,12 @@ class SegmentsWorker(Worker):
 
     def initialize_from_config(self, kv_cache_config) -> None:
         from vllm_kvrunahead.tp_layout.rank import tp_layout_for
+        from vllm_kvrunahead.transport.comm import CommArena
 
         kvr = dataclasses.replace(self.kvr, mode="tp_layout")   # one rank: no peers, every KV head its own
-        self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest,
-                                      self.host.arena)   # one rank's arena: empty
+        arena = self.host.arena if not os.environ.get("KVR_ARENA_RANKS") else CommArena({}, self.host.device)
+        # one rank's arena: empty (with --arena-ranks the N-rank arena stays allocated, counted and unused)
+        self.runahead = tp_layout_for(kvr, self.vllm_config, self.rank, kv_cache_config, self.host.guest, arena)
         super(Worker, self).initialize_from_config(kv_cache_config)   # vLLM's own: its runner registers its caches
         self.runahead.start(self.model_runner)
 
@@ -137,7 +148,8 @@ class SegmentsWorker(Worker):
             vllm_max_capture_size=self.vllm_config.compilation_config.max_cudagraph_capture_size,
             guest_dispatch={n: str(disp.dispatch(num_tokens=n)[0]) for n in sizes} if disp else None,
             guest_weight_bytes=g.weight_bytes(), guest_scratch_bytes=g.scratch_bytes(),
-            guest_activation_peak_bytes=self.host.activation_peak, scratch_blocks=g.kv_cache_config.num_blocks,
+            guest_activation_peak_bytes=self.host.activation_peak, arena_ranks=self.host.n,
+            arena_bytes=self.host.arena.nbytes, arena_plan_bytes=self.host.comm.total, scratch_blocks=g.kv_cache_config.num_blocks,
             paged_blocks=int(next(iter(self.runahead.connector.paged.values())).shape[0]),
             block_size=self.runahead.block_size,
             paged_block_shape=list(next(iter(self.runahead.connector.paged.values())).shape[1:]),
@@ -156,7 +168,7 @@ class SegmentsWorker(Worker):
 
         from vllm_kvrunahead.core.partition import Segment
         from vllm_kvrunahead.core.tp_step import GuestReq, TPStep
-        from vllm_kvrunahead.core.tp_step.connector import GuestMeta
+        from vllm_kvrunahead.tp_layout.connector import GuestMeta
         from vllm_kvrunahead.vllm_side import seam
 
         nr, blocks = next(t for t in self.tables.values() if len(t[0].prompt_token_ids) == prompt_len)  # P: the first
@@ -299,7 +311,8 @@ def report(rec, device, version):
              f"- guest dispatch by step size: {f.get('guest_dispatch')}",
              f"- KV budget leaves out: guest weights {gib(f.get('guest_weight_bytes'))} GiB, scratch "
              f"{gib(f.get('guest_scratch_bytes'))} GiB, activation peak {gib(f.get('guest_activation_peak_bytes'))} "
-             f"GiB; vLLM's KV cache: {rec.get('kv_cache_tokens')} tokens; engine start {rec.get('start_s')} s",
+             f"GiB, comm arena {gib(f.get('arena_bytes'))} GiB (a rank of N={f.get('arena_ranks')}); vLLM's KV cache: "
+             f"{rec.get('kv_cache_tokens')} tokens; engine start {rec.get('start_s')} s",
              f"- prompt P: {rec.get('prompt_tokens')} tokens (cached when prefilled: {rec.get('prompt_cached_tokens')})",
              "", "## Guest KV against vLLM's KV of the same tokens (whole blocks inside [c, c + s))", "",
              "| c | s | guest step | layer | blocks | bitwise equal | max abs diff | rel. diff | max abs (vLLM) |",
@@ -336,6 +349,8 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--guest-cudagraphs", action="store_true", help="the guest keeps vLLM's CUDA-graph mode")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--arena-ranks", type=int, default=0,
+                    help="allocate the comm arena a TP-layout rank of N would (left out of the KV budget, unused)")
     ap.add_argument("--prompt", type=int, default=0, help="tokens of P (default: 65536; tiny 3072)")
     ap.add_argument("--max-model-len", type=int, default=0)
     ap.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens")
@@ -363,6 +378,8 @@ def main():
     model = models.write_model("tiny" if a.tiny else "llama3-8b", a.models_dir)
     path, log = os.path.join(a.out, f"{a.tag}.json"), os.path.join(a.out, f"{a.tag}.log")
     env = dict(os.environ, KVR_GUEST_CUDAGRAPHS="1" if a.guest_cudagraphs else "0")
+    if a.arena_ranks:
+        env["KVR_ARENA_RANKS"] = str(a.arena_ranks)
     cmd = [sys.executable, "-m", "benchmarks.gpu_guest_segments", "--child", path, "--model-dir", model,
            "--out", a.out, "--prompt", str(a.prompt), "--max-model-len", str(a.max_model_len),
            "--budget", str(a.budget)] + (["--tiny"] if a.tiny else []) + (["--no-timing"] if a.no_timing else [])
@@ -387,6 +404,8 @@ def main():
     open(os.path.join(a.out, f"{a.tag}.md"), "w").write(md)
     print(md)
     print(f"child rc={rc}; log {log}")
+    if rc != 0:   # the report above shows what ran; the caller must not take a failed run for a result
+        sys.exit(f"gpu_guest_segments: the engine's child failed (rc={rc}); see {log}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ which start engines) vLLM, and the two modes meet only in ``runahead.py`` and ``
 module's imports (fast: no engine)."""
 import ast
 import importlib
+import importlib.util
 import pkgutil
 from pathlib import Path
 
@@ -61,3 +62,25 @@ def test_the_layout_rules_hold():
             assert not {d for d in ours if under(d, "vllm_kvrunahead.tp_layout")}, m
         if under(m, "vllm_kvrunahead.tp_layout"):
             assert not {d for d in ours if under(d, "vllm_kvrunahead.copies")}, m
+
+
+def test_what_benchmarks_and_tests_import_of_the_package_exists():
+    """Scripts import the package inside functions too (GPU-only paths no CPU test runs): every such name must
+    still resolve after a move, a module or a name in it."""
+    root = PKG.parent
+    missing = []
+    for path in sorted([*root.glob("benchmarks/*.py"), *root.glob("tests/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and under(node.module or "", "vllm_kvrunahead"):
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError as e:
+                    missing.append(f"{path.name}:{node.lineno}: {node.module} ({e})")
+                    continue
+                missing += [f"{path.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(mod, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if under(a.name, "vllm_kvrunahead") and importlib.util.find_spec(a.name) is None:
+                        missing.append(f"{path.name}:{node.lineno}: {a.name}")
+    assert not missing, missing
