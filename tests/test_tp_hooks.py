@@ -1,5 +1,5 @@
 """The TP layout's per-layer moves (``transport/tp_hooks.TPHooks``, what the guest's connector runs) without an
-engine: a guest step's forward is played layer by layer over a scratch ring and paged caches whose KV is a
+engine: a guest step's forward is played layer by layer over scratch regions and paged caches whose KV is a
 known function of (layer, token, KV head), so every landed or sent block can be checked.
 
 - One rank against recording fakes (no process group): it issues exactly ``tp_order.step_order``'s operations,
@@ -76,7 +76,7 @@ STEPS = {   # name: chunks (c, m) per N-independent shape
 
 
 class Rank:
-    """One rank's caches: a scratch ring (every KV head) and vLLM's paged caches (its KV heads), the cached
+    """One rank's caches: scratch regions (every KV head) and vLLM's paged caches (its KV heads), the cached
     prefixes' KV in its paged blocks, everything else NaN."""
 
     def __init__(self, step, k, total):

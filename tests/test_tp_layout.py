@@ -316,12 +316,12 @@ def checkpoint_bytes(model_dir: str) -> int:
 def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(traffic):
     """The guest: the whole checkpoint's weights under a one-rank TP group, its attention layers in its own
     forward context (the same names as vLLM's, no "Duplicate layer name"), the rotary cache shared with
-    vLLM's model, and a scratch of guest.GUEST_RING regions for max(max_model_len, budget) tokens with every KV head.
+    vLLM's model, and a scratch of guest.SCRATCH_REGIONS regions for max(max_model_len, budget) tokens with every KV head.
     vLLM's KV budget is the explicit kv_cache_memory_bytes here, so the guest comes on top of it and vLLM's
     blocks equal plain TP=2's (asserted above). Beside it, each rank's comm arena: comm_buffer_bytes' slots."""
     from vllm_kvrunahead.core.tp_order import comm_buffer_bytes
     from vllm_kvrunahead.core.tp_step import MAX_CHUNKS
-    from vllm_kvrunahead.vllm_side.guest import GUEST_RING
+    from vllm_kvrunahead.vllm_side.guest import SCRATCH_REGIONS
 
     full = checkpoint_bytes(tiny_llama(kv_heads=2))
     scratch_blocks = math.ceil(max(TRAFFIC_MAX_LEN, BUDGET) / BS)
@@ -334,8 +334,8 @@ def test_traffic_guest_is_the_full_model_and_a_scratch_beside_vllms_tp_model(tra
         assert rep["guest_layers"] == rep["vllm_layers"] == [f"model.layers.{i}.self_attn.attn" for i in range(2)]
         assert rep["weights"] == full and full // 2 < rep["vllm_weights"] < full, rank   # whole vs TP shard
         assert rep["rope_shared"]
-        assert rep["scratch_blocks"] == scratch_blocks and rep["scratch_regions"] == GUEST_RING
-        assert rep["scratch"] == GUEST_RING * scratch_blocks * KV_BLOCK_BYTES // 2   # one layer per region
+        assert rep["scratch_blocks"] == scratch_blocks and rep["scratch_regions"] == SCRATCH_REGIONS
+        assert rep["scratch"] == SCRATCH_REGIONS * scratch_blocks * KV_BLOCK_BYTES // 2   # one layer per region
         assert rep["reserved"] == rep["weights"] + rep["scratch"]
         assert rep["arena"] == arena > 0
 

@@ -92,3 +92,13 @@ class NoRunahead:
 
 
 NO_RUNAHEAD = NoRunahead()
+
+
+class SplitTuning:
+    """The tuner's RPCs, alike in both modes: each rank's split is a ``SplitSetting`` (``self.split``)."""
+
+    def set_fractions(self, fractions) -> None:
+        self.split.set_fractions(fractions)
+
+    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
+        return self.split.set_partition(method, table)

@@ -22,7 +22,7 @@ from ..core.plan import DECODE, StepPlan, make_plan
 from ..core.stats import RunaheadStats, worker_stats
 from ..core.topology import ChainTopology, stage_device
 from ..log import logger
-from ..runahead import Step
+from ..runahead import SplitTuning, Step
 from ..transport.comm import ChainComm
 from ..vllm_side import seam
 from .connector import KVRunaheadConnector, RunaheadMeta
@@ -41,7 +41,7 @@ def chain_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config) ->
                  seam.num_kv_blocks(kv_cache_config), comm, connector)
 
 
-class Chain:
+class Chain(SplitTuning):
     """Topology, request book, holdings, split (partitioner and refiner), links, KV connector and
     stats of one worker of an N-worker chain (N runahead stages of T TP ranks each)."""
 
@@ -150,12 +150,6 @@ class Chain:
             live_requests=len(self.book), bytes_sent=self.comm.bytes_sent, bytes_received=self.comm.bytes_received,
             partition=p.describe(), profile=asdict(self.connector.profiler.total) if profiled else None,
             refine=p.refiner.state() if p.refiner else None)
-
-    def set_fractions(self, fractions) -> None:
-        self.split.set_fractions(fractions)
-
-    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
-        return self.split.set_partition(method, table)
 
     def close(self) -> None:
         seam.uninstall_connector()

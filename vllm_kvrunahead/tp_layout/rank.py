@@ -28,7 +28,7 @@ from ..core.tp_cost import NCCL_SWITCHES, TPLayoutCost, TPLayoutSplitter, choose
 from ..core.tp_order import step_lag
 from ..core.tp_step import TPStep, kv_heads_of, tp_step, tp_view
 from ..log import logger
-from ..runahead import Step
+from ..runahead import SplitTuning, Step
 from ..transport.comm import CommArena
 from ..transport.tp_hooks import tp_links
 from ..vllm_side import seam
@@ -59,7 +59,7 @@ def tp_layout_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config
                         max_step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
 
 
-class TPLayoutRank:
+class TPLayoutRank(SplitTuning):
     """Request book, split, links (chain and head shards), the guest and its hooks of one TP rank."""
 
     returns_output = True  # every rank runs vLLM's TP step and samples, as in plain TP
@@ -152,12 +152,6 @@ class TPLayoutRank:
             bytes_received=self.comm.bytes_received + self.shards.bytes_received + self.gather.bytes_received,
             partition=self.split.partitioner.describe(), scratch_blocks=self.guest.kv_cache_config.num_blocks,
             link=self.link)
-
-    def set_fractions(self, fractions) -> None:
-        self.split.set_fractions(fractions)
-
-    def set_partition(self, method: str | None = None, table: dict | None = None) -> str:
-        return self.split.set_partition(method, table)
 
     def close(self) -> None:
         seam.uninstall_connector()

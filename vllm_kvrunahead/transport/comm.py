@@ -364,7 +364,7 @@ class CommArena:
     def nbytes(self) -> int:
         return sum(t.numel() for ts in self.slots.values() for t in ts)
 
-    def ring(self, name: str) -> list[torch.Tensor]:
+    def buffers(self, name: str) -> list[torch.Tensor]:
         """The slots of ``name`` (empty: none)."""
         return self.slots.get(name, [])
 

@@ -281,8 +281,8 @@ def tp_links(rank: int, n: int, group, cpu_group, timeout_s: float | None,
     group (``group``; its unbatched operations get a 2-rank communicator per neighbour pair), its buffers the
     arena's chain slots; the shards and the gather on a world-sized group each. So 4 communicators per rank
     at any N (the end ranks 3), and 2 new groups."""
-    sends = arena.ring("chain_send")
+    sends = arena.buffers("chain_send")
     comm = ChainComm(rank - 1 if rank > 0 else None, rank + 1 if rank < n - 1 else None, group, timeout_s,
-                     cpu_group, max_sends=len(sends) or 2, send_slots=sends, recv_slots=arena.ring("chain_recv"))
+                     cpu_group, max_sends=len(sends) or 2, send_slots=sends, recv_slots=arena.buffers("chain_recv"))
     backend = torch.distributed.get_backend(group)
     return comm, RoundComm(rank, n, backend, timeout_s, SHARDS), RoundComm(rank, n, backend, timeout_s, GATHER)

@@ -99,17 +99,17 @@ def _unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def _ring_tensors(names: list[str], ring: int, page: int, num_blocks: int) -> list[KVCacheTensor]:
-    """``ring`` regions of ``num_blocks`` pages, region i shared by layers i, i + ring, ...
+def _region_tensors(names: list[str], regions: int, page: int, num_blocks: int) -> list[KVCacheTensor]:
+    """``regions`` scratch regions of ``num_blocks`` pages, region i shared by layers i, i + regions, ...
     vLLM 0.26 allocates a tensor per entry for the layers in ``shared_by``. 0.32 views one backing
     allocation (every entry names its whole size) at ``offset + l * layer_stride + b * block_stride``
     (``W/v1/kv_cache_interface.py:1409-1429``) and refuses a zero stride (``:348``), so each layer gets
     an entry of its own at its region's offset."""
     region = page * num_blocks
     if has_field(KVCacheTensor, "shared_by"):
-        return [KVCacheTensor(size=region, shared_by=names[i::ring]) for i in range(ring)]
-    return [KVCacheTensor(size=region * ring, layers=[name], layer_stride=region, block_stride=page,
-                          offset=region * (i % ring)) for i, name in enumerate(names)]
+        return [KVCacheTensor(size=region, shared_by=names[i::regions]) for i in range(regions)]
+    return [KVCacheTensor(size=region * regions, layers=[name], layer_stride=region, block_stride=page,
+                          offset=region * (i % regions)) for i, name in enumerate(names)]
 
 
 def model_weight_bytes(model) -> int:
@@ -130,13 +130,13 @@ def model_weight_bytes(model) -> int:
 
 
 class Guest:
-    """The full model under a one-rank TP group, with a scratch KV cache of ``ring`` tensors shared by
-    every ``ring``-th layer (layer i writes its KV and attends before layer i + ring overwrites it, so a
+    """The full model under a one-rank TP group, with a scratch KV cache of ``regions`` tensors shared by
+    every ``regions``-th layer (layer i writes its KV and attends before layer i + regions overwrites it, so a
     whole prefill in one forward needs no more). The scratch holds one request of ``max_model_len``
     tokens, or a whole step's budget where that is more."""
 
-    def __init__(self, config: VllmConfig, group, device: torch.device, ring: int):
-        self.config, self.group, self.ring = config, group, ring
+    def __init__(self, config: VllmConfig, group, device: torch.device, regions: int):
+        self.config, self.group, self.regions = config, group, regions
         with self.active():
             self.runner = _runner_class()(config, device)
             self.runner.load_model()
@@ -151,7 +151,7 @@ class Guest:
         if layout is not None:
             self.config.cache_config.kv_cache_layout = layout
         with self.active():
-            self.kv_cache_config = self._scratch_config(self.ring)
+            self.kv_cache_config = self._scratch_config(self.regions)
             self.runner.initialize_kv_cache(self.kv_cache_config)
 
     @contextlib.contextmanager
@@ -160,7 +160,7 @@ class Guest:
         with tp_group_swapped(self.group), set_current_vllm_config(self.config):
             yield
 
-    def _scratch_config(self, ring: int) -> KVCacheConfig:
+    def _scratch_config(self, regions: int) -> KVCacheConfig:
         specs = self.runner.get_kv_cache_spec()
         names = layer_order(list(specs))
         spec = specs[names[0]]
@@ -168,7 +168,7 @@ class Guest:
             raise ValueError("KV-Runahead's guest supports models whose attention layers share one KV spec")
         tokens = max(self.config.model_config.max_model_len, self.config.scheduler_config.max_num_batched_tokens)
         num_blocks = math.ceil(tokens / spec.block_size)
-        tensors = _ring_tensors(names, min(ring, len(names)), spec.page_size_bytes, num_blocks)
+        tensors = _region_tensors(names, min(regions, len(names)), spec.page_size_bytes, num_blocks)
         return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
                              kv_cache_groups=[KVCacheGroupSpec(names, spec)])
 
@@ -244,7 +244,7 @@ def kv_bytes_left(measured: int, guest_bytes: int, cache_config, rss_counted: bo
 
 
 # Two scratch regions: layer i + 1 receives its prefix while layer i's KV is still being sent.
-GUEST_RING = 2
+SCRATCH_REGIONS = 2
 
 
 class NoGuest:
@@ -267,8 +267,8 @@ NO_GUEST = NoGuest()
 class GuestHost:
     """Builds this rank's guest at the three points of vLLM's worker set-up it needs (TP layout)."""
 
-    def __init__(self, ring: int = GUEST_RING) -> None:
-        self.ring = ring
+    def __init__(self, regions: int = SCRATCH_REGIONS) -> None:
+        self.regions = regions
 
     def init_device(self, local_rank: int) -> None:
         self.group = singleton_tp_groups(local_rank)  # collective: after vLLM's groups, on every rank
@@ -282,7 +282,7 @@ class GuestHost:
             vllm_config.model_config.get_total_num_kv_heads()
         self.device = device
         yield
-        self.guest = Guest(config, self.group, device, self.ring)
+        self.guest = Guest(config, self.group, device, self.regions)
 
     def kv_bytes_left(self, measure, cache_config) -> int:
         """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch and the comm
