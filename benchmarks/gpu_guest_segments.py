@@ -86,6 +86,17 @@ class SegmentsWorker(Worker):
                 return cfg
 
             guest.guest_config = keep_graphs
+        if os.environ.get("KVR_GUEST_EAGER") == "1":   # the guest without torch.compile: whose kernels differ?
+            made_eager = guest.guest_config
+
+            def eager(vllm_config):
+                from vllm.config import CompilationMode
+
+                cfg = made_eager(vllm_config)
+                cfg.compilation_config.mode = CompilationMode.NONE
+                return cfg
+
+            guest.guest_config = eager
         self.host = guest.GuestHost()
         arena_ranks = int(os.environ.get("KVR_ARENA_RANKS", "0"))
         if arena_ranks:   # the comm arena a rank of N would allocate, left out of vLLM's KV budget the same way
@@ -159,6 +170,29 @@ class SegmentsWorker(Worker):
         """Turn timing of vLLM's own steps on or off; returns (and forgets) what was timed."""
         self.timing, times, self.step_times = on, self.step_times, []
         return times
+
+    def kvr_vllm_self(self, prompt_len: int, other_len: int, layers=()) -> dict:
+        """vLLM against itself: its KV of P's first ``other_len`` tokens (P prefilled in its own steps)
+        beside its KV of a prompt that is exactly those tokens, prefilled alone (a cache salt of its own):
+        what vLLM's kernels change with the step's size, the yardstick for the guest's differences."""
+        import torch
+
+        bs, paged = self.runahead.block_size, self.runahead.connector.paged
+        _, p_blocks = next(t for t in self.tables.values() if len(t[0].prompt_token_ids) == prompt_len)
+        _, q_blocks = next(t for t in self.tables.values() if len(t[0].prompt_token_ids) == other_len)
+        full = other_len // bs
+        dev = self.runahead.device
+        a_ids = torch.tensor(q_blocks[:full], dtype=torch.long, device=dev)
+        b_ids = torch.tensor(p_blocks[:full], dtype=torch.long, device=dev)
+        rec = dict(prompt_len=prompt_len, other_len=other_len)
+        for layer in layers:
+            name = self.runahead.connector.order[layer]
+            a, b = paged[name].index_select(0, a_ids), paged[name].index_select(0, b_ids)
+            af, bf = a.float(), b.float()
+            rec[f"layer{layer}"] = dict(blocks=full, bitwise=bool(torch.equal(a, b)),
+                                        max_abs=float((af - bf).abs().max()),
+                                        rel=float((af - bf).norm() / bf.norm()) if bf.norm() > 0 else None)
+        return rec
 
     def kvr_segment(self, prompt_len: int, c: int, s: int, layers=(), peak: bool = False) -> dict:
         """The guest computes [c, c + s) of the prompt of ``prompt_len`` tokens (prefilled by vLLM before),
@@ -255,6 +289,11 @@ def child(a, out_path):
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     o = llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)[0]
     rec["prompt_tokens"], rec["prompt_cached_tokens"] = n, o.num_cached_tokens
+    rec["vllm_self"] = []
+    for m in a.vllm_self:   # vLLM's own KV of P[:m], prefilled alone, beside its KV inside P
+        llm.generate([{"prompt_token_ids": prompt[:m], "cache_salt": f"self-{m}"}], one, use_tqdm=False)
+        rec["vllm_self"].append(rpc("kvr_vllm_self", n, m, list(p["layers"])))
+        save()
     # KV: the first guest steps of each small size twice (a lazy capture would show in the first), then
     # longer segments after cached prefixes; all before any other request can take P's blocks.
     rec["kv"] = []
@@ -309,6 +348,9 @@ def report(rec, device, version):
              f"{f.get('vllm_max_capture_size')} tokens), guest {f.get('guest_runner')} "
              f"({f.get('guest_cudagraph_mode')}, compile mode {f.get('guest_compile_mode')})",
              f"- guest dispatch by step size: {f.get('guest_dispatch')}",
+             *[f"- vLLM against itself, P[:{r['other_len']}] alone vs inside P: "
+               + ", ".join(f"layer {k[5:]} bitwise {v['bitwise']}, max abs {v['max_abs']:.3g}, rel {v['rel']:.3g}"
+                           for k, v in r.items() if k.startswith("layer")) for r in rec.get("vllm_self", [])],
              f"- KV budget leaves out: guest weights {gib(f.get('guest_weight_bytes'))} GiB, scratch "
              f"{gib(f.get('guest_scratch_bytes'))} GiB, activation peak {gib(f.get('guest_activation_peak_bytes'))} "
              f"GiB, comm arena {gib(f.get('arena_bytes'))} GiB (a rank of N={f.get('arena_ranks')}); vLLM's KV cache: "
@@ -349,6 +391,9 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--guest-cudagraphs", action="store_true", help="the guest keeps vLLM's CUDA-graph mode")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--guest-eager", action="store_true", help="the guest without torch.compile")
+    ap.add_argument("--vllm-self", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="lengths m: vLLM's KV of P[:m] prefilled alone against its KV inside P (e.g. 512,8192)")
     ap.add_argument("--arena-ranks", type=int, default=0,
                     help="allocate the comm arena a TP-layout rank of N would (left out of the KV budget, unused)")
     ap.add_argument("--prompt", type=int, default=0, help="tokens of P (default: 65536; tiny 3072)")
@@ -380,9 +425,11 @@ def main():
     env = dict(os.environ, KVR_GUEST_CUDAGRAPHS="1" if a.guest_cudagraphs else "0")
     if a.arena_ranks:
         env["KVR_ARENA_RANKS"] = str(a.arena_ranks)
+    if a.guest_eager:
+        env["KVR_GUEST_EAGER"] = "1"
     cmd = [sys.executable, "-m", "benchmarks.gpu_guest_segments", "--child", path, "--model-dir", model,
            "--out", a.out, "--prompt", str(a.prompt), "--max-model-len", str(a.max_model_len),
-           "--budget", str(a.budget)] + (["--tiny"] if a.tiny else []) + (["--no-timing"] if a.no_timing else [])
+           "--budget", str(a.budget), "--vllm-self", ",".join(map(str, a.vllm_self))] + (["--tiny"] if a.tiny else []) + (["--no-timing"] if a.no_timing else [])
     from benchmarks.procs import end_group
 
     with open(log, "w") as f:
