@@ -30,6 +30,20 @@ def test_plan_reproduces_the_one_gpu_run(budget, max_len, measured):
     assert p.guest_weights == p.vllm_weights and p.comm == 0   # one rank: no peers, no comm buffers
 
 
+@pytest.mark.parametrize("budget, max_len, measured", [(16384, 131072, 267_152), (65536, 65600, 188_288)])
+def test_plan_is_on_the_safe_side_on_one_h100(budget, max_len, measured):
+    """One H100, util 0.85 (benchmarks/results/gpu_smoke/guest_segments_h100/): within 10%, never above."""
+    assert 0.90 * measured < plan(budget=budget, max_len=max_len, gpu=H100).kv_tokens < measured
+
+
+def test_plan_counts_the_comm_arena_a_rank_allocates():
+    """The arena of a rank of N=4 at a 64k budget, allocated on one H100 (self_and_arena.json): 2,289,696,768
+    bytes, and vLLM's KV lost 17,472 tokens (2 MiB blocks of 16) for it."""
+    arena = plan(n=4, budget=65536, max_len=65600, gpu=H100).comm
+    assert arena == 2_289_696_768
+    assert 17_472 // 16 == -(-arena // (16 * 128 * 1024))   # the KV blocks it cost: its bytes, rounded up
+
+
 def test_a_model_beyond_one_gpu_has_no_kv_left():
     p = plan(LLAMA3_70B, n=8, util=0.9)
     assert p.kv < 0 and p.kv_tokens == 0
