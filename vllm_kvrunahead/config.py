@@ -157,6 +157,12 @@ def flags_mode(worker_cls: Any, prefill_context_parallel_size: int, tensor_paral
     return TP_LAYOUT if tensor_parallel_size > 1 else OFF
 
 
+def flags_workers(mode: str, prefill_context_parallel_size: int, tensor_parallel_size: int) -> int:
+    """N, the workers that share a prefill in ``mode`` (``flags_mode``'s answer for the same flags): the chain
+    of copies' stages, or the TP layout's ranks."""
+    return tensor_parallel_size if mode == TP_LAYOUT else prefill_context_parallel_size
+
+
 def mode_of(vllm_config) -> str | None:
     """The mode this engine runs, as the config hook stored it (None: not a KV-Runahead engine). Read
     once here; every patch asks it."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from ...config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, TP_LAYOUT, KVRunaheadConfig, flags_mode
+from ...config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, TP_LAYOUT, KVRunaheadConfig, flags_mode, flags_workers
 from . import Patch, check_not_replaced, wrap_method
 
 
@@ -118,7 +118,7 @@ def convert(vllm_config) -> None:
             and "num_workers" in extra[ADDITIONAL_CONFIG_KEY]:
         return  # converted already (a config copied after post-init)
     # TP layout: vLLM runs plain TP=N and every rank adds the full model for the runahead prefill
-    n = pc.tensor_parallel_size if mode == TP_LAYOUT else pc.prefill_context_parallel_size
+    n = flags_workers(mode, pc.prefill_context_parallel_size, pc.tensor_parallel_size)
     cfg = KVRunaheadConfig.from_dict(n, (extra or {}).get(ADDITIONAL_CONFIG_KEY), mode)
     if mode != OFF:
         check_not_replaced()

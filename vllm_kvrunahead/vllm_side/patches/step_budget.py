@@ -17,7 +17,7 @@ TP wins also runs faster at N x the budget (est. 2-6%, docs/tp-layout-cost.md).
 """
 from __future__ import annotations
 
-from ...config import ADDITIONAL_CONFIG_KEY, RUNAHEAD_MODES, TP_LAYOUT, flags_mode
+from ...config import ADDITIONAL_CONFIG_KEY, RUNAHEAD_MODES, flags_mode, flags_workers
 from ...log import logger
 from . import Patch, wrap_method
 
@@ -32,8 +32,7 @@ def _apply() -> None:
             mode = flags_mode(self.worker_cls, self.prefill_context_parallel_size, self.tensor_parallel_size)
             if user_set or mode not in RUNAHEAD_MODES:
                 return
-            # the workers that share a prefill: the chain's copies (stages), or the TP layout's ranks
-            n = self.tensor_parallel_size if mode == TP_LAYOUT else self.prefill_context_parallel_size
+            n = flags_workers(mode, self.prefill_context_parallel_size, self.tensor_parallel_size)
             default = self.max_num_batched_tokens
             self.max_num_batched_tokens = min(default * n, self.max_num_seqs * model_config.max_model_len)
             # Each step takes vLLM's default, and more only for the first prompt in line (budget.py).
