@@ -24,7 +24,7 @@ from ..core.partitioner import SplitSetting
 from ..core.plan import DECODE, make_plan
 from ..core.stats import RunaheadStats, worker_stats
 from ..core.topology import tp_layout_device
-from ..core.tp_cost import NCCL_SWITCHES, TPLayoutCost, TPLayoutSplitter, choose_link, resolve_link
+from ..core.tp_cost import NCCL_SWITCHES, TPLayoutCost, TPLayoutSplitter, resolve_link
 from ..core.tp_order import step_lag
 from ..core.tp_step import TPStep, kv_heads_of, tp_step, tp_view
 from ..log import logger
@@ -67,16 +67,16 @@ class TPLayoutRank(SplitTuning):
     def __init__(self, kvr: KVRunaheadConfig, rank: int, shape: ModelShape | None, total_heads: int,
                  block_size: int, guest: Guest, connector: GuestConnector, *, link: str | None = None,
                  link_why: str = "", max_step_tokens: int | None = None) -> None:
-        """``link``: the link profile ``tp_layout_for`` resolved (None: ``kv_runahead.link``, auto taken as
-        nothing known); ``max_step_tokens``: the most a step takes (the start-up line's range)."""
+        """``link``, ``link_why``: the link profile ``tp_layout_for`` resolved (None: ``kv_runahead.link``
+        resolved with no facts); ``max_step_tokens``: the most a step takes (the start-up line's range)."""
         self.n = kvr.num_workers
         self.kvr, self.rank, self.shape, self.total_heads, self.block_size = kvr, rank, shape, total_heads, block_size
         self.guest, self.connector = guest, connector
         self.comm, self.shards, self.gather = connector.comm, connector.shards, connector.gather
         self.counters: RunaheadStats = connector.stats  # one record: the connector counts what it moves
         self.cost = CostModel.for_shape(shape)
-        self.link = link or (kvr.link if kvr.link != "auto" else choose_link({}))
-        self.link_why = link_why or ("set by kv_runahead.link" if kvr.link != "auto" else "auto: nothing known")
+        # without facts (a rank made outside tp_layout_for): the option itself, or auto's guess from nothing
+        self.link, self.link_why = (link, link_why) if link else resolve_link(kvr.link, [], None)
         # which chunks run ahead: each against vLLM's TP=N prefill of it on these links (docs/tp-layout-cost.md)
         self.tp_cost = TPLayoutCost.build(shape, self.n, self.link, block_size=block_size)
         self.max_step_tokens = max_step_tokens or 1 << 17
