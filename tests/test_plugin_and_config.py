@@ -65,7 +65,7 @@ def test_config_turns_pcp_into_chain_workers():
     assert cfg.additional_config["kv_runahead"] == {
         "num_workers": 2, "partition": "even", "min_tokens": 100, "table_path": None, "recv_timeout_s": 300.0,
         "profile": False, "refine": False, "step_budget": plain.max_num_batched_tokens, "early_send": False,
-        "link": "auto", "mode": "copies"}
+        "link": "auto", "guest": "full", "mode": "copies"}
     assert mode_of(cfg) == "copies" and mode_of(engine_config(worker_cls="auto", prefill_context_parallel_size=1)) is None
 
 
@@ -130,6 +130,18 @@ def test_a_plugin_that_replaced_what_kvrunahead_wraps_is_refused(monkeypatch):
 
 def test_partition_balanced_is_read_as_model():
     assert KVRunaheadConfig.from_dict(2, {"partition": "balanced"}).partition == "model"
+
+
+def test_guest_is_full_or_peer_and_peer_only_in_the_tp_layout():
+    assert KVRunaheadConfig.from_dict(4, {}, "tp_layout").guest == "full"
+    assert KVRunaheadConfig.from_dict(4, {"guest": "peer"}, "tp_layout").guest == "peer"
+    assert KVRunaheadConfig.from_dict(4, {"guest": "full"}, "copies").guest == "full"
+    with pytest.raises(ValueError, match=r"unknown guest 'half'; choose one of full, peer"):
+        KVRunaheadConfig.from_dict(4, {"guest": "half"}, "tp_layout")
+    with pytest.raises(ValueError, match=r"guest 'peer' is for the TP layout"):
+        KVRunaheadConfig.from_dict(4, {"guest": "peer"}, "copies")
+    with pytest.raises(ValueError, match=r"guest 'peer' is for the TP layout"):
+        KVRunaheadConfig.from_dict(4, {"guest": "peer"})   # the chain of copies, mode from N
 
 
 def test_tp_stages_keep_vllms_tp_and_world_size_and_its_output_rank_is_the_head_stage():

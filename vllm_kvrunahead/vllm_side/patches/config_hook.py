@@ -69,7 +69,7 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
             raise ValueError(f"KV-Runahead: {what} need {n * tp} GPUs, only {have} visible; "
                              f"use --prefill-context-parallel-size {max(1, have // tp)} or fewer")
     if current_platform.is_cuda_alike() and cfg.mode == TP_LAYOUT:
-        check_fits(vllm_config, n)
+        check_fits(vllm_config, cfg)
     most = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
     if cfg.step_budget is not None and most is not None and cfg.step_budget > most:
         raise ValueError(f"KV-Runahead: step_budget {cfg.step_budget} is more than --max-num-batched-tokens "
@@ -82,11 +82,13 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
             raise ValueError(f"KV-Runahead: table {cfg.table_path} is for {t.n_workers} workers, not {n}")
 
 
-def check_fits(vllm_config, n: int) -> None:
-    """The TP layout's memory plan per GPU (est., ``core/memory.py``), logged; refused, with the plan, where
-    KV would not hold one request of max_model_len: every rank holds the full model as its guest, so a model
-    whose weights do not fit one GPU with room for KV fails here, not after minutes of loading."""
-    from ...core.memory import GIB, tp_layout_plan
+def check_fits(vllm_config, cfg: KVRunaheadConfig) -> None:
+    """The TP layout's memory plan per GPU for its guest (``cfg.guest``; est., ``core/memory.py``), logged;
+    refused, with the plan, where KV would not hold one request of max_model_len: a "full" guest holds the
+    whole model on every rank, so a model whose weights do not fit one GPU with room for KV fails here, not
+    after minutes of loading. A refused "full" guest's error also gives the "peer" guest's plan."""
+    from ...config import PEER_GUEST
+    from ...core.memory import GIB, PEER_LAYERS, tp_layout_plan
     from ...log import logger
     from ..seam import gpu_memory_bytes, model_memory
 
@@ -94,18 +96,40 @@ def check_fits(vllm_config, n: int) -> None:
     model = model_memory(mc) if mc is not None else None
     if model is None or model["shape"] is None:
         return
-    plan = tp_layout_plan(model["shape"], vocab=model["vocab"], tied=model["tied"], n=n,
-                          dtype_bytes=model["dtype_bytes"], step_budget=sc.max_num_batched_tokens,
-                          max_model_len=mc.max_model_len, block_size=cc.block_size or 16,
-                          gpu_bytes=gpu_memory_bytes(), utilization=cc.gpu_memory_utilization)
+    n, gpu = cfg.num_workers, gpu_memory_bytes()
+
+    def plan_for(guest: str):
+        return tp_layout_plan(model["shape"], vocab=model["vocab"], tied=model["tied"], n=n,
+                              dtype_bytes=model["dtype_bytes"], step_budget=sc.max_num_batched_tokens,
+                              max_model_len=mc.max_model_len, block_size=cc.block_size or 16,
+                              gpu_bytes=gpu, utilization=cc.gpu_memory_utilization, guest=guest)
+
+    plan = plan_for(cfg.guest)
     logger.info("KV-Runahead: TP layout's plan per GPU (est.): %s", plan.line())
-    if plan.kv_tokens < mc.max_model_len:
+    if plan.kv_tokens >= mc.max_model_len:
+        return
+    change = ("Lower --max-model-len or --max-num-batched-tokens, raise --gpu-memory-utilization, use more GPUs "
+              "(a larger --tensor-parallel-size), or serve it with plain --tensor-parallel-size without "
+              "--worker-cls (models beyond one GPU: docs/guest-beyond-one-gpu.md)")
+    short = f"per GPU (est.) {plan.line()}, fewer than --max-model-len {mc.max_model_len}."
+    if cfg.guest == PEER_GUEST:
         raise ValueError(
-            f"KV-Runahead: the TP layout does not fit {mc.model} on this GPU: every rank holds the full model as "
-            f"its guest ({plan.guest_weights / GIB:.1f} GiB) beside vLLM's 1/{n} shard; per GPU (est.) "
-            f"{plan.line()}, fewer than --max-model-len {mc.max_model_len}. Lower --max-model-len or "
-            "--max-num-batched-tokens, raise --gpu-memory-utilization, or serve it with plain "
-            "--tensor-parallel-size without --worker-cls (models beyond one GPU: docs/guest-beyond-one-gpu.md)")
+            f'KV-Runahead: the TP layout with guest "{PEER_GUEST}" does not fit {mc.model} on this GPU: every '
+            f"rank holds vLLM's 1/{n} shard ({plan.vllm_weights / GIB:.1f} GiB) and its guest's {PEER_LAYERS} "
+            f"gathered layers, embedding and norms ({plan.guest_weights / GIB:.1f} GiB); {short} {change}")
+    peer = plan_for(PEER_GUEST)
+    setting = f"""--additional-config '{{"kv_runahead": {{"guest": "{PEER_GUEST}"}}}}'"""
+    peer_kv = (f"guest's weights {peer.guest_weights / GIB:.1f} GiB instead of {plan.guest_weights / GIB:.1f}, "
+               f"KV {peer.kv / GIB:.1f} GiB ({peer.kv_tokens} tokens) per GPU (est.)")
+    if peer.kv_tokens >= mc.max_model_len:
+        what = (f'With guest "{PEER_GUEST}" (each decoder layer gathered from the ranks\' TP shards just before '
+                f"it runs: docs/guest-beyond-one-gpu.md) it fits: {peer_kv}; set {setting}, or serve it with "
+                "plain --tensor-parallel-size without --worker-cls")
+    else:
+        what = f'Guest "{PEER_GUEST}" ({setting}) would not fit either: {peer_kv}. {change}'
+    raise ValueError(
+        f"KV-Runahead: the TP layout does not fit {mc.model} on this GPU: every rank holds the full model as its "
+        f"guest ({plan.guest_weights / GIB:.1f} GiB) beside vLLM's 1/{n} shard; {short} {what}")
 
 
 def convert(vllm_config) -> None:
