@@ -57,4 +57,9 @@ class RecordingKVRWorker(_Recorder, Worker):
                     scratch_regions=len({c.data_ptr() for c in g.runner.kv_caches}),
                     guest_tp_ranks=list(g.group.ranks), vllm_tp_ranks=list(get_tp_group().ranks),
                     guest_layers=sorted(g.config.compilation_config.static_forward_context),
-                    vllm_layers=sorted(self.vllm_config.compilation_config.static_forward_context))
+                    vllm_layers=sorted(self.vllm_config.compilation_config.static_forward_context),
+                    **(dict(peer_bytes=g.peer.nbytes, peer_slots=len(g.peer.slots), layers_taken=g.peer.shards.layers_taken,
+                            weight_bytes_pulled=g.peer.shards.bytes_pulled,
+                            linear_bytes=sum(p.numel() * p.element_size() for m in g.peer.modules[0]
+                                             for p in m.parameters(recurse=False)))
+                       if g.peer else {}))

@@ -130,3 +130,32 @@ def test_rewritten_steps_differ_only_where_the_release_does():
     else:
         assert seam.STEP_FIELDS == {} and not hasattr(so, "has_sync_kv_loads")
         assert head == dataclasses.replace(so, kv_connector_metadata=EMPTY_META)
+
+
+def test_installed_cpu_linear_keeps_its_weight_only_while_a_peer_guest_loads():
+    """The patch cpu-linear-keeps-weight-for-peer-guest, through the installed vLLM's CPU linear method: loaded
+    plainly, vLLM packs the weight and drops the parameter; inside keeping_linear_weights(True) the weight
+    stays (the peer guest reads the rank's shard from it) and vLLM's packed product is the same."""
+    import torch
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.utils import dispatch_unquantized_gemm
+
+    from vllm_kvrunahead.vllm_side.patches import apply_all
+    from vllm_kvrunahead.vllm_side.patches.cpu_linear_keeps_weight import keeping_linear_weights
+
+    apply_all()
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), torch.randn(5, 64)
+
+    def loaded(keep):
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+        with keeping_linear_weights(keep):
+            UnquantizedLinearMethod().process_weights_after_loading(layer)
+        return layer
+
+    dropped, kept = loaded(False), loaded(True)
+    assert dropped.weight.numel() == 0 and torch.equal(kept.weight, w)
+    gemm = dispatch_unquantized_gemm()
+    assert torch.equal(gemm(kept, x, kept.weight, None), gemm(dropped, x, dropped.weight, None))
+    assert loaded(False).weight.numel() == 0   # the switch is off again after the block

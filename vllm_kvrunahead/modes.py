@@ -17,7 +17,7 @@ from .vllm_side.guest import NO_GUEST, GuestHost
 
 def host_for(kvr: KVRunaheadConfig):
     """What builds this rank's guest during vLLM's worker set-up (``NO_GUEST``: nothing)."""
-    return GuestHost() if kvr.mode == TP_LAYOUT else NO_GUEST
+    return GuestHost(kvr.guest) if kvr.mode == TP_LAYOUT else NO_GUEST
 
 
 def runahead_for(kvr: KVRunaheadConfig, vllm_config, rank: int, kv_cache_config, host) -> Runahead:

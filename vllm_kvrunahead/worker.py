@@ -64,7 +64,7 @@ class Worker(seam.worker_base()):
         self.host.init_device(self.local_rank)
 
     def load_model(self, *args, **kwargs) -> None:
-        with self.host.loading(self.vllm_config, self.device):
+        with self.host.loading(self.vllm_config, self.device, self.model_runner.get_model):
             super().load_model(*args, **kwargs)
 
     def determine_available_memory(self) -> int:

@@ -29,8 +29,8 @@ PEAK_FIXED = GIB // 4
 # (0.22 GiB measured), NCCL communicators (est. 0.5 GiB): one H200, gpu_guest_segments.log
 EXTRAS = int(1.5 * GIB)
 SCRATCH_REGIONS = 2  # vllm_side/guest.py: layer i and i + 2 share a region
-# The peer guest's resident decoder layers: 2 ring slots (the layer it runs, the next one arriving) + 1 staging
-# layer that receives the N ranks' shards (docs/guest-beyond-one-gpu.md, option (b))
+# The peer guest's resident decoder layers: a ring of one-layer slots, the layer it runs and (on GPUs) the next
+# two being pulled from the peers' shards (docs/guest-beyond-one-gpu.md, option (b))
 PEER_LAYERS = 3
 
 
@@ -48,7 +48,7 @@ def weight_bytes(shape: ModelShape, vocab: int, tied: bool, dtype_bytes: int) ->
 
 def guest_weight_bytes(shape: ModelShape, vocab: int, tied: bool, dtype_bytes: int, guest: str) -> int:
     """What a TP-layout rank's guest holds of the weights. "full": the whole model (``weight_bytes``). "peer":
-    ``PEER_LAYERS`` layers' linear weights (its ring and staging slots), the embedding (gathered once), the final
+    ``PEER_LAYERS`` layers' linear weights (its ring of slots), the embedding (gathered once), the final
     norm and every layer's two norms; no LM head (the guest's logits are never used; a tied one is the
     embedding)."""
     if guest == FULL_GUEST:

@@ -19,22 +19,36 @@ Why each piece (``V/`` = vLLM 0.26.0's ``site-packages/vllm/``, ``W/`` = 0.32.0'
   and a wrapper captures on a size's first call (``V/compilation/cuda_graph.py:233-277``): its mode is NONE.
 - The runner collects KV specs and binds caches from its own config's context
   (``V/v1/worker/gpu_model_runner.py:7718-7730``, ``:7528``), so vLLM's KV sizing never sees the guest.
+
+The peer guest (``kv_runahead.guest: "peer"``; ``PeerWeights``) is built by a registered model loader
+(``register_model_loader``, vLLM's public hook) on the meta device: no decoder layer's weights are
+allocated; each linear weight is a view into a ring of one-layer slots, which a forward pre-hook fills from
+the N ranks' TP shards (``transport/weight_pull.py``: one-sided reads of what every rank publishes at
+start-up) before the layer runs. Everything else (embedding,
+norms, attention scales) is made from vLLM's TP model on the rank: copied, or gathered where it is sharded.
+It runs eager (its hooks move weights between layers, which a compiled graph would not see).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import re
 
 import torch
-from vllm.config import CUDAGraphMode, VllmConfig, set_current_vllm_config
+import torch.distributed as dist
+from vllm.config import CompilationMode, CUDAGraphMode, VllmConfig, set_current_vllm_config
 from vllm.distributed import parallel_state
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
 
+from ..config import FULL_GUEST, PEER_GUEST
+from ..core.memory import PEER_LAYERS
 from ..core.tp_order import CommBytes, comm_buffer_bytes
 from ..core.tp_step import MAX_CHUNKS
+from ..core.weight_shards import column_pieces, row_pieces
 from ..transport.comm import CommArena
+from ..transport.weight_pull import SharedShards, ShardedWeight
 from .seam import has_field, kv_caches_by_layer, layer_order
 
 GROUP_NAME = "kvr_guest_tp"
@@ -60,9 +74,10 @@ def tp_group_swapped(group):
         parallel_state._TP = saved
 
 
-def guest_config(vllm_config: VllmConfig) -> VllmConfig:
+def guest_config(vllm_config: VllmConfig, kind: str = FULL_GUEST) -> VllmConfig:
     """The guest's config: a copy with TP=1. Take it before vLLM loads its model: the copy must start
-    with an empty forward context, or the guest's layer names collide with vLLM's."""
+    with an empty forward context, or the guest's layer names collide with vLLM's. A peer guest loads
+    through ``PeerLoader`` and runs eager."""
     if vllm_config.compilation_config.static_forward_context:
         raise RuntimeError("KV-Runahead: the guest's config must be copied before vLLM loads its model "
                            "(its attention layers are already registered)")
@@ -76,6 +91,10 @@ def guest_config(vllm_config: VllmConfig) -> VllmConfig:
     # would capture each size up to the capture size lazily, mid-step, and return outputs whose kernels
     # never ran (measured on one H100, issue 33). Its segments are long prefills, where graphs gain little.
     cfg.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    if kind == PEER_GUEST:
+        cfg.compilation_config.mode = CompilationMode.NONE
+        cfg.model_config.enforce_eager = True
+        cfg.load_config.load_format = PEER_LOAD_FORMAT
     return cfg
 
 
@@ -91,9 +110,12 @@ def _runner_class() -> type:
 
 
 def _unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a shared tensor counts once)."""
+    """Bytes of the distinct storages behind ``tensors`` (a shared tensor counts once; a meta tensor,
+    which holds no memory, not at all)."""
     seen = {}
     for t in tensors:
+        if t.is_meta:
+            continue
         s = t.untyped_storage()
         seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
@@ -128,6 +150,210 @@ def model_weight_bytes(model) -> int:
             total += rows * cols * m.params_dtype.itemsize
     return total
 
+# -- the peer guest --------------------------------------------------------------------------------------
+PEER_LOAD_FORMAT = "kv_runahead_peer"
+PEER_SLOTS = PEER_LAYERS   # layer l runs in slot l % PEER_SLOTS (GPUs: the next layers' pulls land in the others)
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class PeerSource:
+    """What a peer guest is built from: vLLM's TP model on this rank (its shards and every other tensor)
+    and a group of every rank (gloo) to publish the shards and gather what vLLM shards beside them."""
+
+    def __init__(self, vllm_model, group, n: int) -> None:
+        self.vllm_model, self.group, self.n = vllm_model, group, n
+        self.weights: PeerWeights | None = None   # set by the loader
+
+
+def _linears(model) -> dict[int, list[tuple[str, torch.nn.Module]]]:
+    """The decoder layers' linear layers, by layer index, in module order."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    by_layer: dict[int, list] = {}
+    for name, m in model.named_modules():
+        match = _LAYER.search(name + ".")
+        if isinstance(m, LinearBase) and match:
+            by_layer.setdefault(int(match.group(1)), []).append((name, m))
+    return dict(sorted(by_layer.items()))
+
+
+def _sharded(guest_linear, vllm_linear, n: int, rank: int) -> list[tuple[str, ShardedWeight]]:
+    """Each weight of one linear layer: vLLM's shard on this rank and where every rank's pieces go."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    out = []
+    for pname, full in guest_linear.named_parameters(recurse=False):
+        shard = getattr(vllm_linear, pname)
+        if shard.numel() == 0:
+            raise RuntimeError(f"KV-Runahead's peer guest: vLLM's {pname} of {type(vllm_linear).__name__} holds no "
+                               "data (on CPU it is kept only while the TP layout loads a peer guest)")
+        if isinstance(vllm_linear, RowParallelLinear):
+            if full.dim() == 1:   # the bias: whole on every rank (only rank 0 adds it)
+                pieces = [[] for _ in range(n)]
+                pieces[0] = column_pieces([full.shape[0]], [shard.shape[0]], 1, 0)
+                dim = 0
+            else:
+                pieces, dim = [row_pieces(full.shape[1], shard.shape[1], n, k) for k in range(n)], 1
+        else:
+            full_sizes, shard_sizes = list(guest_linear.output_partition_sizes), list(vllm_linear.output_partition_sizes)
+            pieces, dim = [column_pieces(full_sizes, shard_sizes, n, k) for k in range(n)], 0
+        out.append((pname, ShardedWeight(shard=shard, pieces=pieces, dim=dim)))
+    return out
+
+
+class PeerWeights:
+    """The peer guest's decoder-layer weights: every linear weight of layer l is a view into slot
+    l % PEER_SLOTS, filled from the N ranks' shards by a pre-hook on the layer (``SharedShards``)."""
+
+    def __init__(self, model, source: PeerSource, device: torch.device) -> None:
+        rank = dist.get_rank(source.group)
+        guest_layers, vllm_model = _linears(model), source.vllm_model
+        if not guest_layers:
+            raise ValueError("KV-Runahead's peer guest found no decoder layers (model.layers.<i>) in the model")
+        self.layers = list(guest_layers)
+        if self.layers != list(range(len(self.layers))):
+            raise ValueError(f"KV-Runahead's peer guest needs layers 0..L-1, found {self.layers[:4]}...")
+        weights = [[(m, pname, w) for name, m in guest_layers[i]
+                    for pname, w in _sharded(m, vllm_model.get_submodule(name), source.n, rank)] for i in self.layers]
+        self.shards = SharedShards([[w for _, _, w in ws] for ws in weights], rank, source.n, source.group)
+        shapes = [getattr(m, pname).shape for m, pname, _ in weights[0]]
+        dtype = weights[0][0][2].shard.dtype
+        sizes = [math.prod(sh) for sh in shapes]
+        self.slots = [torch.empty(sum(sizes), dtype=dtype, device=device)
+                      for _ in range(min(PEER_SLOTS, len(self.layers)))]
+        # every layer's weights: views into its slot
+        self.views: list[list[torch.Tensor]] = []
+        for i, ws in zip(self.layers, weights, strict=True):
+            views = list(torch.split(self.slots[i % len(self.slots)], sizes))
+            self.views.append([v.view(sh) for v, sh in zip(views, shapes, strict=True)])
+            for (m, pname, _), v in zip(ws, self.views[-1], strict=True):
+                if tuple(getattr(m, pname).shape) != tuple(v.shape):
+                    raise ValueError(f"KV-Runahead's peer guest: layer {i}'s {pname} differs from layer 0's")
+                setattr(m, pname, torch.nn.Parameter(v, requires_grad=False))
+        self.modules = [[m for _, m in guest_layers[i]] for i in self.layers]
+        self._cpu = device.type == "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        """The ring's slots: all the decoder-layer weight memory the guest holds."""
+        return sum(s.numel() * s.element_size() for s in self.slots)
+
+    def install(self, decoder_layers) -> None:
+        for i, layer in zip(self.layers, decoder_layers, strict=True):
+            layer.register_forward_pre_hook(lambda _m, _a, i=i: self.fill(i))
+            if self._cpu:
+                layer.register_forward_hook(lambda _m, _a, _o, i=i: self._release(i))
+
+    def fill(self, i: int) -> None:
+        self.shards.take(i, self.views[i])
+        if self._cpu:
+            # vLLM's CPU GEMM runs a oneDNN handle packed from the weight when the layer is loaded
+            # (V/model_executor/layers/utils.py:228-320); pack this layer's now, as vLLM packs its own, so the
+            # guest's products are one worker's bit for bit
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            for m in self.modules[i]:
+                dispatch_cpu_unquantized_gemm(m, remove_weight=False)
+
+    def _release(self, i: int) -> None:
+        for m in self.modules[i]:   # the packed copy goes with the layer; the next fill packs again
+            m.__dict__.pop("cpu_linear", None)
+
+
+def _materialize(model, source: PeerSource, device: torch.device, skip: set[int]) -> None:
+    """Every meta tensor of ``model`` not in ``skip`` (by id) made from vLLM's TP model's tensor of the same
+    name on this rank: copied where it has the same shape, gathered from every rank where vLLM shards it
+    (the vocabulary embedding)."""
+    made: dict[int, torch.Tensor] = {}
+    vllm_model = source.vllm_model
+
+    def real(t: torch.Tensor, mname: str, attr: str) -> torch.Tensor:
+        if id(t) in made:
+            return made[id(t)]
+        theirs = getattr(vllm_model.get_submodule(mname), attr, None)
+        if not isinstance(theirs, torch.Tensor):
+            raise ValueError(f"KV-Runahead's peer guest: vLLM's model has no {mname}.{attr} to make the guest's from")
+        if theirs.shape == t.shape:
+            out = theirs.detach().to(device=device, copy=True)
+        else:
+            dims = [d for d in range(t.dim()) if t.shape[d] != theirs.shape[d]]
+            if len(dims) != 1 or theirs.shape[dims[0]] * source.n != t.shape[dims[0]]:
+                raise ValueError(f"KV-Runahead's peer guest: {mname}.{attr} is {tuple(t.shape)} in the guest, "
+                                 f"{tuple(theirs.shape)} in vLLM's TP={source.n} model")
+            mine = theirs.detach().cpu().contiguous()   # start-up only, on the gloo group
+            parts = [torch.empty_like(mine) for _ in range(source.n)]
+            dist.all_gather(parts, mine, group=source.group)
+            out = torch.cat(parts, dim=dims[0]).to(device)
+        made[id(t)] = out
+        return out
+
+    for mname, m in model.named_modules():
+        for pname, p in list(m._parameters.items()):
+            if p is not None and p.is_meta and id(p) not in skip:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(real(p, mname, pname), requires_grad=False)
+                m._parameters[pname] = made[id(p)]
+        for bname, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[bname] = real(b, mname, bname)
+        for aname, a in list(vars(m).items()):
+            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) and a.is_meta:
+                setattr(m, aname, real(a, mname, aname))
+
+
+def _logits_unused(model, vocab: int):
+    """The guest's sampled tokens are thrown away (``Guest.run``): no LM head, logits of zeros."""
+    def compute_logits(hidden_states, *args, **kwargs):
+        return hidden_states.new_zeros((hidden_states.shape[0], vocab), dtype=torch.float32)
+    model.compute_logits = compute_logits
+
+
+def _register_peer_loader() -> None:
+    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    @register_model_loader(PEER_LOAD_FORMAT)
+    class PeerLoader(BaseModelLoader):
+        """Builds the peer guest (``model_loader_extra_config[PEER_LOAD_FORMAT]``: its ``PeerSource``)."""
+
+        def download_model(self, model_config) -> None:
+            pass
+
+        def load_weights(self, model, model_config) -> None:
+            raise RuntimeError("KV-Runahead's peer guest has no checkpoint to load: its weights come from vLLM's")
+
+        def load_model(self, vllm_config, model_config, prefix: str = ""):
+            from vllm.model_executor.layers.attention import Attention
+
+            source: PeerSource = self.load_config.model_loader_extra_config[PEER_LOAD_FORMAT]
+            device = torch.device(vllm_config.device_config.device)
+            with set_default_torch_dtype(model_config.dtype), torch.device("meta"):
+                model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            source.weights = weights = PeerWeights(model, source, device)
+            head = getattr(getattr(model, "lm_head", None), "weight", None)
+            embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+            unused = {id(head)} if head is not None and head is not embed else set()
+            _materialize(model, source, device, skip=unused)
+            _logits_unused(model, model_config.get_vocab_size())
+            for m in model.modules():   # what vLLM's loader does for attention after loading
+                if isinstance(m, Attention) and hasattr(m, "process_weights_after_loading"):
+                    m.process_weights_after_loading(model_config.dtype)
+            weights.install(_decoder_layers(model, len(weights.layers)))
+            return model.eval()
+
+
+def _decoder_layers(model, count: int):
+    """The model's decoder layers (``model.layers``, a ModuleList of ``count``)."""
+    for name, m in model.named_modules():
+        if name.endswith("layers") and isinstance(m, torch.nn.ModuleList) and len(m) == count:
+            return list(m)
+    raise ValueError("KV-Runahead's peer guest found no ModuleList of the decoder layers")
+
+
+_register_peer_loader()
+
 
 class Guest:
     """The full model under a one-rank TP group, with a scratch KV cache of ``regions`` tensors shared by
@@ -135,11 +361,16 @@ class Guest:
     whole prefill in one forward needs no more). The scratch holds one request of ``max_model_len``
     tokens, or a whole step's budget where that is more."""
 
-    def __init__(self, config: VllmConfig, group, device: torch.device, regions: int):
+    def __init__(self, config: VllmConfig, group, device: torch.device, regions: int,
+                 peer: PeerSource | None = None):
+        """``peer``: build a peer guest (its config from ``guest_config(..., PEER_GUEST)``) from this source."""
         self.config, self.group, self.regions = config, group, regions
+        if peer is not None:
+            config.load_config.model_loader_extra_config = {PEER_LOAD_FORMAT: peer}
         with self.active():
             self.runner = _runner_class()(config, device)
             self.runner.load_model()
+        self.peer = peer.weights if peer is not None else None
         self.kv_cache_config: KVCacheConfig | None = None  # the scratch, once allocated
 
     def allocate_scratch(self, host_cache_config) -> None:
@@ -175,7 +406,7 @@ class Guest:
     # -- memory ------------------------------------------------------------------
     def weight_bytes(self) -> int:
         # the GPU runner measures its load as vLLM's own does (V/v1/worker/gpu_model_runner.py:5335);
-        # the CPU runner does not
+        # the CPU runner does not (a peer guest's slots are its parameters' storage)
         return getattr(self.runner, "model_memory_usage", 0) or model_weight_bytes(self.runner.get_model())
 
     def scratch_bytes(self) -> int:
@@ -254,7 +485,7 @@ class NoGuest:
         pass
 
     @contextlib.contextmanager
-    def loading(self, vllm_config, device):
+    def loading(self, vllm_config, device, vllm_model):
         yield
 
     def kv_bytes_left(self, measure, cache_config) -> int:
@@ -265,24 +496,30 @@ NO_GUEST = NoGuest()
 
 
 class GuestHost:
-    """Builds this rank's guest at the three points of vLLM's worker set-up it needs (TP layout)."""
+    """Builds this rank's guest at the three points of vLLM's worker set-up it needs (TP layout): the full
+    model, or (``kind`` "peer") one whose decoder layers are gathered from vLLM's TP shards as it runs."""
 
-    def __init__(self, regions: int = SCRATCH_REGIONS) -> None:
-        self.regions = regions
+    def __init__(self, kind: str = FULL_GUEST, regions: int = SCRATCH_REGIONS) -> None:
+        self.kind, self.regions = kind, regions
 
     def init_device(self, local_rank: int) -> None:
         self.group = singleton_tp_groups(local_rank)  # collective: after vLLM's groups, on every rank
 
     @contextlib.contextmanager
-    def loading(self, vllm_config, device):
+    def loading(self, vllm_config, device, vllm_model):
         """Around vLLM's load_model: the config is copied before it (empty forward context), the guest
-        loaded after it."""
-        config = guest_config(vllm_config)
+        loaded after it (a peer guest from ``vllm_model()``, vLLM's TP model, which keeps its shards)."""
+        from .patches.cpu_linear_keeps_weight import keeping_linear_weights
+
+        config = guest_config(vllm_config, self.kind)
         self.n, self.total_kv_heads = vllm_config.parallel_config.tensor_parallel_size, \
             vllm_config.model_config.get_total_num_kv_heads()
         self.device = device
-        yield
-        self.guest = Guest(config, self.group, device, self.regions)
+        with keeping_linear_weights(self.kind == PEER_GUEST):
+            yield
+        peer = PeerSource(vllm_model(), parallel_state.get_world_group().cpu_group, self.n) \
+            if self.kind == PEER_GUEST else None
+        self.guest = Guest(config, self.group, device, self.regions, peer)
 
     def kv_bytes_left(self, measure, cache_config) -> int:
         """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch and the comm

@@ -21,10 +21,10 @@ class Patch:
     apply: Callable[[], None]
 
 
-_wrapped: dict[tuple[type, str], Callable] = {}  # (owner, name) -> this plugin's wrapper
+_wrapped: dict[tuple[object, str], Callable] = {}  # (owner, name) -> this plugin's wrapper
 
 
-def wrap_method(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+def wrap_method(owner: object, name: str, make: Callable[[Callable], Callable]) -> None:
     """Replace owner.name by make(original), once: a second call leaves the wrapper as is."""
     import functools
 
@@ -58,24 +58,27 @@ def check_not_replaced() -> None:
     before it (then the wrapper calls that plugin's code, not vLLM's) or after it (then the wrapper
     is gone). arctic-inference 0.3.0 does so to MultiprocExecutor._get_parallel_sizes when
     ARCTIC_INFERENCE_ENABLED=1."""
+    import contextlib
+
     for (owner, name), wrapper in _wrapped.items():
         now = getattr(owner, name)
         other = _source_outside_vllm(wrapper.__wrapped__) if now is wrapper else _source_outside_vllm(now) or "?"
         if other:
+            where = owner.__name__ if isinstance(owner, type(contextlib)) else f"{owner.__module__}.{owner.__qualname__}"
             raise RuntimeError(
-                f"KV-Runahead: {owner.__module__}.{owner.__qualname__}.{name}, which this plugin wraps, was "
+                f"KV-Runahead: {where}.{name}, which this plugin wraps, was "
                 f"replaced by another vLLM plugin ({other}); turn that plugin off (for arctic-inference: unset "
                 "ARCTIC_INFERENCE_ENABLED; or name the plugins to load in VLLM_PLUGINS) to use KV-Runahead")
 
 
 def _registry() -> tuple[Patch, ...]:
     from . import (
-        config_hook, connector_metrics, executor_sizes, mq_writer_shutdown, runner_starts, step_budget, step_schedule,
-        token_ids
+        config_hook, connector_metrics, cpu_linear_keeps_weight, executor_sizes, mq_writer_shutdown, runner_starts,
+        step_budget, step_schedule, token_ids
     )
 
     return (config_hook.PATCH, executor_sizes.PATCH, step_budget.PATCH, step_schedule.PATCH, mq_writer_shutdown.PATCH,
-            token_ids.PATCH, runner_starts.PATCH, connector_metrics.PATCH)
+            token_ids.PATCH, runner_starts.PATCH, connector_metrics.PATCH, cpu_linear_keeps_weight.PATCH)
 
 
 _applied: set[str] = set()
