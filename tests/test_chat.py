@@ -35,13 +35,13 @@ def head_stats(base: str) -> dict:
     return all_stats(base)[-1]  # the head: the last rank (TP layout: every rank counts the same)
 
 
-def converse(workers: int, decode: str = "head") -> dict:
+def converse(workers: int, decode: str = "head", kvr: dict | None = None) -> dict:
     from openai import OpenAI
 
     env = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes /collective_rpc (kvr_stats) on loopback
     proc, base, log = timing.server(f"smol-chat-{decode}-{workers}", smollm2(), workers,
                                     ["--enable-prompt-tokens-details"], env, tokenizer=True, prefix_caching=True,
-                                    decode=decode)
+                                    decode=decode, kvr=kvr)
     try:
         client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
@@ -88,10 +88,12 @@ def test_three_turn_chat_hits_the_prefix_cache_and_runs_ahead(one_worker):
         "".join(run["log"][-40:])   # the start-up line the README promises
 
 
-def test_three_turn_chat_in_tp_layout_on_three_ranks_equals_one_worker(one_worker):
-    """SmolLM2 has 3 KV heads: TP layout over 3 ranks, one head each. Turn 1's two chunks and turns 2 and 3
-    after their cached history run ahead on the guests; vLLM's TP=3 model decodes every token."""
-    ref, run = one_worker, converse(3, decode="tp")
+def test_three_turn_chat_in_tp_layout_with_the_peer_guest_on_three_ranks_equals_one_worker(one_worker):
+    """SmolLM2 has 3 KV heads: TP layout over 3 ranks, one head each, with the peer guest (issue 31: it holds 3
+    of SmolLM2's 30 decoder layers and pulls each from the 3 ranks' TP shards as it runs; on the tiny model its
+    KV is the full guest's bit for bit, tests/test_tp_layout.py). Turn 1's two chunks and turns 2 and 3 after
+    their cached history run ahead on the guests; vLLM's TP=3 model decodes every token."""
+    ref, run = one_worker, converse(3, decode="tp", kvr={"min_tokens": 256, "guest": "peer"})
     assert run["answers"] == ref["answers"]
     assert run["prompt_tokens"] == ref["prompt_tokens"] and run["cached"] == ref["cached"]
     for got, want in zip(run["logprobs"], ref["logprobs"], strict=True):
@@ -104,3 +106,6 @@ def test_three_turn_chat_in_tp_layout_on_three_ranks_equals_one_worker(one_worke
     assert len({s["decode_tokens"] for s in stats}) == 1 and stats[0]["decode_tokens"] >= 3 * 15
     assert all(s["segment_tokens"][s["position"]] > 0 for s in stats)
     assert any("KV-Runahead: TP rank 0 of 3 decodes" in line for line in run["log"]), "".join(run["log"][-40:])
+    # the start-up line the README promises: 30 layers pulled into a ring of 3
+    assert any("TP rank 0's guest pulls each of its 30 decoder layers from the 3 ranks' TP shards into a ring of 3 "
+               "layers" in line for line in run["log"]), "".join(run["log"][-40:])

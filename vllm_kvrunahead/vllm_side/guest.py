@@ -47,6 +47,7 @@ from ..core.memory import PEER_LAYERS
 from ..core.tp_order import CommBytes, comm_buffer_bytes
 from ..core.tp_step import MAX_CHUNKS
 from ..core.weight_shards import column_pieces, row_pieces
+from ..log import logger
 from ..transport.comm import CommArena
 from ..transport.weight_pull import SharedShards, ShardedWeight
 from .seam import has_field, kv_caches_by_layer, layer_order
@@ -299,6 +300,10 @@ def _materialize(model, source: PeerSource, device: torch.device, skip: set[int]
         for aname, a in list(vars(m).items()):
             if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) and a.is_meta:
                 setattr(m, aname, real(a, mname, aname))
+    left = [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+            if t.is_meta and id(t) not in skip]
+    if left:
+        raise RuntimeError(f"KV-Runahead's peer guest left {len(left)} tensors unmade: {left[:5]}")
 
 
 def _logits_unused(model, vocab: int):
@@ -332,9 +337,11 @@ def _register_peer_loader() -> None:
             with set_default_torch_dtype(model_config.dtype), torch.device("meta"):
                 model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             source.weights = weights = PeerWeights(model, source, device)
-            head = getattr(getattr(model, "lm_head", None), "weight", None)
-            embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-            unused = {id(head)} if head is not None and head is not embed else set()
+            # the LM head's weight is not needed, unless it is the embedding's (tied)
+            users: dict[int, set[str]] = {}
+            for name, p in model.named_parameters(remove_duplicate=False):
+                users.setdefault(id(p), set()).add(name.split(".")[0])
+            unused = {i for i, owners in users.items() if owners == {"lm_head"}}
             _materialize(model, source, device, skip=unused)
             _logits_unused(model, model_config.get_vocab_size())
             for m in model.modules():   # what vLLM's loader does for attention after loading
@@ -520,6 +527,12 @@ class GuestHost:
         peer = PeerSource(vllm_model(), parallel_state.get_world_group().cpu_group, self.n) \
             if self.kind == PEER_GUEST else None
         self.guest = Guest(config, self.group, device, self.regions, peer)
+        if peer is not None:
+            w = self.guest.peer
+            logger.info("KV-Runahead: TP rank %d's guest pulls each of its %d decoder layers from the %d ranks' TP "
+                        "shards into a ring of %d layers (%.1f MiB); guest weights %.1f MiB in all",
+                        dist.get_rank(peer.group), len(w.layers), self.n, len(w.slots), w.nbytes / 2 ** 20,
+                        self.guest.weight_bytes() / 2 ** 20)
 
     def kv_bytes_left(self, measure, cache_config) -> int:
         """vLLM's KV budget (``measure``: its worker's own measure) once the guest's scratch and the comm
