@@ -453,3 +453,28 @@ def test_describe_and_cli():
     with redirect_stdout(out):
         assert tables.main(["crossover", "--n", "4", "--link", "no-p2p"]) == 0
     assert out.getvalue() == "KV-Runahead: " + model(4, "no-p2p").startup_line(65536) + "\n\n"   # rank 0's line
+
+
+def test_the_peer_guest_pays_its_weight_pulls_and_still_never_trails_tp():
+    """kv_runahead.guest "peer" (issue 31): every runahead step pulls (N-1)/N of every layer's weights, not yet
+    hidden behind compute; the decision charges it, so the crossover moves up and no prompt is predicted
+    slower than TP=N's. Llama-3-70B at N=8 on NVLink: 80 x 1.594 GiB x 7/8 at 300 GB/s (assumed) = 0.40 s."""
+    from vllm_kvrunahead.core.memory import layer_linear_bytes
+    from vllm_kvrunahead.core.partition import ModelShape
+    from vllm_kvrunahead.core.tp_cost import TPLayoutCost
+
+    llama70 = ModelShape(layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, head_dim=128)
+    full, peer = (TPLayoutCost.build(llama70, 8, "nvlink", guest=g) for g in ("full", "peer"))
+    assert full.weight_pull_s == 0
+    assert peer.weight_pull_s == pytest.approx(80 * layer_linear_bytes(llama70, 2) * 7 / 8 / 300e9)
+    assert 0.39 < peer.weight_pull_s < 0.41 and layer_linear_bytes(llama70, 2) / 2 ** 30 == pytest.approx(1.594, abs=1e-3)
+    assert peer.crossover() > full.crossover()
+    for link in ("nvlink", "no-p2p"):
+        p = TPLayoutCost.build(llama70, 8, link, guest="peer")
+        for tokens in (8192, 32768, 65536, 131072):
+            for budget in (16384, tokens):
+                assert p.prompt(tokens, budget).ttft <= p.prompt(tokens, budget, mode="tp").ttft + 1e-9, (link, tokens)
+    # where it runs ahead, the estimate includes the pulls
+    chunk = peer.prompt(131072, 131072)
+    assert chunk.steps[0][0] == "ahead"
+    assert chunk.ttft == pytest.approx(full.prompt(131072, 131072).ttft + peer.weight_pull_s, rel=1e-9)

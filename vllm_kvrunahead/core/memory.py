@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import FULL_GUEST, PEER_GUEST
-from .partition import ModelShape
+from .partition import ModelShape, layer_linear_bytes  # noqa: F401  (re-exported: the plan's unit)
 from .tp_order import comm_buffer_bytes
 from .tp_step import MAX_CHUNKS
 
@@ -32,12 +32,6 @@ SCRATCH_REGIONS = 2  # vllm_side/guest.py: layer i and i + 2 share a region
 # The peer guest's resident decoder layers: a ring of one-layer slots, the layer it runs and (on GPUs) the next
 # two being pulled from the peers' shards (docs/guest-beyond-one-gpu.md, option (b))
 PEER_LAYERS = 3
-
-
-def layer_linear_bytes(shape: ModelShape, dtype_bytes: int) -> int:
-    """One decoder layer's linear weights: q, k, v, o and the MLP's gate, up, down (no norms, no biases)."""
-    q, kv = shape.heads * shape.head_dim, 2 * shape.kv_heads * shape.head_dim
-    return dtype_bytes * (shape.hidden * (q + kv) + q * shape.hidden + 3 * shape.hidden * shape.intermediate)
 
 
 def weight_bytes(shape: ModelShape, vocab: int, tied: bool, dtype_bytes: int) -> int:

@@ -59,6 +59,12 @@ class ModelShape:
         return bool(keys) and all(recorded[k] == mine[k] for k in keys)
 
 
+def layer_linear_bytes(shape: ModelShape, dtype_bytes: int) -> int:
+    """One decoder layer's linear weights: q, k, v, o and the MLP's gate, up, down (no norms, no biases)."""
+    q, kv = shape.heads * shape.head_dim, 2 * shape.kv_heads * shape.head_dim
+    return dtype_bytes * (shape.hidden * (q + kv) + q * shape.hidden + 3 * shape.hidden * shape.intermediate)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds one worker spends per layer on a segment (constants per layer).

@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
-from ..config import LINKS
-from .partition import Chunk, CostModel, ModelShape, align_bounds, balanced_step_bounds
+from ..config import FULL_GUEST, LINKS, PEER_GUEST
+from .partition import Chunk, CostModel, ModelShape, align_bounds, balanced_step_bounds, layer_linear_bytes
 
 LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, head_dim=128)
 
@@ -83,6 +83,8 @@ class LinkProfile:
     hop_s: seconds each extra guest adds to a step beyond the layer pipeline (set-up, hooks).
     decode_s: (N, seconds) one TP=N decode step, the slowest measured (longest context): the TP tail of
       a runahead chunk (vLLM's TP forward of its last token and the sampling) costs one of these.
+    pull_bw: bytes/s at which a peer guest's rank reads the (N-1)/N of a layer's weights its peers hold
+      (copy-engine reads of CUDA IPC memory; assumed, not measured: docs/guest-beyond-one-gpu.md section 5).
     measured: the N whose busbw and decode_s come from GPU runs; everything else is assumed.
     """
 
@@ -92,6 +94,7 @@ class LinkProfile:
     recv_cost: float
     hop_s: float
     decode_s: tuple[tuple[int, float], ...]
+    pull_bw: float = 19.5e9
     measured: tuple[int, ...] = ()
     note: str = ""
 
@@ -127,6 +130,7 @@ NVLINK = LinkProfile(
     # 1 / decode tok/s at 64k: TP=2 221 (_X2 "tp decode tok/s", row 65536), TP=4 282 (_X4, row 65536);
     # N=8: N=4's (assumed)
     decode_s=((2, 1 / 221), (4, 1 / 282), (8, 1 / 282)),
+    pull_bw=300e9,   # assumed: copy engines reading 7 peers over NV18 (~450 GB/s a direction on paper)
     measured=(2, 4),
     note="NVLink (NV18), H100 or H200",
 )
@@ -143,6 +147,7 @@ NO_P2P = LinkProfile(
     hop_s=4.0e-3,
     # 1 / decode tok/s, slowest row: TP=2 218 (_X2_NOP2P, row 32768), TP=4 259 (_X4_NOP2P, row 32768)
     decode_s=((2, 1 / 218), (4, 1 / 259), (8, 1 / 259)),
+    pull_bw=19.5e9,  # assumed: peer reads staged through host memory, as no-p2p's N=8 busbw
     measured=(2, 4),
     note="NCCL_P2P_DISABLE=1: through host memory, TP without custom all-reduce",
 )
@@ -156,6 +161,7 @@ PCIE_P2P = LinkProfile(
     recv_cost=NVLINK.recv_cost,
     hop_s=NVLINK.hop_s,
     decode_s=NO_P2P.decode_s,
+    pull_bw=25e9,    # assumed: two GPUs behind one Gen5 x16 switch uplink
     note="PCIe peer-to-peer, no NVLink (assumed: no GPU run)",
 )
 
@@ -308,6 +314,8 @@ class TPLayoutCost:
     host_op_s: float = 15e-6        # host seconds per P2P post (shard or gather) per layer: assumed; it
     #                                 matters only where the host bounds the step (the floor)
     margin: float = 0.0
+    weight_pull_s: float = 0.0      # a peer guest's pulls of every layer's weights in a runahead step, not
+    #                                 hidden behind compute yet (they run on the layer's own stream): ``build``
     graph_tokens: int = 512         # vLLM captures CUDA graphs of steps up to min(2 max_num_seqs, 512) tokens
     #                                 (V/config/vllm.py:1745, review R1): such a TP step runs at decode cost
     rates: Rates = None  # type: ignore[assignment]
@@ -324,12 +332,17 @@ class TPLayoutCost:
             object.__setattr__(self, "split", CostModel.for_shape(self.shape))
 
     @classmethod
-    def build(cls, shape: ModelShape | None, n: int, link: str, block_size: int = 16, **kw) -> "TPLayoutCost":
+    def build(cls, shape: ModelShape | None, n: int, link: str, block_size: int = 16, guest: str = FULL_GUEST,
+              dtype_bytes: int = 2, **kw) -> "TPLayoutCost":
         """The model for a link profile by name (one of ``PROFILES``: "nvlink", "pcie-p2p", "no-p2p",
-        "sockets"; resolve "auto" with ``choose_link`` first)."""
+        "sockets"; resolve "auto" with ``choose_link`` first). ``guest`` "peer": every runahead step also
+        pulls (N-1)/N of every layer's weights at the profile's ``pull_bw``."""
         if link not in PROFILES:
             raise ValueError(f"KV-Runahead: unknown link profile {link!r}; choose one of "
                              f"{', '.join(LINK_CHOICES)}")
+        if guest == PEER_GUEST and n > 1:
+            s = shape or LLAMA3_8B
+            kw["weight_pull_s"] = s.layers * layer_linear_bytes(s, dtype_bytes) * (n - 1) / n / PROFILES[link].pull_bw
         return cls(shape, n, PROFILES[link], block_size=block_size, **kw)
 
     # -- one GPU and TP=N ------------------------------------------------------------------------
@@ -430,8 +443,9 @@ class TPLayoutCost:
             return self.tp(tp_chunks, decodes)
         g = self.guests(chunks)
         fwd = self._tp_forward(tp_chunks, decodes + len(chunks))  # the tails ride in vLLM's TP step
-        total = self.gpu.fixed_s + g.total + self.guest_step_s + fwd
-        return StepCost(total, self.gpu.fixed_s, fwd, g.total, g.tau, dict(g.parts, guest_step=self.guest_step_s))
+        total = self.gpu.fixed_s + g.total + self.weight_pull_s + self.guest_step_s + fwd
+        return StepCost(total, self.gpu.fixed_s, fwd, g.total, g.tau,
+                        dict(g.parts, guest_step=self.guest_step_s, weight_pull=self.weight_pull_s))
 
     # -- the decision ------------------------------------------------------------------------------
     def gain(self, chunk: Chunk) -> float:

@@ -78,7 +78,7 @@ class TPLayoutRank(SplitTuning):
         # without facts (a rank made outside tp_layout_for): the option itself, or auto's guess from nothing
         self.link, self.link_why = (link, link_why) if link else resolve_link(kvr.link, [], None)
         # which chunks run ahead: each against vLLM's TP=N prefill of it on these links (docs/tp-layout-cost.md)
-        self.tp_cost = TPLayoutCost.build(shape, self.n, self.link, block_size=block_size)
+        self.tp_cost = TPLayoutCost.build(shape, self.n, self.link, block_size=block_size, guest=kvr.guest)
         self.max_step_tokens = max_step_tokens or 1 << 17
         self.book = seam.RequestBook()
         self.split: SplitSetting | None = None  # start(): tables are keyed by the device
