@@ -34,6 +34,19 @@ MODELS = {
                        max_position_embeddings=131072, **dict(_COMMON, bos_token_id=11, eos_token_id=11)),
                   "Falcon-7B shape (multi-query, 71 heads, parallel attn); max_position_embeddings "
                   "set to 131072 (the real config has none, vLLM would assume 2048)"),
+    # Models whose full weights do not fit one GPU: the TP layout's peer guest (serving.py --guest peer, issue 31)
+    "llama3-70b": (dict(_LLAMA, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                        rope_theta=500000.0, max_position_embeddings=131072,
+                        bos_token_id=128000, eos_token_id=128001),
+                   "Llama-3-70B shape (GQA 64q/8kv, 80 layers), rope_theta 5e5, 128k positions, no llama3 rope scaling"),
+    "qwen2.5-32b": (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+                         hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                         intermediate_size=27648, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         max_position_embeddings=131072, use_sliding_window=False,
+                         **dict(_COMMON, bos_token_id=151643, eos_token_id=151645)),
+                    "Qwen2.5-32B shape (GQA 40q/8kv, 64 layers, q/k/v biases), 128k positions (the real config: 32k "
+                    "without YaRN)"),
     # CPU smoke runs. head_dim 32 is given explicitly: 64/4 = 16 is not a head size vLLM's CPU attention takes.
     "tiny": (dict(_LLAMA, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
                   num_key_value_heads=2, intermediate_size=128, vocab_size=512, rope_theta=10000.0,

@@ -93,6 +93,9 @@ def parse_args(argv=None):
                     help="repeats of default-budget and concurrent (0: 3 and 2); multi-turn runs once")
     ap.add_argument("--model", default="llama3-8b", choices=sorted(models.MODELS))
     ap.add_argument("--interconnect", default="nvlink", choices=["nvlink", "no-p2p"])
+    ap.add_argument("--guest", default="full", choices=["full", "peer"],
+                    help="kvr-tp's guest (kv_runahead.guest); peer for llama3-70b / qwen2.5-32b, whose full "
+                         "weights do not fit one GPU")
     ap.add_argument("--smoke", action="store_true", help="every scenario scaled down (CPU, --model tiny)")
     ap.add_argument("--lengths", default="", help="comma list: the default-budget scenario's prompt lengths "
                     "(default 32768,65536; smoke 2048,3072); max_model_len follows the longest")
@@ -128,9 +131,10 @@ def base_record(a, config, n, scenario, prompt_tokens, max_tokens, num_requests)
                 max_tokens=max_tokens, num_requests=num_requests, model_note=models.note(a.model))
 
 
-def serving_kwargs(config, model_dir, max_len, n, interconnect, extra):
+def serving_kwargs(config, model_dir, max_len, n, interconnect, extra, guest="full"):
     """LLM(...) arguments: common.engine_kwargs minus everything that overrides vLLM's scheduler
-    defaults (step budget, prefix caching, max_num_seqs), and KV-Runahead without options."""
+    defaults (step budget, prefix caching, max_num_seqs), and KV-Runahead without options (but kvr-tp's
+    guest: "peer" for models whose full weights do not fit one GPU)."""
     kw = common.engine_kwargs("tp" if config in ("tp", "kvr-tp") else "1gpu", model_dir, max_len, n, interconnect, "mp")
     for k in ("max_num_batched_tokens", "enable_prefix_caching", "max_num_seqs"):
         kw.pop(k, None)
@@ -140,6 +144,8 @@ def serving_kwargs(config, model_dir, max_len, n, interconnect, extra):
             kw["distributed_executor_backend"] = "mp"
     elif config == "kvr-tp":   # TP=N with KV-Runahead's worker: the TP layout
         kw["worker_cls"] = "vllm_kvrunahead.Worker"
+        if guest != "full":
+            kw["additional_config"] = {"kv_runahead": {"guest": guest}}
     kw["disable_log_stats"] = False   # LLM turns stats off; on, RequestOutput.metrics carries per-request TTFT
     kw.update(extra)
     return kw
@@ -244,7 +250,7 @@ def run_one(a):
     p = a.params
     vocab = models.vocab_size(a.model)
     kw = serving_kwargs(cfg, os.path.join(a.models_dir, a.model), p["max_model_len"], n, a.interconnect,
-                        json.loads(a.engine_args))
+                        json.loads(a.engine_args), a.guest)
     print("ENGINE", json.dumps(kw), flush=True)
     t0 = time.perf_counter()
     llm = LLM(**kw)
@@ -257,7 +263,8 @@ def run_one(a):
                   chunked_prefill=vc.scheduler_config.enable_chunked_prefill,
                   prefix_caching=vc.cache_config.enable_prefix_caching, max_model_len=p["max_model_len"],
                   parallel=dict(world=pc.world_size, tp=pc.tensor_parallel_size,
-                                pcp=pc.prefill_context_parallel_size, worker_cls=str(pc.worker_cls)))
+                                pcp=pc.prefill_context_parallel_size, worker_cls=str(pc.worker_cls)),
+                  guest=((vc.additional_config or {}).get("kv_runahead") or {}).get("guest"))
     print(f"RESULT {cfg} N={n}: engine start {start_s:.1f} s, {json.dumps(engine)}", flush=True)
     stats = KvrStats(llm, cfg in ("kvr", "kvr-tp"))
     if cfg == "kvr-tp":
@@ -442,6 +449,7 @@ def main(a):
 
 def _pass_through(a):
     return ["--n-gpus", ",".join(map(str, a.n_gpus)), "--model", a.model, "--interconnect", a.interconnect,
+            "--guest", a.guest,
             "--scenarios", ",".join(a.scenarios), "--repeats", str(a.repeats), "--out", a.out,
             "--engine-args", a.engine_args, "--models-dir", a.models_dir, "--lengths", a.lengths,
             "--configs", ",".join(a.configs)] + (["--smoke"] if a.smoke else [])

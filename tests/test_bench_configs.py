@@ -141,3 +141,29 @@ def test_reports_show_kvr_tp_beside_one_gpu_tp_and_kvr():
     md = serve_report.markdown(serve_recs)
     assert "| 0.5 | 0.250 / 0.250 | 0.211 / 0.211 | 0.215 / 0.215 |" in md
     assert "kvr-tp N=4 3,020,000 (0.82x TP)" in md and "| kvr-tp N=4 | 0.5 | 10 (-) | 163840 | 0.99 |" in md
+
+
+def test_serving_runs_the_peer_guest_for_models_beyond_one_gpu(model_dir, tmp_path):
+    """serving.py --guest peer: kvr-tp's engine is the TP layout with the peer guest (issue 31's GPU run:
+    llama3-70b / qwen2.5-32b, dummy weights); their shapes' plan refuses the full guest on an H100 at N=8 and
+    fits the peer guest (core/memory.py, from the configs as vLLM reads them)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvrunahead.core.memory import tp_layout_plan
+    from vllm_kvrunahead.vllm_side.seam import model_memory
+
+    a = serving.parse_args(["--configs", "tp,kvr-tp", "--guest", "peer", "--model", "llama3-70b", "--n-gpus", "8"])
+    assert "--guest" in serving._pass_through(a) and a.guest == "peer"
+    cfg = _config(EngineArgs(**serving.serving_kwargs("kvr-tp", model_dir, 4096, 2, "nvlink", {}, a.guest)))
+    assert cfg.additional_config["kv_runahead"]["guest"] == "peer" and cfg.additional_config["kv_runahead"]["mode"] == "tp_layout"
+    plain = _config(EngineArgs(**serving.serving_kwargs("kvr-tp", model_dir, 4096, 2, "nvlink", {})))
+    assert plain.additional_config["kv_runahead"]["guest"] == "full"
+    h100 = int(79.18 * 2 ** 30)
+    for name in ("llama3-70b", "qwen2.5-32b"):
+        mc = EngineArgs(model=models.write_model(name, str(tmp_path)), skip_tokenizer_init=True,
+                        max_model_len=131072).create_model_config()
+        m = model_memory(mc)
+        plans = {g: tp_layout_plan(m["shape"], vocab=m["vocab"], tied=m["tied"], n=8, dtype_bytes=m["dtype_bytes"],
+                                   step_budget=16384, max_model_len=131072, block_size=16, gpu_bytes=h100,
+                                   utilization=0.9, guest=g) for g in ("full", "peer")}
+        assert plans["full"].kv_tokens == 0 and plans["peer"].kv_tokens > 131072 * 4, (name, plans)
