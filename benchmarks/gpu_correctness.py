@@ -38,7 +38,7 @@ def reinit_normal(model):
     with torch.no_grad():
         for mname, mod in model.named_modules():
             for pname, p in list(mod.named_parameters(recurse=False)):
-                if not p.is_floating_point():
+                if not p.is_floating_point() or p.is_meta:   # meta: a peer guest's unused LM head
                     continue
                 name = f"{mname}.{pname}"
                 if p.numel() == 0 and isinstance(mod, LinearBase) and pname == "weight":

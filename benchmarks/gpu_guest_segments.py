@@ -80,8 +80,8 @@ class SegmentsWorker(Worker):
         if os.environ.get("KVR_GUEST_CUDAGRAPHS") == "1":   # the bug of issue 33, for contrast
             made = guest.guest_config
 
-            def keep_graphs(vllm_config):
-                cfg = made(vllm_config)
+            def keep_graphs(vllm_config, *kind):
+                cfg = made(vllm_config, *kind)
                 cfg.compilation_config.cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
                 return cfg
 
@@ -89,15 +89,15 @@ class SegmentsWorker(Worker):
         if os.environ.get("KVR_GUEST_EAGER") == "1":   # the guest without torch.compile: whose kernels differ?
             made_eager = guest.guest_config
 
-            def eager(vllm_config):
+            def eager(vllm_config, *kind):
                 from vllm.config import CompilationMode
 
-                cfg = made_eager(vllm_config)
+                cfg = made_eager(vllm_config, *kind)
                 cfg.compilation_config.mode = CompilationMode.NONE
                 return cfg
 
             guest.guest_config = eager
-        self.host = guest.GuestHost()
+        self.host = guest.GuestHost(os.environ.get("KVR_GUEST", "full"))   # peer: its layers pulled from vLLM's
         arena_ranks = int(os.environ.get("KVR_ARENA_RANKS", "0"))
         if arena_ranks:   # the comm arena a rank of N would allocate, left out of vLLM's KV budget the same way
             budget = self.host.kv_bytes_left
@@ -158,7 +158,8 @@ class SegmentsWorker(Worker):
             vllm_cudagraph_mode=str(self.vllm_config.compilation_config.cudagraph_mode),
             vllm_max_capture_size=self.vllm_config.compilation_config.max_cudagraph_capture_size,
             guest_dispatch={n: str(disp.dispatch(num_tokens=n)[0]) for n in sizes} if disp else None,
-            guest_weight_bytes=g.weight_bytes(), guest_scratch_bytes=g.scratch_bytes(),
+            guest_weight_bytes=g.weight_bytes(), guest_scratch_bytes=g.scratch_bytes(), guest_kind=self.host.kind,
+            peer_ring_bytes=g.peer.nbytes if g.peer else None, peer_layers_taken=g.peer.shards.layers_taken if g.peer else None,
             guest_activation_peak_bytes=self.host.activation_peak, arena_ranks=self.host.n,
             arena_bytes=self.host.arena.nbytes, arena_plan_bytes=self.host.comm.total, scratch_blocks=g.kv_cache_config.num_blocks,
             paged_blocks=int(next(iter(self.runahead.connector.paged.values())).shape[0]),
@@ -266,7 +267,7 @@ def child(a, out_path):
     else:   # vLLM's serving defaults otherwise (max_num_seqs 256: CUDA graphs captured up to 512 tokens)
         kw.update(dtype="bfloat16", gpu_memory_utilization=0.85, max_num_seqs=256)
     rec = dict(engine_kwargs={k: v for k, v in kw.items() if k != "model"},
-               guest_cudagraphs=os.environ.get("KVR_GUEST_CUDAGRAPHS") == "1")
+               guest_cudagraphs=os.environ.get("KVR_GUEST_CUDAGRAPHS") == "1", guest=os.environ.get("KVR_GUEST", "full"))
 
     def save():
         with open(out_path, "w") as f:
@@ -392,6 +393,8 @@ def main():
     ap.add_argument("--guest-cudagraphs", action="store_true", help="the guest keeps vLLM's CUDA-graph mode")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--guest-eager", action="store_true", help="the guest without torch.compile")
+    ap.add_argument("--guest", default="full", choices=["full", "peer"],
+                    help="the guest's kind (kv_runahead.guest); peer: a ring of 3 layers pulled from vLLM's weights")
     ap.add_argument("--vllm-self", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="lengths m: vLLM's KV of P[:m] prefilled alone against its KV inside P (e.g. 512,8192)")
     ap.add_argument("--arena-ranks", type=int, default=0,
@@ -422,7 +425,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     model = models.write_model("tiny" if a.tiny else "llama3-8b", a.models_dir)
     path, log = os.path.join(a.out, f"{a.tag}.json"), os.path.join(a.out, f"{a.tag}.log")
-    env = dict(os.environ, KVR_GUEST_CUDAGRAPHS="1" if a.guest_cudagraphs else "0")
+    env = dict(os.environ, KVR_GUEST_CUDAGRAPHS="1" if a.guest_cudagraphs else "0", KVR_GUEST=a.guest)
     if a.arena_ranks:
         env["KVR_ARENA_RANKS"] = str(a.arena_ranks)
     if a.guest_eager:
