@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from ..core.weight_shards import Piece
 
+SHM = "/dev/shm"
+
 
 @dataclass(frozen=True)
 class ShardedWeight:
@@ -43,11 +45,18 @@ class SharedShards:
         if not shards or len({(s.dtype, s.device) for s in shards}) != 1:
             raise ValueError("KV-Runahead's peer guest publishes shards of one dtype on one device")
         sizes = [s.numel() for s in shards]
+        cpu = shards[0].device.type == "cpu"
+        need = sum(sizes) * shards[0].element_size()
+        free = _shm_free() if cpu else need
         every = [None] * n
-        dist.all_gather_object(every, (sum(sizes), str(shards[0].dtype), shards[0].device.type), group=group)
-        if len(set(every)) != 1:
+        dist.all_gather_object(every, ((sum(sizes), str(shards[0].dtype), shards[0].device.type), free), group=group)
+        if len({e[0] for e in every}) != 1:
             raise ValueError(f"KV-Runahead's peer guest: the ranks' shards differ in size, dtype or device: {every}")
-        publish = _publish_shm if shards[0].device.type == "cpu" else _publish_ipc
+        if any(f < need for _, f in every):   # every rank refuses alike (a file beyond the mount's size: SIGBUS)
+            raise RuntimeError(f"KV-Runahead's peer guest needs {need / 2 ** 20:.0f} MiB of {SHM} on every rank for "
+                               f"its weight shards; a rank has {min(f for _, f in every) / 2 ** 20:.0f} MiB free. "
+                               "Enlarge it (a container's --shm-size) or use the full guest")
+        publish = _publish_shm if cpu else _publish_ipc
         flats = publish(shards, rank, n, group)   # per rank: its shards, in order
         # per rank, per layer, per weight: a view of that rank's shard
         self.peers: list[list[list[torch.Tensor]]] = []
@@ -70,13 +79,18 @@ class SharedShards:
         self.layers_taken += 1
 
 
+def _shm_free() -> int:
+    st = os.statvfs(SHM)
+    return st.f_bavail * st.f_frsize
+
+
 def _publish_shm(shards: list[torch.Tensor], rank: int, n: int, group) -> list[list[torch.Tensor]]:
     """CPU: this rank's shards moved into a shared-memory file, every rank's file mapped."""
     dtype, sizes = shards[0].dtype, [s.numel() for s in shards]
     total = sum(sizes)
     tag = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(tag, src=dist.get_global_rank(group, 0), group=group)
-    paths = [f"/dev/shm/kvr-peer-{tag[0]}-{k}" for k in range(n)]
+    paths = [f"{SHM}/kvr-peer-{tag[0]}-{k}" for k in range(n)]
     mine = torch.from_file(paths[rank], shared=True, size=total, dtype=dtype)
     with torch.no_grad():
         for s, view in zip(shards, torch.split(mine, sizes), strict=True):
