@@ -140,6 +140,16 @@ def test_guest_is_full_or_peer_and_peer_only_in_the_tp_layout():
         KVRunaheadConfig.from_dict(4, {"guest": "half"}, "tp_layout")
     with pytest.raises(ValueError, match=r"guest 'peer' is for the TP layout"):
         KVRunaheadConfig.from_dict(4, {"guest": "peer"}, "copies")
+
+
+def test_the_peer_guest_refuses_a_quantized_model_at_config_time():
+    """The peer guest copies plain weights from vLLM's shards; a quantized checkpoint is refused before any worker
+    starts (fp8 on the fly is the one quantization a CPU config takes here)."""
+    peer = dict(prefill_context_parallel_size=1, tensor_parallel_size=2, additional_config={"kv_runahead": {"guest": "peer"}})
+    assert engine_config(**peer).additional_config["kv_runahead"]["guest"] == "peer"
+    with pytest.raises(ValueError, match=r"KV-Runahead: the peer guest copies plain weights from vLLM's TP shards; .* is "
+                                         r"quantized \(fp8\): drop \"guest\": \"peer\""):
+        engine_config(quantization="fp8", **peer)
     with pytest.raises(ValueError, match=r"guest 'peer' is for the TP layout"):
         KVRunaheadConfig.from_dict(4, {"guest": "peer"})   # the chain of copies, mode from N
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from ...config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, TP_LAYOUT, KVRunaheadConfig, flags_mode, flags_workers
+from ...config import ADDITIONAL_CONFIG_KEY, COPIES, OFF, PEER_GUEST, TP_LAYOUT, KVRunaheadConfig, flags_mode, flags_workers
 from . import Patch, check_not_replaced, wrap_method
 
 
@@ -59,6 +59,9 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
             kinds = ", ".join(layer_types) if len(layer_types) > 1 else "hybrid or attention-free layers"
             raise ValueError(f"KV-Runahead supports models with one KV cache group; {mc.model} mixes {kinds} "
                              "(hybrid / sliding-window mixes are not supported)")
+    if cfg.guest == PEER_GUEST and mc is not None and mc.quantization is not None:
+        raise ValueError(f"KV-Runahead: the peer guest copies plain weights from vLLM's TP shards; {mc.model} is "
+                         f"quantized ({mc.quantization}): drop \"guest\": \"peer\" or serve an unquantized checkpoint")
     from vllm.platforms import current_platform
 
     if current_platform.is_cuda_alike() and pc.nnodes == 1 and cfg.mode == COPIES:
