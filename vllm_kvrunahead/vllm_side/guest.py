@@ -151,6 +151,7 @@ def model_weight_bytes(model) -> int:
             total += rows * cols * m.params_dtype.itemsize
     return total
 
+
 # -- the peer guest --------------------------------------------------------------------------------------
 PEER_LOAD_FORMAT = "kv_runahead_peer"
 PEER_SLOTS = PEER_LAYERS   # layer l runs in slot l % PEER_SLOTS (GPUs: the next layers' pulls land in the others)
