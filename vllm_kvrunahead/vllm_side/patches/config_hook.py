@@ -59,7 +59,7 @@ def check_supported(vllm_config, cfg: KVRunaheadConfig) -> None:
             kinds = ", ".join(layer_types) if len(layer_types) > 1 else "hybrid or attention-free layers"
             raise ValueError(f"KV-Runahead supports models with one KV cache group; {mc.model} mixes {kinds} "
                              "(hybrid / sliding-window mixes are not supported)")
-    if cfg.guest == PEER_GUEST and mc is not None and mc.quantization is not None:
+    if cfg.guest == PEER_GUEST and getattr(mc, "quantization", None) is not None:
         raise ValueError(f"KV-Runahead: the peer guest copies plain weights from vLLM's TP shards; {mc.model} is "
                          f"quantized ({mc.quantization}): drop \"guest\": \"peer\" or serve an unquantized checkpoint")
     from vllm.platforms import current_platform
