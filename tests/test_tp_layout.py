@@ -281,11 +281,18 @@ def n4_spec(tp: int, decode: str | None = None, guest: str | None = None) -> dic
     return spec
 
 
+N4_RUNS = {"one": (1,), "tp4": (4,), "layout": (4, "tp"), "peer": (4, "tp", "peer")}
+
+
 @pytest.fixture(scope="module")
 def n4(engines):
-    """One worker, plain TP=4, and the TP layout over 4 ranks with the full guest and with the peer guest."""
-    return {name: engines.get(f"tiny-kv4-{name}", n4_spec(*args)) for name, args in
-            {"one": (1,), "tp4": (4,), "layout": (4, "tp"), "peer": (4, "tp", "peer")}.items()}
+    """One worker, plain TP=4, and the TP layout over 4 ranks with the full guest and with the peer guest; each
+    engine starts when a test first asks for it (CI's vLLM 0.32 part runs the peer guest's bytes alone)."""
+    class Runs:
+        def __getitem__(self, name):
+            return engines.get(f"tiny-kv4-{name}", n4_spec(*N4_RUNS[name]))
+
+    return Runs()
 
 
 def assert_equals_one_worker_and_plain_tp4(run, one, tp4):
@@ -338,17 +345,16 @@ def test_peer_guest_on_four_ranks_equals_one_worker_and_plain_tp4(n4):
 
 def test_peer_guest_holds_a_ring_of_layers_not_the_model(n4):
     """Each rank: vLLM's TP=4 shard, and a guest of 3 one-layer slots, the embedding and the norms (no LM head):
-    not the model's 6 layers. The full guest beside it holds the whole checkpoint."""
+    not the model's 6 layers (the full guest holds the whole checkpoint: the traffic test's)."""
     h, vocab, layers = 256, 512, N4_MODEL["layers"]
     linear = (4 * h * h + 3 * h * 2 * h) * 4                      # q, k, v, o; gate, up, down (fp32)
     embed, norms = vocab * h * 4, (2 * layers + 1) * h * 4
     full = checkpoint_bytes(tiny_llama(**N4_MODEL))
-    assert full == layers * linear + 2 * embed + norms           # the formula is the checkpoint's
-    for rank, (peer, whole) in enumerate(zip(n4["peer"]["guest"], n4["layout"]["guest"], strict=True)):
-        assert whole["weights"] == full
+    assert full == layers * linear + 2 * embed + norms           # the formula is the checkpoint's (the full guest's)
+    for rank, peer in enumerate(n4["peer"]["guest"]):
         assert peer["linear_bytes"] == linear and peer["peer_slots"] == 3 and peer["peer_bytes"] == 3 * linear
         assert peer["weights"] == 3 * linear + embed + norms, rank   # the ring, the embedding, the norms
-        assert peer["vllm_weights"] == whole["vllm_weights"] == layers * linear // 4 + 2 * embed // 4 + norms
+        assert peer["vllm_weights"] == layers * linear // 4 + 2 * embed // 4 + norms   # vLLM's shard, held once
         # every forward pulled every layer; 3/4 of each from the other ranks
         assert peer["layers_taken"] > 0 and peer["layers_taken"] % layers == 0
         assert peer["weight_bytes_pulled"] == peer["layers_taken"] * linear * 3 // 4
