@@ -16,14 +16,12 @@ def _full(layer):
 
 def _shards(layer, n, rank):
     """vLLM's cut of rank ``rank``: its q heads and KV heads (replicated when KV < n); o's column block."""
+    from tests.test_weight_shards import qkv_rows
+
     qkv, o = _full(layer)
-    per_q, per_kv = HEADS // n, max(1, KV // n)
-    kv0 = rank * KV // n if KV >= n else rank // (n // KV)
-    q = qkv[rank * per_q * D:(rank + 1) * per_q * D]
-    k = qkv[HEADS * D + kv0 * D:HEADS * D + (kv0 + per_kv) * D]
-    v = qkv[(HEADS + KV) * D + kv0 * D:(HEADS + KV) * D + (kv0 + per_kv) * D]
+    q_k_v = qkv[qkv_rows(HEADS, KV, D, n, rank)]
     cols = HEADS * D // n
-    return torch.cat([q, k, v]).clone(), o[:, rank * cols:(rank + 1) * cols].clone()
+    return q_k_v, o[:, rank * cols:(rank + 1) * cols].clone()
 
 
 def _pull(rank, n, shm_free=None):

@@ -16,19 +16,24 @@ def place(full_len, shards, pieces_by_rank):
     return out
 
 
-def qkv_shards(heads, kv_heads, d, n):
-    """vLLM's QKVParallelLinear cut of rows [q heads | k heads | v heads] (each head d rows): rank r holds its
-    heads/n query heads and max(1, kv/n) KV heads (KV heads replicated when fewer than ranks)."""
-    q = [("q", h, i) for h in range(heads) for i in range(d)]
-    k = [("k", h, i) for h in range(kv_heads) for i in range(d)]
-    v = [("v", h, i) for h in range(kv_heads) for i in range(d)]
+def qkv_rows(heads, kv_heads, d, n, r):
+    """Rows of the full QKV weight [q heads | k heads | v heads] (each head d rows) that vLLM's
+    QKVParallelLinear gives rank r: its heads/n query heads and max(1, kv/n) KV heads (KV heads replicated
+    when fewer than ranks)."""
     per_q, per_kv = heads // n, max(1, kv_heads // n)
-    shards = []
-    for r in range(n):
-        kv0 = r * kv_heads // n if kv_heads >= n else r // (n // kv_heads)
-        shards.append(q[r * per_q * d:(r + 1) * per_q * d] + k[kv0 * d:(kv0 + per_kv) * d]
-                      + v[kv0 * d:(kv0 + per_kv) * d])
-    return q + k + v, shards, [heads * d, kv_heads * d, kv_heads * d], [per_q * d, per_kv * d, per_kv * d]
+    kv0 = r * kv_heads // n if kv_heads >= n else r // (n // kv_heads)
+    k0, v0 = heads * d, (heads + kv_heads) * d
+    return (list(range(r * per_q * d, (r + 1) * per_q * d)) + list(range(k0 + kv0 * d, k0 + (kv0 + per_kv) * d))
+            + list(range(v0 + kv0 * d, v0 + (kv0 + per_kv) * d)))
+
+
+def qkv_shards(heads, kv_heads, d, n):
+    """The full QKV weight's rows as labels, every rank's shard of them, and the full and per-rank sizes."""
+    full = ([("q", h, i) for h in range(heads) for i in range(d)] + [("k", h, i) for h in range(kv_heads) for i in range(d)]
+            + [("v", h, i) for h in range(kv_heads) for i in range(d)])
+    shards = [[full[i] for i in qkv_rows(heads, kv_heads, d, n, r)] for r in range(n)]
+    per_q, per_kv = heads // n, max(1, kv_heads // n)
+    return full, shards, [heads * d, kv_heads * d, kv_heads * d], [per_q * d, per_kv * d, per_kv * d]
 
 
 @pytest.mark.parametrize("heads, kv_heads, n", [(4, 4, 4), (8, 2, 2), (8, 2, 4), (8, 1, 8), (9, 3, 3), (64, 8, 8)])
