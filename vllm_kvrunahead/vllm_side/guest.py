@@ -234,6 +234,10 @@ class PeerWeights:
                 setattr(m, pname, torch.nn.Parameter(v, requires_grad=False))
         self.modules = [[m for _, m in guest_layers[i]] for i in self.layers]
         self._cpu = device.type == "cpu"
+        if self._cpu:
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            self._pack = dispatch_cpu_unquantized_gemm
 
     @property
     def nbytes(self) -> int:
@@ -252,10 +256,8 @@ class PeerWeights:
             # vLLM's CPU GEMM runs a oneDNN handle packed from the weight when the layer is loaded
             # (V/model_executor/layers/utils.py:228-320); pack this layer's now, as vLLM packs its own, so the
             # guest's products are one worker's bit for bit
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
             for m in self.modules[i]:
-                dispatch_cpu_unquantized_gemm(m, remove_weight=False)
+                self._pack(m, remove_weight=False)
 
     def _release(self, i: int) -> None:
         for m in self.modules[i]:   # the packed copy goes with the layer; the next fill packs again
